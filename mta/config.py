@@ -1,0 +1,362 @@
+"""TOML configuration -> a frozen, fully validated `Config`.
+
+The whole file is validated before any service exists: an unknown key, a wrong type
+or a bad value raises `ConfigError` naming the file and the dotted key, so an operator
+never finds out about a typo from a half-started daemon.  With no file at all the
+embedded defaults run a complete server on 127.0.0.1 (DESIGN.md section 3).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from typing import Any
+
+import attrs
+
+from mta.envelope import AddressError, parse_mailbox
+
+
+class ConfigError(ValueError):
+    """A configuration problem; str() names the file and the key."""
+
+    def __init__(self, message: str, *, key: str = "", path: str = "<defaults>"):
+        self.key = key
+        self.path = path
+        where = f"{path}: {key}: " if key else f"{path}: "
+        super().__init__(where + message)
+
+
+TLS_MODES = ("none", "starttls", "required", "implicit")
+AUTH_MODES = ("none", "optional", "required")
+
+
+@attrs.frozen
+class ListenerConfig:
+    name: str
+    host: str
+    port: int
+    tls: str = "none"
+    auth: str = "none"
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@attrs.frozen
+class TLSConfig:
+    certificate: str | None = None
+    key: str | None = None
+
+
+@attrs.frozen
+class LimitsConfig:
+    max_message_size: int = 50 * 1024 * 1024
+    max_recipients: int = 1000
+    idle_timeout: float = 300.0
+    max_connections: int = 2000
+    max_connections_per_ip: int = 100
+    messages_per_ip_per_minute: int = 0
+    max_line_length: int = 512
+    max_received_headers: int = 50
+
+
+@attrs.frozen
+class AuthConfig:
+    max_failures: int = 5
+    failure_window: float = 900.0
+    lockout_seconds: float = 900.0
+    time_cost: int = 3
+    memory_cost: int = 65536
+    parallelism: int = 4
+    threads: int = 2
+
+
+@attrs.frozen
+class StorageConfig:
+    backend: str = "maildir"
+    encrypt: bool = False
+
+
+@attrs.frozen
+class QueueConfig:
+    backend: str = "local"
+    dsn: str = ""
+    retry_schedule: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
+    max_age: float = 5 * 86400.0
+    in_flow_limit: int = 2000
+    in_flow_delay: float = 1.0
+    delivery_concurrency: int = 20
+
+
+@attrs.frozen
+class RelayConfig:
+    smarthost: str | None = None
+    helo: str | None = None
+    tls: str = "opportunistic"
+
+
+@attrs.frozen
+class DNSConfig:
+    nameservers: tuple[str, ...] = ()
+    timeout: float = 5.0
+
+
+@attrs.frozen
+class HTTPConfig:
+    address: str | None = "127.0.0.1:8081"
+
+
+@attrs.frozen
+class LogConfig:
+    format: str = "text"
+    level: str = "info"
+
+
+@attrs.frozen
+class Config:
+    hostname: str
+    datadir: str
+    local_domains: tuple[str, ...]
+    relay_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
+    postmaster: str
+    listeners: tuple[ListenerConfig, ...]
+    tls: TLSConfig = TLSConfig()
+    limits: LimitsConfig = LimitsConfig()
+    auth: AuthConfig = AuthConfig()
+    storage: StorageConfig = StorageConfig()
+    queue: QueueConfig = QueueConfig()
+    relay: RelayConfig = RelayConfig()
+    dns: DNSConfig = DNSConfig()
+    http: HTTPConfig = HTTPConfig()
+    log: LogConfig = LogConfig()
+    source: str = "<defaults>"
+
+    def path(self, *parts: str) -> str:
+        """A path under the data directory."""
+        return os.path.join(self.datadir, *parts)
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain.lower() in self.local_domains
+
+
+DEFAULT_LISTENERS = (
+    ListenerConfig("smtp", "127.0.0.1", 2525, "starttls", "optional"),
+    ListenerConfig("submission", "127.0.0.1", 2587, "required", "required"),
+    ListenerConfig("smtps", "127.0.0.1", 2465, "implicit", "required"),
+)
+
+# section name -> (attrs class, {key: coercer})
+_SECTIONS: dict[str, type] = {
+    "tls": TLSConfig,
+    "limits": LimitsConfig,
+    "auth": AuthConfig,
+    "storage": StorageConfig,
+    "queue": QueueConfig,
+    "relay": RelayConfig,
+    "dns": DNSConfig,
+    "http": HTTPConfig,
+    "log": LogConfig,
+}
+_CHOICES = {
+    "storage.backend": ("maildir", "mbox", "sqlite", "timeseries", "s3"),
+    "queue.backend": ("local", "postgresql"),
+    "relay.tls": ("opportunistic", "required", "none"),
+    "log.format": ("json", "text"),
+    "log.level": ("debug", "info", "warn", "error", "critical"),
+}
+# Sections of the operator contract implemented by later stages: accepted so that one
+# config file serves every version, validated only as tables.
+_RESERVED_SECTIONS = ("dkim", "checks", "manhole", "storage.s3")
+
+
+def load_config(path: str | None = None, *, datadir: str | None = None) -> Config:
+    """Read and validate `path` (or the embedded defaults when None)."""
+    data: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = path
+        try:
+            with open(path, "rb") as f:
+                data = tomllib.load(f)
+        except OSError as e:
+            raise ConfigError(f"cannot read: {e.strerror}", path=path) from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"invalid TOML: {e}", path=path) from None
+    cfg = build_config(data, source=source)
+    if datadir is not None:
+        cfg = attrs.evolve(cfg, datadir=os.path.abspath(datadir))
+    return cfg
+
+
+def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Config:
+    """Validate an already-parsed TOML mapping."""
+
+    def err(key: str, message: str) -> ConfigError:
+        return ConfigError(message, key=key, path=source)
+
+    top_keys = {"hostname", "datadir", "local_domains", "relay_networks", "postmaster", "listener"}
+    for key in data:
+        if key not in top_keys and key not in _SECTIONS and key not in _RESERVED_SECTIONS:
+            raise err(key, "unknown key")
+
+    hostname = _string(data, "hostname", err) or socket.getfqdn() or "localhost"
+    hostname = hostname.lower()
+    datadir = _string(data, "datadir", err) or "./var"
+    if source != "<defaults>" and not os.path.isabs(datadir):
+        datadir = os.path.join(os.path.dirname(os.path.abspath(source)), datadir)
+    datadir = os.path.abspath(datadir)
+
+    domains = data.get("local_domains", ["localhost", hostname])
+    if not isinstance(domains, list) or not all(isinstance(d, str) and d for d in domains):
+        raise err("local_domains", "must be a list of domain names")
+    local_domains = tuple(dict.fromkeys(d.lower().rstrip(".") for d in domains))
+
+    nets = data.get("relay_networks", [])
+    if not isinstance(nets, list):
+        raise err("relay_networks", "must be a list of CIDRs")
+    relay_networks = []
+    for i, net in enumerate(nets):
+        try:
+            relay_networks.append(ipaddress.ip_network(str(net), strict=False))
+        except ValueError as e:
+            raise err(f"relay_networks[{i}]", str(e)) from None
+
+    postmaster = _string(data, "postmaster", err) or "postmaster@localhost"
+    try:
+        pm = parse_mailbox(postmaster)
+    except AddressError as e:
+        raise err("postmaster", f"not an address: {e}") from None
+    if pm.domain not in local_domains:
+        raise err("postmaster", f"domain {pm.domain!r} is not in local_domains")
+
+    listeners = _listeners(data.get("listener"), err)
+
+    sections: dict[str, Any] = {}
+    for name, cls in _SECTIONS.items():
+        sections[name] = _section(data.get(name, {}), name, cls, err)
+    for name in _RESERVED_SECTIONS:
+        if "." not in name and name in data and not isinstance(data[name], dict):
+            raise err(name, "must be a table")
+    http_addr = sections["http"].address
+    if http_addr:
+        _host_port(http_addr, "http.address", err)
+
+    return Config(
+        hostname=hostname,
+        datadir=datadir,
+        local_domains=local_domains,
+        relay_networks=tuple(relay_networks),
+        postmaster=str(pm),
+        listeners=listeners,
+        source=source,
+        **sections,
+    )
+
+
+def _string(data: Mapping[str, Any], key: str, err) -> str | None:
+    value = data.get(key)
+    if value is not None and not isinstance(value, str):
+        raise err(key, "must be a string")
+    return value
+
+
+def _host_port(value: str, key: str, err) -> tuple[str, int]:
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise err(key, f"expected host:port, got {value!r}")
+    return host.strip("[]") or "0.0.0.0", int(port)
+
+
+def _listeners(raw: Any, err) -> tuple[ListenerConfig, ...]:
+    if raw is None:
+        return DEFAULT_LISTENERS
+    if not isinstance(raw, list):
+        raise err("listener", "must be an array of tables ([[listener]])")
+    out = []
+    names = set()
+    for i, item in enumerate(raw):
+        key = f"listener[{i}]"
+        if not isinstance(item, dict):
+            raise err(key, "must be a table")
+        for k in item:
+            if k not in ("name", "address", "tls", "auth"):
+                raise err(f"{key}.{k}", "unknown key")
+        name = item.get("name")
+        if not isinstance(name, str) or not name:
+            raise err(f"{key}.name", "required string")
+        if name in names:
+            raise err(f"{key}.name", f"duplicate listener {name!r}")
+        names.add(name)
+        address = item.get("address")
+        if not isinstance(address, str):
+            raise err(f"{key}.address", "required host:port string")
+        host, port = _host_port(address, f"{key}.address", err)
+        default_tls = {"smtps": "implicit", "submission": "required"}.get(name, "starttls")
+        tls = item.get("tls", default_tls)
+        if tls not in TLS_MODES:
+            raise err(f"{key}.tls", f"must be one of {', '.join(TLS_MODES)}")
+        default_auth = "required" if name in ("smtps", "submission") else "optional"
+        auth = item.get("auth", default_auth)
+        if auth not in AUTH_MODES:
+            raise err(f"{key}.auth", f"must be one of {', '.join(AUTH_MODES)}")
+        out.append(ListenerConfig(name, host, port, tls, auth))
+    return tuple(out)
+
+
+def _section(raw: Any, name: str, cls: type, err) -> Any:
+    if not isinstance(raw, dict):
+        raise err(name, "must be a table")
+    fields = {f.name: f for f in attrs.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        dotted = f"{name}.{key}"
+        if key not in fields:
+            if dotted in _RESERVED_SECTIONS and isinstance(value, dict):
+                continue
+            raise err(dotted, "unknown key")
+        values[key] = _coerce(value, fields[key].default, dotted, err)
+    section = cls(**values)
+    for key, choices in _CHOICES.items():
+        sec, _, field = key.partition(".")
+        if sec == name and getattr(section, field) not in choices:
+            raise err(key, f"must be one of {', '.join(choices)}")
+    for field in fields:
+        value = getattr(section, field)
+        if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
+            raise err(f"{name}.{field}", "must not be negative")
+    return section
+
+
+def _coerce(value: Any, default: Any, key: str, err) -> Any:
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise err(key, "must be true or false")
+        return value
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise err(key, "must be an integer")
+        return value
+    if isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise err(key, "must be a number")
+        return float(value)
+    if isinstance(default, tuple):
+        if not isinstance(value, list):
+            raise err(key, "must be a list")
+        if default and isinstance(default[0], float):
+            if not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value):
+                raise err(key, "must be a list of positive numbers")
+            return tuple(float(v) for v in value)
+        if not all(isinstance(v, str) for v in value):
+            raise err(key, "must be a list of strings")
+        return tuple(value)
+    if default is None or isinstance(default, str):
+        if not isinstance(value, str):
+            raise err(key, "must be a string")
+        return value
+    raise err(key, "unsupported value")
