@@ -205,6 +205,9 @@ class Envelope:
 
     sender: Address
     recipients: tuple[Address, ...]
+    # The RCPT TO address each recipient came from (alias expansion happens at RCPT
+    # time); same length as `recipients`, or empty when none was rewritten.
+    original_recipients: tuple[Address, ...] = ()
     helo: str = ""
     client_address: str = ""
     client_name: str = ""
