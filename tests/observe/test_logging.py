@@ -1,0 +1,247 @@
+"""mta.observe.logging: JSON and text lines from twisted.logger events."""
+
+from __future__ import annotations
+
+import datetime
+import enum
+import io
+import ipaddress
+import json
+
+import attrs
+import pytest
+from twisted.logger import ILogObserver, Logger, LogLevel
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from mta.observe.logging import format_json, format_text, make_observer
+
+T0 = 1795000000.25  # a fixed instant with milliseconds
+
+
+def capture(format: str = "json", level: str = "debug", namespace: str = "mta.queue.runner"):
+    """A Logger whose events go only to a fresh observer writing into a StringIO."""
+    stream = io.StringIO()
+    observer = make_observer(format, level, stream)
+    log = Logger(namespace=namespace, observer=observer)
+    return log, stream
+
+
+def lines(stream: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def event(**fields):
+    base = {
+        "log_time": T0,
+        "log_level": LogLevel.info,
+        "log_namespace": "mta.smtp.server",
+        "log_source": None,
+        "log_logger": None,
+        "log_format": None,
+    }
+    base.update(fields)
+    return base
+
+
+class Color(enum.Enum):
+    RED = "red"
+
+
+@attrs.frozen
+class Opaque:
+    x: int = 1
+
+
+def test_observer_provides_ilogobserver():
+    assert verifyObject(ILogObserver, make_observer("json", "info", io.StringIO()))
+    assert verifyObject(ILogObserver, make_observer("text", "info", io.StringIO()))
+
+
+def test_json_line_has_core_fields_and_named_fields():
+    log, stream = capture()
+    log.info(
+        "queued {qid} from {sender}",
+        event="queued",
+        qid="Q123",
+        sender="alice@example.test",
+        recipients=["bob@example.test"],
+        size=4096,
+        duration=0.012,
+        client="127.0.0.1",
+    )
+    [line] = lines(stream)
+    assert list(line)[:4] == ["timestamp", "level", "component", "event"]
+    assert line["level"] == "info"
+    assert line["component"] == "queue"
+    assert line["event"] == "queued"
+    assert line["message"] == "queued Q123 from alice@example.test"
+    assert line["qid"] == "Q123"
+    assert line["recipients"] == ["bob@example.test"]
+    assert line["size"] == 4096
+    assert line["duration"] == 0.012
+    assert line["client"] == "127.0.0.1"
+    assert not [k for k in line if k.startswith("log_")]
+    stamp = datetime.datetime.fromisoformat(line["timestamp"].replace("Z", "+00:00"))
+    assert stamp.utcoffset() == datetime.timedelta(0)
+    assert line["timestamp"].endswith("Z")
+
+
+def test_timestamp_is_utc_iso8601():
+    line = json.loads(format_json(event(event="x")))
+    expected = datetime.datetime.fromtimestamp(T0, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    assert line["timestamp"] == expected + ".250Z"
+
+
+def test_event_falls_back_to_formatted_message():
+    line = json.loads(format_json(event(log_format="connection from {client}", client="10.0.0.1")))
+    assert line["event"] == "connection from 10.0.0.1"
+    assert "message" not in line
+    assert line["client"] == "10.0.0.1"
+
+
+@pytest.mark.parametrize(
+    "namespace, component",
+    [
+        ("mta.smtp.server", "smtp"),
+        ("mta.queue", "queue"),
+        ("mta", "mta"),
+        ("twisted.mail.smtp", "twisted.mail.smtp"),
+        ("mtafoo.bar", "mtafoo.bar"),
+    ],
+)
+def test_component_from_namespace(namespace, component):
+    line = json.loads(format_json(event(event="e", log_namespace=namespace)))
+    assert line["component"] == component
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "password",
+        "auth_string",
+        "AUTH",
+        "body",
+        "message_body",
+        "password_hash",
+        "api_token",
+        "secret",
+    ],
+)
+def test_sensitive_fields_never_written(name):
+    for fmt in (format_json, format_text):
+        out = fmt(event(event="login", **{name: "hunter2-SENSITIVE"}))
+        assert "hunter2-SENSITIVE" not in out
+        assert name not in out
+
+
+def test_sensitive_keys_inside_dicts_are_dropped():
+    line = json.loads(format_json(event(event="e", params={"user": "a", "password": "pw"})))
+    assert line["params"] == {"user": "a"}
+
+
+def test_unserialisable_fields_are_dropped_and_known_types_converted():
+    line = json.loads(
+        format_json(
+            event(
+                event="e",
+                obj=Opaque(),
+                raw=b"bytes might be a body",
+                color=Color.RED,
+                peer=ipaddress.ip_address("::1"),
+                tags={"b", "a"},
+                when=datetime.datetime(2026, 1, 2, tzinfo=datetime.UTC),
+                nan=float("nan"),
+            )
+        )
+    )
+    assert "obj" not in line
+    assert "raw" not in line
+    assert line["color"] == "red"
+    assert line["peer"] == "::1"
+    assert line["tags"] == ["a", "b"]
+    assert line["when"] == "2026-01-02T00:00:00+00:00"
+    assert line["nan"] == "nan"
+
+
+def test_mta_value_types_use_their_str():
+    from mta.envelope import parse_mailbox
+
+    line = json.loads(format_json(event(event="e", sender=parse_mailbox("a@example.test"))))
+    assert line["sender"] == "a@example.test"
+
+
+def test_failure_is_logged_with_traceback():
+    log, stream = capture()
+    try:
+        raise ZeroDivisionError("division by zero")
+    except ZeroDivisionError:
+        log.failure("unexpected error in session", Failure(), event="session_error", qid="Q1")
+    [line] = lines(stream)
+    assert line["level"] == "critical"
+    assert line["event"] == "session_error"
+    assert line["error_type"] == "ZeroDivisionError"
+    assert "ZeroDivisionError" in line["traceback"]
+    assert line["qid"] == "Q1"
+
+
+def test_level_filter():
+    log, stream = capture(level="warn")
+    log.debug("d", event="d")
+    log.info("i", event="i")
+    log.warn("w", event="w")
+    log.error("e", event="e")
+    assert [line["event"] for line in lines(stream)] == ["w", "e"]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="format"):
+        make_observer("xml", "info", io.StringIO())
+    with pytest.raises(ValueError, match="level"):
+        make_observer("json", "loud", io.StringIO())
+
+
+def test_one_line_per_event_even_with_newlines():
+    log, stream = capture()
+    log.info("two\nlines {x}", x="a\nb", event="multi")
+    assert len(stream.getvalue().splitlines()) == 1
+    assert lines(stream)[0]["x"] == "a\nb"
+
+
+def test_text_format():
+    log, stream = capture("text", namespace="mta.smtp.session")
+    log.info("accepted {qid}", event="accepted", qid="Q9", size=10, client="1.2.3.4 x")
+    out = stream.getvalue()
+    assert out.count("\n") == 1
+    assert out.startswith("20")
+    assert " info " in out
+    assert "[smtp] accepted Q9 " in out
+    assert "size=10" in out
+    assert 'client="1.2.3.4 x"' in out
+    assert "qid=" not in out  # already in the message
+
+
+def test_text_format_escapes_newlines_and_indents_traceback():
+    log, stream = capture("text")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.failure("oops\ninjected", event="crash")
+    first, *rest = stream.getvalue().splitlines()
+    assert "oops\\ninjected" in first
+    assert "event=crash" in first
+    assert rest and all(line.startswith("    ") for line in rest)
+    assert "RuntimeError" in rest[-1]
+
+
+def test_text_event_without_format():
+    out = format_text(event(event="started", listener="smtp"))
+    assert "[smtp] started listener=smtp" in out
+
+
+def test_non_ascii_stream_does_not_lose_events():
+    raw = io.BytesIO()
+    stream = io.TextIOWrapper(raw, encoding="ascii", write_through=True)
+    observer = make_observer("text", "info", stream)
+    observer(event(event="rcpt", rcpt="jörg@example.test"))
+    assert b"rcpt=j" in raw.getvalue()
