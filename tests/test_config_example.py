@@ -1,0 +1,119 @@
+"""etc/mta.toml: loads, documents every key config.py accepts, and the test fixture's
+generated configs load too."""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from pathlib import Path
+
+import attrs
+import pytest
+
+from mta import config as mta_config
+from mta.config import load_config
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "etc" / "mta.toml"
+
+
+def mentioned_keys(text: str) -> set[str]:
+    """Dotted keys set or shown commented out (`# key = ...`), by table."""
+    keys: set[str] = set()
+    table = ""
+    for line in text.splitlines():
+        m = re.match(r"^#?\s*\[\[?([a-z0-9_.]+)\]\]?", line)
+        if m:
+            table = m.group(1)
+            keys.add(table)
+            continue
+        m = re.match(r"^#?\s*([a-z_][a-z0-9_]*)\s*=", line)
+        if m:
+            keys.add(f"{table}.{m.group(1)}" if table else m.group(1))
+    return keys
+
+
+def test_example_loads():
+    cfg = load_config(str(EXAMPLE))
+    assert cfg.source == str(EXAMPLE)
+    assert cfg.hostname == "mx.example.test"
+    assert [listener.name for listener in cfg.listeners] == ["smtp", "submission", "smtps"]
+    assert "localhost" in cfg.local_domains
+
+
+def test_example_datadir_is_the_checkouts_var():
+    cfg = load_config(str(EXAMPLE))
+    assert cfg.datadir == os.path.abspath(EXAMPLE.parent.parent / "var")
+
+
+def test_example_values_are_the_defaults():
+    """The example documents the defaults: a section left out behaves the same."""
+    cfg = load_config(str(EXAMPLE))
+    for name, cls in mta_config._SECTIONS.items():
+        assert getattr(cfg, name) == cls(), f"[{name}] in etc/mta.toml differs from the default"
+    assert cfg.listeners == mta_config.DEFAULT_LISTENERS
+
+
+def test_example_mentions_every_key():
+    keys = mentioned_keys(EXAMPLE.read_text())
+    expected = {"hostname", "datadir", "local_domains", "relay_networks", "postmaster"}
+    expected |= {f"listener.{k}" for k in ("name", "address", "tls", "auth")}
+    for name, cls in mta_config._SECTIONS.items():
+        expected |= {f"{name}.{field.name}" for field in attrs.fields(cls)}
+    expected |= set(mta_config._RESERVED_SECTIONS)
+    missing = sorted(expected - keys)
+    assert not missing, f"etc/mta.toml does not document: {missing}"
+
+
+def test_every_key_has_a_comment():
+    lines = EXAMPLE.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^[a-z_]+\s*=", line) and not line.startswith(
+            ("name", "address", "tls", "auth")
+        ):
+            above = lines[max(0, i - 4) : i]
+            assert any(prev.startswith("#") for prev in above), f"no comment above {line!r}"
+
+
+def test_example_parses_as_plain_toml():
+    with open(EXAMPLE, "rb") as f:
+        data = tomllib.load(f)
+    assert isinstance(data["listener"], list)
+
+
+def test_fixture_config_loads(tmp_path):
+    from conftest import MtaServer
+
+    server = MtaServer(
+        tmp_path / "srv", {"relay_networks": ["127.0.0.0/8"], "limits": {"max_recipients": 3}}
+    )
+    cfg = load_config(str(server.config_path))
+    assert cfg.datadir == str(server.datadir)
+    assert {listener.port for listener in cfg.listeners} == {
+        server.smtp_port,
+        server.submission_port,
+        server.smtps_port,
+    }
+    assert len({server.smtp_port, server.submission_port, server.smtps_port, server.http_port}) == 4
+    assert cfg.http.address == f"127.0.0.1:{server.http_port}"
+    assert cfg.limits.max_recipients == 3
+    assert str(cfg.relay_networks[0]) == "127.0.0.0/8"
+    assert cfg.log.format == "json"
+
+
+def test_bench_config_loads(tmp_path):
+    """bench/run_mta.sh writes its config with the same keys; keep them valid."""
+    script = (EXAMPLE.parent.parent / "bench" / "run_mta.sh").read_text()
+    m = re.search(r"<<'?TOML'?\n(.*?)\nTOML\n", script, re.S)
+    if m is None:
+        pytest.fail("bench/run_mta.sh has no TOML heredoc")
+    text = (
+        m.group(1)
+        .replace("$DATADIR", str(tmp_path / "d"))
+        .replace("${DATADIR}", str(tmp_path / "d"))
+    )
+    text = re.sub(r"\$\{?PORT\}?", "20030", text)
+    path = tmp_path / "bench.toml"
+    path.write_text(text)
+    cfg = load_config(str(path))
+    assert cfg.local_domains == ("bench.test",)
