@@ -112,8 +112,12 @@ def test_bench_config_loads(tmp_path):
         .replace("$DATADIR", str(tmp_path / "d"))
         .replace("${DATADIR}", str(tmp_path / "d"))
     )
+    text = text.replace("$((PORT + 1))", "20031")
     text = re.sub(r"\$\{?PORT\}?", "20030", text)
     path = tmp_path / "bench.toml"
     path.write_text(text)
     cfg = load_config(str(path))
     assert cfg.local_domains == ("bench.test",)
+    assert cfg.listeners[0].address == "127.0.0.1:20030"
+    assert cfg.listeners[0].tls == "none"
+    assert cfg.http.address == "127.0.0.1:20031"
