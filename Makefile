@@ -1,0 +1,101 @@
+# mta — the two commands a new machine needs:
+#   make run    set up .venv and run `twistd -n mta` on the embedded defaults (127.0.0.1:2525 ...)
+#   make test   set up both virtualenvs and run the whole suite twice: newest PyPI
+#               releases (.venv) and Debian 12's packaged libraries (.venv-debian)
+# Also: make test-latest, make test-debian, make lint, make bench, make clean.
+# PYTEST_ARGS="-k smtp -x" narrows a run.
+
+PYTHON        ?= python3
+DEBIAN_PYTHON ?= /usr/bin/python3
+VENV          ?= .venv
+DEBIAN_VENV   ?= .venv-debian
+PYTEST_ARGS   ?=
+PYTEST        := -m pytest -p no:cacheprovider tests
+# The Debian 12 packages the second run uses (installed by .ci/install-debian-deps).
+DEBIAN_MODULES := twisted OpenSSL service_identity argon2 attr zope.interface pytest
+
+SHELL := /bin/bash
+comma := ,
+.DEFAULT_GOAL := help
+.PHONY: help run test test-latest test-debian lint format bench clean venv debian-venv
+
+help:
+	@sed -n 's/^#   make /  make /p; s/^# Also/Also/p' Makefile
+
+# ---------------------------------------------------------------- virtualenvs
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	@echo "== $(VENV): $(PYTHON) -m venv, pip install -e '.[test]'"
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+venv: $(VENV)/.installed
+
+$(DEBIAN_VENV)/.installed: setup.cfg pyproject.toml
+	@echo "== $(DEBIAN_VENV): Debian 12's python3-* libraries + this package (--no-deps)"
+	@if ! $(DEBIAN_PYTHON) -c 'import $(subst $(eval) ,$(comma),$(DEBIAN_MODULES))' 2>/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    bash .ci/install-debian-deps; \
+	  else \
+	    echo "Debian's python3 libraries are missing; as root run: bash .ci/install-debian-deps" >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+	$(DEBIAN_PYTHON) -m venv --system-site-packages $(DEBIAN_VENV)
+	$(DEBIAN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	@# Debian 12 packages pytest-twisted 1.13 (python3-pytest-twisted); PyPI's otherwise.
+	$(DEBIAN_VENV)/bin/python -c 'import pytest_twisted' 2>/dev/null || \
+	  $(DEBIAN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check 'pytest-twisted>=1.13'
+	@touch $@
+
+debian-venv: $(DEBIAN_VENV)/.installed
+
+
+# ---------------------------------------------------------------- run
+
+run: $(VENV)/.installed
+	$(VENV)/bin/twistd -n --pidfile= mta
+
+# ---------------------------------------------------------------- tests
+
+test: $(VENV)/.installed $(DEBIAN_VENV)/.installed
+	@rc=0; \
+	$(MAKE) --no-print-directory test-latest || rc=1; \
+	$(MAKE) --no-print-directory test-debian || rc=1; \
+	if [ $$rc = 0 ]; then echo "== make test: both runs passed"; else echo "== make test: FAILED (see above)"; fi; \
+	exit $$rc
+
+test-latest: $(VENV)/.installed
+	@echo "== tests on the newest releases: $$($(VENV)/bin/python -c 'import sys, twisted; print("Python", sys.version.split()[0], "Twisted", twisted.__version__)')"
+	$(VENV)/bin/python $(PYTEST) $(PYTEST_ARGS)
+
+test-debian: $(DEBIAN_VENV)/.installed
+	@echo "== tests on Debian 12's packages: $$($(DEBIAN_VENV)/bin/python -c 'import sys, twisted; print("Python", sys.version.split()[0], "Twisted", twisted.__version__, "from", twisted.__file__)')"
+	$(DEBIAN_VENV)/bin/python $(PYTEST) $(PYTEST_ARGS)
+
+# ---------------------------------------------------------------- lint, bench
+
+$(VENV)/.ruff: $(VENV)/.installed
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check ruff
+	@touch $@
+
+# bench/ is the reference harness copied verbatim; it is not held to our style.
+LINT_PATHS := mta tests twisted/plugins
+
+lint: $(VENV)/.ruff
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+format: $(VENV)/.ruff
+	$(VENV)/bin/ruff check --fix $(LINT_PATHS)
+	$(VENV)/bin/ruff format $(LINT_PATHS)
+
+bench: $(VENV)/.installed
+	bash bench/run_mta.sh
+
+# ---------------------------------------------------------------- clean
+
+clean:
+	rm -rf $(VENV) $(DEBIAN_VENV) build dist *.egg-info .pytest_cache .ruff_cache twisted/plugins/dropin.cache
+	find . -name __pycache__ -type d -prune -not -path './.git/*' -exec rm -rf {} +
