@@ -1,0 +1,50 @@
+"""The Received trace header (RFC 5321 4.4, protocol names from RFC 3848 / RFC 6531)."""
+
+from __future__ import annotations
+
+import email.utils
+import re
+
+_UNSAFE = re.compile(r"[^\x21-\x7e]")
+
+
+def _clean(text: str, limit: int = 255) -> str:
+    """Client-supplied text (the HELO name) made safe for a header."""
+    return _UNSAFE.sub("?", text)[:limit] or "unknown"
+
+
+def protocol_name(*, esmtp: bool, tls: bool, auth: bool, utf8: bool) -> str:
+    if utf8:
+        base = "UTF8SMTP"
+    elif esmtp:
+        base = "ESMTP"
+    else:
+        return "SMTP"  # RFC 3848 defines no suffixes for plain SMTP
+    return base + ("S" if tls else "") + ("A" if auth else "")
+
+
+def received_header(
+    *,
+    helo: str,
+    client_ip: str,
+    hostname: str,
+    protocol: str,
+    queue_id: str,
+    recipient: str | None,
+    tls: str | None,
+    now: float,
+) -> bytes:
+    """One folded Received header ending in CRLF."""
+    ip = f"IPv6:{client_ip}" if ":" in client_ip else client_ip
+    lines = [f"Received: from {_clean(helo)} ([{ip}])"]
+    by = f"\tby {hostname} (mta) with {protocol}"
+    if tls:
+        by += f" ({_clean(tls, 100)})"
+    lines.append(f"{by} id {queue_id}")
+    date = email.utils.formatdate(now, localtime=False)
+    if recipient:
+        lines.append(f"\tfor <{recipient}>; {date}")
+    else:
+        lines[-1] += ";"
+        lines.append(f"\t{date}")
+    return ("\r\n".join(lines) + "\r\n").encode("utf-8")

@@ -1,0 +1,137 @@
+"""Test doubles for the seams in `mta.interfaces`, shipped with the package (like
+`treq.testing`) so every test and every downstream user fakes the same way."""
+
+from __future__ import annotations
+
+import attrs
+from twisted.internet import defer
+from zope.interface import implementer
+
+from mta.envelope import Address, Envelope
+from mta.interfaces import ISpool, ISpoolFile, IUserDirectory
+
+
+@attrs.define
+class CommittedMessage:
+    queue_id: str
+    envelope: Envelope
+    trace_headers: bytes
+    body: bytes
+
+    @property
+    def data(self) -> bytes:
+        return self.trace_headers + self.body
+
+
+@implementer(ISpoolFile)
+class FakeSpoolFile:
+    def __init__(self, spool: FakeSpool, queue_id: str):
+        self._spool = spool
+        self.queue_id = queue_id
+        self._chunks: list[bytes] = []
+        self.size = 0
+        self.aborted = False
+        self.largest_write = 0
+
+    def write(self, data: bytes) -> None:
+        assert not self.aborted, "write after abort"
+        self._chunks.append(data)
+        self.size += len(data)
+        self.largest_write = max(self.largest_write, len(data))
+
+    def commit(self, envelope, trace_headers: bytes):
+        message = CommittedMessage(self.queue_id, envelope, trace_headers, b"".join(self._chunks))
+        return self._spool._commit(message)
+
+    def abort(self) -> None:
+        self.aborted = True
+        self._spool.aborted.append(self.queue_id)
+
+
+@implementer(ISpool)
+class FakeSpool:
+    """An in-memory spool.
+
+    With `hold=True`, commits stay pending until `release()` (to test that the session
+    waits for durability); `fail_with` makes every commit fail with that exception.
+    """
+
+    def __init__(self, hold: bool = False, fail_with: Exception | None = None):
+        self.hold = hold
+        self.fail_with = fail_with
+        self.committed: list[CommittedMessage] = []
+        self.aborted: list[str] = []
+        self.opened: list[FakeSpoolFile] = []
+        self._pending: list[tuple[defer.Deferred, CommittedMessage]] = []
+        self._counter = 0
+        self.backlog_value = 0
+
+    def new_queue_id(self) -> str:
+        self._counter += 1
+        return f"Q{self._counter:06d}"
+
+    def open(self, queue_id: str) -> FakeSpoolFile:
+        f = FakeSpoolFile(self, queue_id)
+        self.opened.append(f)
+        return f
+
+    def backlog(self) -> int:
+        return self.backlog_value
+
+    def _commit(self, message: CommittedMessage) -> defer.Deferred:
+        if self.fail_with is not None:
+            return defer.fail(self.fail_with)
+        d = defer.Deferred()
+        if self.hold:
+            self._pending.append((d, message))
+        else:
+            self.committed.append(message)
+            d.callback(message.queue_id)
+        return d
+
+    def release(self) -> None:
+        pending, self._pending = self._pending, []
+        for d, message in pending:
+            self.committed.append(message)
+            d.callback(message.queue_id)
+
+
+@implementer(IUserDirectory)
+class FakeDirectory:
+    """Maps addresses (as `local@domain` strings) to mailboxes.
+
+    `deferred=True` answers through unfired Deferreds resolved by `flush()`, to test
+    pipelining while a lookup is slow.
+    """
+
+    def __init__(self, entries: dict[str, tuple[str, ...]] | None = None, postmaster: str = "postmaster@localhost", deferred: bool = False):
+        self.entries = {k.lower(): v for k, v in (entries or {}).items()}
+        self.postmaster = postmaster
+        self.deferred = deferred
+        self.pending: list[tuple[defer.Deferred, tuple]] = []
+        self.lookups: list[str] = []
+
+    def _lookup(self, address: Address) -> tuple[Address, ...]:
+        key = str(address).lower()
+        self.lookups.append(key)
+        if address.local.lower() == "postmaster":
+            key = self.postmaster
+        targets = self.entries.get(key, (key,) if key == self.postmaster else ())
+        out = []
+        for t in targets:
+            local, _, domain = t.rpartition("@")
+            out.append(Address(local, domain))
+        return tuple(out)
+
+    def resolve(self, address: Address):
+        result = self._lookup(address)
+        if not self.deferred:
+            return result
+        d = defer.Deferred()
+        self.pending.append((d, result))
+        return d
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        for d, result in pending:
+            d.callback(result)
