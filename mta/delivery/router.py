@@ -1,0 +1,71 @@
+"""Routing: which agent delivers which recipient of a queued message.
+
+Recipients in `local_domains` go to the local agent, the rest to the remote agent
+(the outbound relay).  Without a remote agent, remote recipients are *deferred* with
+"remote delivery not configured" rather than failed, so mail accepted for relay is
+kept until relaying exists.  Both agents run concurrently; an agent that errors
+defers its recipients (a bug defers, never bounces).
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import DeferredList, maybeDeferred, succeed
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mta.envelope import DeliveryResult, RecipientState, Reply
+from mta.interfaces import IDeliveryAgent
+
+log = Logger()
+
+NOT_CONFIGURED = Reply(451, "4.4.0", "remote delivery not configured")
+
+
+@implementer(IDeliveryAgent)
+class Router:
+    def __init__(self, local_domains, local_agent, remote_agent=None):
+        self.local_domains = frozenset(d.lower().rstrip(".") for d in local_domains)
+        self.local_agent = local_agent
+        self.remote_agent = remote_agent
+
+    def is_local(self, recipient) -> bool:
+        return not recipient.domain or recipient.domain.lower() in self.local_domains
+
+    def deliver(self, entry, recipients):
+        local = [r for r in recipients if self.is_local(r)]
+        remote = [r for r in recipients if not self.is_local(r)]
+        calls = []
+        if local:
+            calls.append((local, self._call(self.local_agent, entry, local)))
+        if remote:
+            if self.remote_agent is None:
+                results = [
+                    DeliveryResult(r, RecipientState.DEFERRED, str(NOT_CONFIGURED), NOT_CONFIGURED)
+                    for r in remote
+                ]
+                calls.append((remote, succeed(results)))
+            else:
+                calls.append((remote, self._call(self.remote_agent, entry, remote)))
+        d = DeferredList([c for _, c in calls], consumeErrors=True)
+        return d.addCallback(self._combine, entry, [rcpts for rcpts, _ in calls])
+
+    @staticmethod
+    def _call(agent, entry, recipients):
+        return maybeDeferred(agent.deliver, entry, recipients)
+
+    @staticmethod
+    def _combine(outcomes, entry, groups) -> list[DeliveryResult]:
+        results: list[DeliveryResult] = []
+        for (ok, value), rcpts in zip(outcomes, groups):
+            if ok:
+                results.extend(value)
+                continue
+            log.failure("delivery agent failed for {qid}", failure=value, qid=entry.qid)
+            reply = Reply(451, "4.3.0", "internal delivery error")
+            results.extend(
+                DeliveryResult(
+                    r, RecipientState.DEFERRED, f"{reply}: {value.getErrorMessage()}", reply
+                )
+                for r in rcpts
+            )
+        return results

@@ -1,0 +1,291 @@
+"""The on-disk format of one queued message, and `QueueEntry`, its in-memory form.
+
+One committed message is ONE file, ``queue/active/<qid>``::
+
+    <body bytes: exactly body_length>            offset 0, what delivery copies
+    <metadata: versioned JSON, utf-8>
+    <footer: "\\nMTA-QUEUE 1 <body_length:016x> <meta_length:08x>\\n">
+
+Why one file with a trailer rather than body + ``.json`` sidecar: acceptance costs
+one create, one write, one fsync and one rename per message (plus one directory fsync
+per group-commit batch), and a spilled 20 MB body is committed by appending the
+trailer to the spill file instead of copying it.  The body starts at offset 0, so a
+store copies ``[0, body_length)`` straight from the file (sendfile/copy_file_range);
+the trace headers (``Received:``) live in the metadata and are sent as a prefix.
+The rename into ``active/`` is the commit point: anything in ``tmp/`` was never
+acknowledged and is deleted by recovery.  The footer lets a reader reject a file
+whose size does not add up instead of trusting it.
+
+Per-recipient progress is an append-only ``active/<qid>.status`` file, created only
+when an attempt leaves recipients unfinished: one JSON line per snapshot, fsynced;
+the last complete line wins, so a torn append falls back to the previous snapshot.
+A finished entry is unlinked; one with permanently failed recipients moves (with its
+status, which holds the reason) to ``queue/dead/``.  Never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import attrs
+
+from mta.envelope import Address, BodyType, DeliveryResult, Envelope, RecipientState
+
+FORMAT_VERSION = 1
+_FOOTER_RE = re.compile(rb"\nMTA-QUEUE 1 ([0-9a-f]{16}) ([0-9a-f]{8})\n\Z")
+FOOTER_LENGTH = len(b"\nMTA-QUEUE 1 %016x %08x\n" % (0, 0))
+STATUS_SUFFIX = ".status"
+FINAL_STATES = (RecipientState.DELIVERED, RecipientState.FAILED)
+_QID_RE = re.compile(r"[0-9a-f]{8,64}\Z")
+
+
+class CorruptEntry(ValueError):
+    """A queue file whose trailer or metadata cannot be trusted."""
+
+
+def is_queue_id(name: str) -> bool:
+    """True for names that can be queue ids (the only files `active/` may hold)."""
+    return bool(_QID_RE.match(name))
+
+
+@attrs.define(eq=False)
+class QueueEntry:
+    """A queued message: envelope, where its body is, and per-recipient progress.
+
+    `states`/`details` run parallel to `envelope.recipients`.  `recovered` is true for
+    an entry found on disk at startup, whose last attempt may have been interrupted
+    after delivering but before its status was recorded.
+    """
+
+    qid: str
+    envelope: Envelope
+    path: str
+    body_length: int
+    trace_headers: bytes = b""
+    created: float = 0.0
+    states: list[RecipientState] = attrs.Factory(list)
+    details: list[str] = attrs.Factory(list)
+    attempts: int = 0
+    next_attempt: float = 0.0
+    last_error: str = ""
+    recovered: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        n = len(self.envelope.recipients)
+        if not self.states:
+            self.states = [RecipientState.PENDING] * n
+        if not self.details:
+            self.details = [""] * n
+
+    @property
+    def size(self) -> int:
+        """Bytes of the message as delivered (trace headers + body)."""
+        return len(self.trace_headers) + self.body_length
+
+    def message_tag(self, recipient: Address) -> str:
+        """Unique per (queue id, recipient): the Maildir filename marker."""
+        return f"{self.qid}-{self.envelope.recipients.index(recipient)}"
+
+    def pending_recipients(self) -> list[Address]:
+        """Recipients still to deliver, each address once, in envelope order."""
+        seen: dict[Address, None] = {}
+        for rcpt, state in zip(self.envelope.recipients, self.states):
+            if state not in FINAL_STATES:
+                seen.setdefault(rcpt, None)
+        return list(seen)
+
+    @property
+    def is_finished(self) -> bool:
+        return all(s in FINAL_STATES for s in self.states)
+
+    @property
+    def has_failures(self) -> bool:
+        return any(s is RecipientState.FAILED for s in self.states)
+
+    def apply(self, results: list[DeliveryResult]) -> dict[RecipientState, list[Address]]:
+        """Record results; returns the recipients whose state changed, by new state."""
+        by_address = {r.recipient: r for r in results}
+        changed: dict[RecipientState, list[Address]] = {}
+        for i, rcpt in enumerate(self.envelope.recipients):
+            if self.states[i] in FINAL_STATES:
+                continue
+            result = by_address.get(rcpt)
+            if result is None:
+                continue
+            state = result.state
+            if state is RecipientState.PENDING:
+                state = RecipientState.DEFERRED
+            detail = result.detail or (str(result.reply) if result.reply else "")
+            if state is not self.states[i] or detail != self.details[i]:
+                changed.setdefault(state, []).append(rcpt)
+            self.states[i] = state
+            self.details[i] = detail
+            if state is not RecipientState.DELIVERED and detail:
+                self.last_error = detail
+        return changed
+
+    def fail_remaining(self, reason: str) -> list[Address]:
+        """Permanently fail every unfinished recipient (queue lifetime exceeded)."""
+        failed = []
+        for i, state in enumerate(self.states):
+            if state not in FINAL_STATES:
+                self.states[i] = RecipientState.FAILED
+                self.details[i] = reason
+                failed.append(self.envelope.recipients[i])
+        self.last_error = reason
+        return failed
+
+
+# -- encoding ------------------------------------------------------------------
+
+
+def _addr(a: Address) -> list[str]:
+    return [a.local, a.domain]
+
+
+def _unaddr(v) -> Address:
+    return Address(str(v[0]), str(v[1]))
+
+
+def encode_metadata(
+    qid: str, envelope: Envelope, trace_headers: bytes, body_length: int, created: float
+) -> bytes:
+    """The JSON metadata that follows the body in the queue file."""
+    e = envelope
+    meta = {
+        "version": FORMAT_VERSION,
+        "qid": qid,
+        "sender": _addr(e.sender),
+        "recipients": [_addr(r) for r in e.recipients],
+        "original_recipients": [_addr(r) for r in e.original_recipients],
+        "helo": e.helo,
+        "client_address": e.client_address,
+        "client_name": e.client_name,
+        "authenticated_as": e.authenticated_as,
+        "listener": e.listener,
+        "tls": e.tls,
+        "body": e.body.value,
+        "smtputf8": e.smtputf8,
+        "received_at": e.received_at,
+        "created": created,
+        "body_length": body_length,
+        "trace_headers": trace_headers.decode("utf-8", "surrogateescape"),
+    }
+    return json.dumps(meta, separators=(",", ":")).encode("ascii")
+
+
+def encode_trailer(meta: bytes, body_length: int) -> bytes:
+    """Metadata + footer, appended right after the body."""
+    return meta + b"\nMTA-QUEUE 1 %016x %08x\n" % (body_length, len(meta))
+
+
+def decode_metadata(meta: dict, path: str) -> QueueEntry:
+    if meta.get("version") != FORMAT_VERSION:
+        raise CorruptEntry(f"{path}: unsupported metadata version {meta.get('version')!r}")
+    try:
+        envelope = Envelope(
+            sender=_unaddr(meta["sender"]),
+            recipients=tuple(_unaddr(r) for r in meta["recipients"]),
+            original_recipients=tuple(_unaddr(r) for r in meta.get("original_recipients", ())),
+            helo=meta.get("helo", ""),
+            client_address=meta.get("client_address", ""),
+            client_name=meta.get("client_name", ""),
+            authenticated_as=meta.get("authenticated_as"),
+            listener=meta.get("listener", ""),
+            tls=meta.get("tls"),
+            body=BodyType(meta.get("body", "7BIT")),
+            smtputf8=bool(meta.get("smtputf8", False)),
+            received_at=float(meta.get("received_at", 0.0)),
+        )
+        return QueueEntry(
+            qid=meta["qid"],
+            envelope=envelope,
+            path=path,
+            body_length=int(meta["body_length"]),
+            trace_headers=meta.get("trace_headers", "").encode("utf-8", "surrogateescape"),
+            created=float(meta.get("created", envelope.received_at)),
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        raise CorruptEntry(f"{path}: bad metadata: {e}") from None
+
+
+def read_entry(path: str, status_path: str | None = None) -> QueueEntry:
+    """Load a committed queue file (blocking) and apply its latest status snapshot.
+
+    Raises FileNotFoundError when it is gone, CorruptEntry when it cannot be trusted.
+    """
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        size = os.fstat(fd).st_size
+        if size < FOOTER_LENGTH:
+            raise CorruptEntry(f"{path}: too short for a queue file")
+        m = _FOOTER_RE.match(os.pread(fd, FOOTER_LENGTH, size - FOOTER_LENGTH))
+        if not m:
+            raise CorruptEntry(f"{path}: no queue footer")
+        body_length, meta_length = int(m.group(1), 16), int(m.group(2), 16)
+        if body_length + meta_length + FOOTER_LENGTH != size:
+            raise CorruptEntry(f"{path}: length mismatch")
+        raw = os.pread(fd, meta_length, body_length)
+    finally:
+        os.close(fd)
+    try:
+        meta = json.loads(raw)
+    except ValueError as e:
+        raise CorruptEntry(f"{path}: bad metadata JSON: {e}") from None
+    entry = decode_metadata(meta, path)
+    if entry.body_length != body_length:
+        raise CorruptEntry(f"{path}: body length mismatch")
+    status = read_status(status_path if status_path is not None else path + STATUS_SUFFIX)
+    if status is not None:
+        apply_status(entry, status)
+    return entry
+
+
+# -- status snapshots ----------------------------------------------------------
+
+
+def encode_status(entry: QueueEntry, reason: str = "") -> bytes:
+    """One status line: a full snapshot of per-recipient progress."""
+    record = {
+        "version": FORMAT_VERSION,
+        "attempts": entry.attempts,
+        "next_attempt": entry.next_attempt,
+        "last_error": entry.last_error,
+        "states": [s.value for s in entry.states],
+        "details": entry.details,
+    }
+    if reason:
+        record["reason"] = reason
+    return json.dumps(record, separators=(",", ":")).encode("ascii") + b"\n"
+
+
+def read_status(path: str) -> dict | None:
+    """The last complete snapshot in a status file, or None when there is none."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    for line in reversed(data.split(b"\n")):
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # torn append: fall back to the previous snapshot
+        if isinstance(record, dict) and record.get("version") == FORMAT_VERSION:
+            return record
+    return None
+
+
+def apply_status(entry: QueueEntry, status: dict) -> None:
+    states = status.get("states", [])
+    if len(states) != len(entry.envelope.recipients):
+        return  # not this entry's snapshot: ignore rather than misattribute
+    entry.states = [RecipientState(s) for s in states]
+    entry.details = [str(d) for d in status.get("details", [""] * len(states))]
+    entry.attempts = int(status.get("attempts", 0))
+    entry.next_attempt = float(status.get("next_attempt", 0.0))
+    entry.last_error = str(status.get("last_error", ""))

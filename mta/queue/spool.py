@@ -1,0 +1,577 @@
+"""The durable spool: receives message bodies and commits them into ``queue/active/``.
+
+A 250 after DATA is only as good as this module: `SpoolFile.commit` fires after the
+queue file (body + JSON metadata trailer, see `mta.queue.entry` for the format and
+why it is one file) is written and fsynced in ``queue/tmp/``, renamed into
+``queue/active/`` and the directory fsynced.  Throughput comes from *group commit*:
+while one batch is in the thread pool, further commits queue up and go together as
+the next batch (each file fsynced, all renamed, one directory fsync), so a busy
+server pays one directory fsync and one thread hop per batch, not per message.
+The same batching serves status updates, deletions and dead-lettering.
+
+Bodies stay in memory up to 256 KB, then spill to ``queue/tmp/<qid>``, to which the
+trailer is appended at commit (no copy).  The reactor thread never fsyncs.
+
+The spool announces each committed entry through ``spool.on_commit(entry)`` (set by
+the queue runner), so steady state needs no directory polling.  ``recover()`` scans
+the directory once at startup: leftovers in ``tmp/`` were never acknowledged and are
+deleted.  One process owns a queue directory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import time
+from collections.abc import Callable
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from mta.interfaces import ISpool, ISpoolFile
+from mta.queue import entry as fmt
+from mta.queue.entry import STATUS_SUFFIX, QueueEntry
+
+log = Logger()
+
+MEMORY_LIMIT = 256 * 1024
+_SPILL_FLUSH = 64 * 1024
+_MAX_BATCH = 1024
+_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+
+_counter = itertools.count()
+_last_us = 0
+
+
+def new_queue_id() -> str:
+    """Time in µs (strictly increasing in this process), pid, counter: hex, sortable."""
+    global _last_us
+    us = time.time_ns() // 1000
+    if us <= _last_us:
+        us = _last_us + 1
+    _last_us = us
+    return f"{us:013x}{os.getpid() & 0xFFFFFF:06x}{next(_counter) & 0xFFFF:04x}"
+
+
+def _pid_of(qid: str) -> int | None:
+    try:
+        return int(qid[13:19], 16)
+    except ValueError:
+        return None
+
+
+def _write_all(fd: int, buffers: list) -> None:
+    buffers = [memoryview(b) for b in buffers if len(b)]
+    while buffers:
+        n = os.writev(fd, buffers[:1024])
+        while n and buffers:
+            if n >= len(buffers[0]):
+                n -= len(buffers[0])
+                buffers.pop(0)
+            else:
+                buffers[0] = buffers[0][n:]
+                n = 0
+
+
+class ThreadPoolService(Service):
+    """Starts and stops a `ThreadPool` with the service tree (stop after its users)."""
+
+    def __init__(self, pool: ThreadPool):
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self):
+        super().stopService()
+        self.pool.stop()
+
+
+class _BatchWorker:
+    """Runs `process(items)` in the pool, one batch at a time; items submitted while a
+    batch runs form the next batch.  `process` returns one (ok, value) per item."""
+
+    def __init__(self, reactor, pool, process: Callable[[list], list], max_batch: int = _MAX_BATCH):
+        self._reactor = reactor
+        self._pool = pool
+        self._process = process
+        self._max_batch = max_batch
+        self._pending: list[tuple[object, Deferred]] = []
+        self._busy = False
+        self._idle: list[Deferred] = []
+        self.batches = 0
+
+    def submit(self, item) -> Deferred:
+        d: Deferred = Deferred()
+        self._pending.append((item, d))
+        if not self._busy:
+            self._start()
+        return d
+
+    def wait_idle(self) -> Deferred:
+        if not self._busy and not self._pending:
+            return succeed(None)
+        d: Deferred = Deferred()
+        self._idle.append(d)
+        return d
+
+    def _start(self) -> None:
+        batch = self._pending[: self._max_batch]
+        del self._pending[: self._max_batch]
+        self._busy = True
+        self.batches += 1
+        items = [item for item, _ in batch]
+        d = deferToThreadPool(self._reactor, self._pool, self._process, items)
+        d.addBoth(self._finished, batch)
+
+    def _finished(self, outcome, batch) -> None:
+        # Still "busy" while firing, so submissions made by callbacks join the next batch.
+        for i, (_, d) in enumerate(batch):
+            if isinstance(outcome, Failure):
+                d.errback(outcome)
+            else:
+                ok, value = outcome[i]
+                if ok:
+                    d.callback(value)
+                else:
+                    d.errback(Failure(value))
+        self._busy = False
+        if self._pending:
+            self._start()
+        elif self._idle:
+            waiters, self._idle = self._idle, []
+            for d in waiters:
+                d.callback(None)
+
+
+class _CommitJob:
+    __slots__ = (
+        "qid",
+        "tmp_path",
+        "fd",
+        "chunks",
+        "envelope",
+        "trace_headers",
+        "length",
+        "created",
+    )
+
+    def __init__(self, qid, tmp_path, fd, chunks, envelope, trace_headers, length, created):
+        self.qid = qid
+        self.tmp_path = tmp_path
+        self.fd = fd
+        self.chunks = chunks
+        self.envelope = envelope
+        self.trace_headers = trace_headers
+        self.length = length
+        self.created = created
+
+
+@implementer(ISpoolFile)
+class SpoolFile:
+    """One message being received.  `buffered` is the body bytes held in memory."""
+
+    def __init__(self, spool: Spool, qid: str):
+        self.qid = qid
+        self.size = 0
+        self.buffered = 0
+        self._spool = spool
+        self._chunks: list[bytes] = []
+        self._fd: int | None = None
+        self._closed = False
+
+    @property
+    def spilled(self) -> bool:
+        return self._fd is not None
+
+    def write(self, data: bytes) -> None:
+        if self._closed:
+            raise ValueError(f"spool file {self.qid} already committed or aborted")
+        if not isinstance(data, bytes):
+            data = bytes(data)
+        if not data:
+            return
+        self.size += len(data)
+        if self._fd is None:
+            if self.buffered + len(data) <= self._spool.memory_limit:
+                self._chunks.append(data)
+                self.buffered += len(data)
+                return
+            self._fd = os.open(self._spool.tmp_path(self.qid), _OPEN_FLAGS, 0o600)
+            self._spool._open_tmp.add(self.qid)
+        elif self.buffered + len(data) <= _SPILL_FLUSH:
+            self._chunks.append(data)
+            self.buffered += len(data)
+            return
+        self._chunks.append(data)
+        chunks, self._chunks, self.buffered = self._chunks, [], 0
+        try:
+            _write_all(self._fd, chunks)
+        except OSError:
+            self.abort()
+            raise
+
+    def commit(self, envelope, trace_headers: bytes = b"") -> Deferred:
+        if self._closed:
+            raise ValueError(f"spool file {self.qid} already committed or aborted")
+        self._closed = True
+        chunks, self._chunks, self.buffered = self._chunks, [], 0
+        fd, self._fd = self._fd, None
+        return self._spool._commit(
+            _CommitJob(
+                self.qid,
+                self._spool.tmp_path(self.qid),
+                fd,
+                chunks,
+                envelope,
+                bytes(trace_headers),
+                self.size,
+                envelope.received_at or self._spool.reactor.seconds(),
+            )
+        )
+
+    def abort(self) -> None:
+        if self._closed and self._fd is None:
+            return
+        self._closed = True
+        self._chunks, self.buffered = [], 0
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            os.close(fd)
+            try:
+                os.unlink(self._spool.tmp_path(self.qid))
+            except FileNotFoundError:
+                pass
+            self._spool._open_tmp.discard(self.qid)
+
+
+@implementer(ISpool)
+class Spool:
+    """The local queue directory.  See the module docstring."""
+
+    def __init__(
+        self,
+        queue_dir: str,
+        reactor,
+        threadpool: ThreadPool,
+        *,
+        fsync: Callable[[int], None] = os.fsync,
+        memory_limit: int = MEMORY_LIMIT,
+    ):
+        self.queue_dir = queue_dir
+        self.reactor = reactor
+        self.memory_limit = memory_limit
+        self.on_commit: Callable[[QueueEntry], None] | None = None
+        self.tmp_dir = os.path.join(queue_dir, "tmp")
+        self.active_dir = os.path.join(queue_dir, "active")
+        self.dead_dir = os.path.join(queue_dir, "dead")
+        for d in (self.tmp_dir, self.active_dir, self.dead_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+        self._fsync = fsync
+        self._backlog = 0
+        self._unannounced = 0
+        self._open_tmp: set[str] = set()
+        self._scan_seen: set[str] | None = None
+        self._committer = _BatchWorker(reactor, threadpool, self._commit_batch)
+        self._recorder = _BatchWorker(reactor, threadpool, self._record_batch)
+        self._remover = _BatchWorker(reactor, threadpool, self._remove_batch)
+        self._loader = _BatchWorker(reactor, threadpool, self._load_batch)
+        self._pool = threadpool
+
+    # -- ISpool -------------------------------------------------------------------
+
+    def new_queue_id(self) -> str:
+        return new_queue_id()
+
+    def open(self, queue_id: str) -> SpoolFile:
+        return SpoolFile(self, queue_id)
+
+    def backlog(self) -> int:
+        return self._backlog
+
+    # -- paths --------------------------------------------------------------------
+
+    def tmp_path(self, qid: str) -> str:
+        return os.path.join(self.tmp_dir, qid)
+
+    def active_path(self, qid: str) -> str:
+        return os.path.join(self.active_dir, qid)
+
+    @property
+    def commit_batches(self) -> int:
+        """How many group-commit batches ran (for tests and metrics)."""
+        return self._committer.batches
+
+    # -- commit -------------------------------------------------------------------
+
+    def _commit(self, job: _CommitJob) -> Deferred:
+        d = self._committer.submit(job)
+        d.addCallbacks(
+            self._committed, self._commit_failed, callbackArgs=(job,), errbackArgs=(job,)
+        )
+        return d
+
+    def _commit_failed(self, f: Failure, job: _CommitJob) -> Failure:
+        self._open_tmp.discard(job.qid)
+        log.error(
+            "commit of {qid} failed: {error}",
+            qid=job.qid,
+            error=f.getErrorMessage(),
+            event="commit_failed",
+        )
+        return f
+
+    def _committed(self, _, job: _CommitJob) -> str:
+        self._open_tmp.discard(job.qid)
+        self._backlog += 1
+        if self.on_commit is None:
+            self._unannounced += 1
+        if self._scan_seen is not None:
+            self._scan_seen.add(job.qid)
+        entry = QueueEntry(
+            qid=job.qid,
+            envelope=job.envelope,
+            path=self.active_path(job.qid),
+            body_length=job.length,
+            trace_headers=job.trace_headers,
+            created=job.created,
+        )
+        log.info(
+            "queued {qid} from {sender} to {count} recipient(s), {size} bytes",
+            qid=job.qid,
+            sender=str(job.envelope.sender),
+            count=len(job.envelope.recipients),
+            size=job.length,
+            event="queued",
+        )
+        if self.on_commit is not None:
+            try:
+                self.on_commit(entry)
+            except Exception:
+                log.failure("on_commit hook failed for {qid}", qid=job.qid)
+        return job.qid
+
+    def _commit_batch(self, jobs: list[_CommitJob]) -> list:
+        """Thread: write + fsync each file, rename all, fsync the directory once."""
+        results: list = []
+        renamed: list[str] = []
+        for job in jobs:
+            try:
+                meta = fmt.encode_metadata(
+                    job.qid, job.envelope, job.trace_headers, job.length, job.created
+                )
+                trailer = fmt.encode_trailer(meta, job.length)
+                fd = job.fd
+                if fd is None:
+                    fd = os.open(job.tmp_path, _OPEN_FLAGS, 0o600)
+                job.fd = None
+                try:
+                    _write_all(fd, [*job.chunks, trailer])
+                    job.chunks = []
+                    self._fsync(fd)
+                finally:
+                    os.close(fd)
+                final = self.active_path(job.qid)
+                os.rename(job.tmp_path, final)
+                renamed.append(final)
+                results.append((True, job.qid))
+            except Exception as e:
+                _unlink_quietly(job.tmp_path)
+                results.append((False, e))
+        if renamed:
+            try:
+                self._fsync_dir(self.active_dir)
+            except OSError as e:
+                # Not durable, so not accepted: take the files back before saying 451.
+                for path in renamed:
+                    _unlink_quietly(path)
+                results = [(False, e)] * len(jobs)
+        return results
+
+    def _fsync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            self._fsync(fd)
+        finally:
+            os.close(fd)
+
+    # -- status, finish, dead letters (used by the runner) --------------------------
+
+    def record(self, entry: QueueEntry) -> Deferred:
+        """Durably append a status snapshot for an entry with unfinished recipients."""
+        return self._recorder.submit((entry.qid, fmt.encode_status(entry)))
+
+    def _record_batch(self, items: list) -> list:
+        results: list = []
+        created = False
+        for qid, line in items:
+            try:
+                created |= self._append_status(self.active_path(qid) + STATUS_SUFFIX, line)
+                results.append((True, None))
+            except Exception as e:
+                results.append((False, e))
+        if created:
+            self._fsync_dir(self.active_dir)
+        return results
+
+    def _append_status(self, path: str, line: bytes) -> bool:
+        created = False
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        except FileNotFoundError:
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            created = True
+        try:
+            _write_all(fd, [line])
+            self._fsync(fd)
+        finally:
+            os.close(fd)
+        return created
+
+    def finish(self, entry: QueueEntry) -> Deferred:
+        """Delete an entry whose recipients are all delivered."""
+        self._backlog -= 1
+        return self._remover.submit(("finish", entry.qid, b""))
+
+    def bury(self, entry: QueueEntry, reason: str) -> Deferred:
+        """Move an entry with permanently failed recipients to ``queue/dead/``."""
+        self._backlog -= 1
+        return self._remover.submit(("bury", entry.qid, fmt.encode_status(entry, reason)))
+
+    def _remove_batch(self, items: list) -> list:
+        results: list = []
+        buried = False
+        for action, qid, line in items:
+            path = self.active_path(qid)
+            try:
+                if action == "finish":
+                    _unlink_quietly(path + STATUS_SUFFIX)
+                    _unlink_quietly(path)
+                else:
+                    self._append_status(path + STATUS_SUFFIX, line)
+                    os.rename(path, os.path.join(self.dead_dir, qid))
+                    os.rename(
+                        path + STATUS_SUFFIX, os.path.join(self.dead_dir, qid + STATUS_SUFFIX)
+                    )
+                    buried = True
+                results.append((True, None))
+            except Exception as e:
+                results.append((False, e))
+        if buried:
+            self._fsync_dir(self.dead_dir)
+        self._fsync_dir(self.active_dir)
+        return results
+
+    # -- loading and recovery -------------------------------------------------------
+
+    def load(self, qid: str) -> Deferred:
+        """Deferred with the entry from disk, or None when it is gone or corrupt
+        (a corrupt file is moved to ``dead/`` with the reason)."""
+        return self._loader.submit(qid)
+
+    def _load_batch(self, qids: list[str]) -> list:
+        results: list = []
+        for qid in qids:
+            path = self.active_path(qid)
+            try:
+                results.append((True, fmt.read_entry(path)))
+            except FileNotFoundError:
+                results.append((True, None))
+            except fmt.CorruptEntry as e:
+                log.error(
+                    "corrupt queue file {qid}: {reason}", qid=qid, reason=str(e), event="corrupt"
+                )
+                try:
+                    line = b'{"version":1,"reason":%s}\n' % _json_str(f"corrupt: {e}")
+                    self._append_status(path + STATUS_SUFFIX, line)
+                    os.rename(path, os.path.join(self.dead_dir, qid))
+                    os.rename(
+                        path + STATUS_SUFFIX, os.path.join(self.dead_dir, qid + STATUS_SUFFIX)
+                    )
+                    self._fsync_dir(self.dead_dir)
+                except OSError:
+                    pass
+                results.append((True, None))
+            except Exception as e:
+                results.append((False, e))
+        return results
+
+    def recover(self) -> Deferred:
+        """Scan once at startup.  Deferred with [(next_attempt, qid)] for every entry
+        in ``active/``, oldest first; the backlog count includes them."""
+        self._scan_seen = set()
+        d = deferToThreadPool(self.reactor, self._pool, self._scan, frozenset(self._open_tmp))
+
+        def done(found):
+            seen, self._scan_seen = self._scan_seen or set(), None
+            found = [(due, qid) for due, qid in found if qid not in seen]
+            self._backlog += len(found) - self._unannounced
+            self._unannounced = 0
+            return found
+
+        def failed(f):
+            self._scan_seen = None
+            return f
+
+        return d.addCallbacks(done, failed)
+
+    def _scan(self, open_tmp: frozenset) -> list[tuple[float, str]]:
+        mypid = os.getpid()
+        for name in os.listdir(self.tmp_dir):
+            pid = _pid_of(name)
+            if name in open_tmp or (pid is not None and pid != mypid and _alive(pid)):
+                continue  # being received right now, here or in a sibling process
+            log.info("removing incomplete spool file {name}", name=name, event="tmp_removed")
+            _unlink_quietly(os.path.join(self.tmp_dir, name))
+        names = set(os.listdir(self.active_dir))
+        found = []
+        for name in names:
+            if name.endswith(STATUS_SUFFIX):
+                qid = name[: -len(STATUS_SUFFIX)]
+                if qid not in names:
+                    # Interrupted dead-lettering, or a finished entry: tidy up.
+                    src = os.path.join(self.active_dir, name)
+                    if os.path.exists(os.path.join(self.dead_dir, qid)):
+                        os.rename(src, os.path.join(self.dead_dir, name))
+                    else:
+                        _unlink_quietly(src)
+            elif fmt.is_queue_id(name):
+                status = fmt.read_status(self.active_path(name) + STATUS_SUFFIX)
+                due = float(status.get("next_attempt", 0.0)) if status else 0.0
+                found.append((due, name))
+        found.sort(key=lambda t: t[1])
+        return found
+
+    def wait_idle(self) -> Deferred:
+        """Fires when no spool batch is running (for an orderly shutdown)."""
+        return gatherResults(
+            [w.wait_idle() for w in (self._committer, self._recorder, self._remover, self._loader)]
+        )
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _json_str(s: str) -> bytes:
+    return json.dumps(s).encode("ascii")
