@@ -24,10 +24,13 @@ help:
 
 # ---------------------------------------------------------------- virtualenvs
 
+# editable_mode=compat puts the checkout itself on sys.path (a .pth line), which is what
+# lets twistd find twisted/plugins/mta_plugin.py; setuptools' default editable finder
+# maps only the mta package and the plugin would be invisible to `twistd`.
 $(VENV)/.installed: setup.cfg pyproject.toml
 	@echo "== $(VENV): $(PYTHON) -m venv, pip install -e '.[test]'"
 	$(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check --config-settings editable_mode=compat -e '.[test]'
 	@touch $@
 
 venv: $(VENV)/.installed
@@ -43,7 +46,7 @@ $(DEBIAN_VENV)/.installed: setup.cfg pyproject.toml
 	  fi; \
 	fi
 	$(DEBIAN_PYTHON) -m venv --system-site-packages $(DEBIAN_VENV)
-	$(DEBIAN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps -e .
+	$(DEBIAN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --no-deps --config-settings editable_mode=compat -e .
 	@# Debian 12 packages pytest-twisted 1.13 (python3-pytest-twisted); PyPI's otherwise.
 	$(DEBIAN_VENV)/bin/python -c 'import pytest_twisted' 2>/dev/null || \
 	  $(DEBIAN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check 'pytest-twisted>=1.13'

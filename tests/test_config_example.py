@@ -81,11 +81,9 @@ def test_example_parses_as_plain_toml():
     assert isinstance(data["listener"], list)
 
 
-def test_fixture_config_loads(tmp_path):
-    from conftest import MtaServer
-
-    server = MtaServer(
-        tmp_path / "srv", {"relay_networks": ["127.0.0.0/8"], "limits": {"max_recipients": 3}}
+def test_fixture_config_loads(mta_server_factory):
+    server = mta_server_factory(
+        {"relay_networks": ["127.0.0.0/8"], "limits": {"max_recipients": 3}}, start=False
     )
     cfg = load_config(str(server.config_path))
     assert cfg.datadir == str(server.datadir)
