@@ -1,0 +1,225 @@
+"""Spool: durable commit, group commit, spill, abort, recovery."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from zope.interface.verify import verifyObject
+
+from mta.interfaces import ISpool, ISpoolFile
+from mta.queue import entry as fmt
+from mta.queue.spool import MEMORY_LIMIT, Spool, new_queue_id
+from tests.queue.doubles import FsyncCounter, InlinePool, ManualPool, ThreadClock, envelope
+
+
+@pytest.fixture
+def clock():
+    return ThreadClock()
+
+
+def make_spool(tmp_path, clock, pool=None, **kw):
+    return Spool(str(tmp_path / "queue"), clock, pool or InlinePool(), **kw)
+
+
+def commit(spool, body=b"Subject: hi\r\n\r\nhello\r\n", env=None, trace=b"Received: from x\r\n"):
+    qid = spool.new_queue_id()
+    f = spool.open(qid)
+    f.write(body)
+    return qid, f.commit(env or envelope("bob@example.test"), trace)
+
+
+def test_interfaces(tmp_path, clock):
+    spool = make_spool(tmp_path, clock)
+    assert verifyObject(ISpool, spool)
+    assert verifyObject(ISpoolFile, spool.open(spool.new_queue_id()))
+
+
+def test_commit_is_durable_and_readable(tmp_path, clock):
+    fsync = FsyncCounter()
+    spool = make_spool(tmp_path, clock, fsync=fsync)
+    seen = []
+    spool.on_commit = seen.append
+    env = envelope("bob@example.test", "carol@example.test", received_at=1000.0)
+    qid, d = commit(spool, env=env)
+    results = []
+    d.addCallback(results.append)
+    assert results == [qid]
+    assert (fsync.files, fsync.dirs) == (1, 1)
+    assert os.listdir(spool.tmp_dir) == []
+    assert os.listdir(spool.active_dir) == [qid]
+    loaded = fmt.read_entry(spool.active_path(qid))
+    assert loaded.envelope == env
+    assert loaded.trace_headers == b"Received: from x\r\n"
+    assert loaded.body_length == len(b"Subject: hi\r\n\r\nhello\r\n")
+    with open(spool.active_path(qid), "rb") as f:
+        assert f.read(loaded.body_length) == b"Subject: hi\r\n\r\nhello\r\n"
+    [entry] = seen
+    assert entry.qid == qid and entry.envelope == env and entry.created == 1000.0
+    assert spool.backlog() == 1
+
+
+def test_metadata_is_versioned_json(tmp_path, clock):
+    spool = make_spool(tmp_path, clock)
+    qid, _ = commit(spool)
+    data = open(spool.active_path(qid), "rb").read()
+    assert b'"version":1' in data and b'"qid":"%s"' % qid.encode() in data
+    assert b"pickle" not in data
+
+
+def test_group_commit_batches_waiting_commits(tmp_path, clock):
+    pool = ManualPool()
+    fsync = FsyncCounter()
+    spool = make_spool(tmp_path, clock, pool, fsync=fsync)
+    fired = []
+    first, d1 = commit(spool)
+    d1.addCallback(fired.append)
+    assert len(pool.queue) == 1  # the first batch is in the "thread"
+    others = []
+    for _ in range(4):
+        qid, d = commit(spool)
+        d.addCallback(fired.append)
+        others.append(qid)
+    assert len(pool.queue) == 1  # nothing new submitted while a batch runs
+    pool.run_one()
+    assert fired == [first]
+    assert len(pool.queue) == 1  # the four waiting commits form ONE batch
+    pool.run_one()
+    assert fired == [first, *others]
+    assert spool.commit_batches == 2
+    assert fsync.files == 5
+    assert fsync.dirs == 2  # one directory fsync per batch
+    assert sorted(os.listdir(spool.active_dir)) == sorted([first, *others])
+
+
+def test_commit_failure_is_reported_and_leaves_nothing(tmp_path, clock):
+    spool = make_spool(tmp_path, clock)
+    os.rmdir(spool.active_dir)  # the rename will fail
+    _, d = commit(spool)
+    failures = []
+    d.addErrback(failures.append)
+    assert failures and isinstance(failures[0].value, OSError)
+    assert os.listdir(spool.tmp_dir) == []
+    assert spool.backlog() == 0
+
+
+def test_directory_fsync_failure_takes_files_back(tmp_path, clock):
+    def fsync(fd):
+        if os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise OSError(5, "Input/output error")
+
+    spool = make_spool(tmp_path, clock, fsync=fsync)
+    _, d = commit(spool)
+    failures = []
+    d.addErrback(failures.append)
+    assert failures
+    assert os.listdir(spool.active_dir) == []
+
+
+def test_abort_leaves_nothing(tmp_path, clock):
+    spool = make_spool(tmp_path, clock)
+    small = spool.open(spool.new_queue_id())
+    small.write(b"x" * 100)
+    small.abort()
+    big = spool.open(spool.new_queue_id())
+    big.write(b"x" * (MEMORY_LIMIT + 1))
+    assert big.spilled and os.listdir(spool.tmp_dir)
+    big.abort()
+    assert os.listdir(spool.tmp_dir) == []
+    assert os.listdir(spool.active_dir) == []
+    assert spool.backlog() == 0
+
+
+def test_large_body_spills_and_memory_stays_bounded(tmp_path, clock):
+    spool = make_spool(tmp_path, clock)
+    qid = spool.new_queue_id()
+    f = spool.open(qid)
+    chunk = bytes(range(256)) * 256  # 64 KB
+    total = 20 * 1024 * 1024
+    for _ in range(total // len(chunk)):
+        f.write(chunk)
+        assert f.buffered <= MEMORY_LIMIT
+    assert f.spilled and f.size == total
+    done = []
+    f.commit(envelope("bob@example.test"), b"Received: x\r\n").addCallback(done.append)
+    assert done == [qid]
+    entry = fmt.read_entry(spool.active_path(qid))
+    assert entry.body_length == total
+    with open(spool.active_path(qid), "rb") as fh:
+        fh.seek(total - len(chunk))
+        assert fh.read(len(chunk)) == chunk
+    assert os.listdir(spool.tmp_dir) == []
+
+
+def test_recovery_deletes_incomplete_and_finds_committed(tmp_path, clock):
+    spool = make_spool(tmp_path, clock)
+    committed, _ = commit(spool)
+    crashed = spool.open(spool.new_queue_id())
+    crashed.write(b"y" * (MEMORY_LIMIT + 10))  # spilled to tmp/, never committed
+    with open(os.path.join(spool.tmp_dir, "junk"), "wb") as fh:
+        fh.write(b"half a message")
+
+    restarted = make_spool(tmp_path, clock)  # "after a crash"
+    found = []
+    restarted.recover().addCallback(found.append)
+    assert found == [[(0.0, committed)]]
+    assert os.listdir(restarted.tmp_dir) == []
+    assert restarted.backlog() == 1
+
+
+def test_recovery_keeps_tmp_files_being_written(tmp_path, clock):
+    spool = make_spool(tmp_path, clock)
+    live = spool.open(spool.new_queue_id())
+    live.write(b"z" * (MEMORY_LIMIT + 10))
+    spool.recover()
+    assert os.listdir(spool.tmp_dir) == [live.qid]
+    live.abort()
+
+
+def test_recovery_reads_next_attempt_from_status(tmp_path, clock):
+    spool = make_spool(tmp_path, clock)
+    entries = []
+    spool.on_commit = entries.append
+    qid, _ = commit(spool)
+    entries[0].attempts = 1
+    entries[0].next_attempt = 500.0
+    spool.record(entries[0])
+    found = []
+    make_spool(tmp_path, clock).recover().addCallback(found.append)
+    assert found == [[(500.0, qid)]]
+
+
+def test_load_moves_corrupt_file_to_dead(tmp_path, clock):
+    spool = make_spool(tmp_path, clock)
+    qid, _ = commit(spool)
+    path = spool.active_path(qid)
+    os.truncate(path, os.path.getsize(path) - 3)
+    loaded = []
+    spool.load(qid).addCallback(loaded.append)
+    assert loaded == [None]
+    assert os.listdir(spool.active_dir) == []
+    assert qid in os.listdir(spool.dead_dir)
+    assert b"corrupt" in open(os.path.join(spool.dead_dir, qid + ".status"), "rb").read()
+
+
+def test_finish_and_bury(tmp_path, clock):
+    spool = make_spool(tmp_path, clock)
+    entries = []
+    spool.on_commit = entries.append
+    commit(spool)
+    commit(spool)
+    done, dead = entries
+    spool.finish(done)
+    spool.bury(dead, "550 5.1.1 no such user")
+    assert os.listdir(spool.active_dir) == []
+    assert sorted(os.listdir(spool.dead_dir)) == [dead.qid, dead.qid + ".status"]
+    status = fmt.read_status(os.path.join(spool.dead_dir, dead.qid + ".status"))
+    assert status["reason"] == "550 5.1.1 no such user"
+    assert spool.backlog() == 0
+
+
+def test_queue_ids_unique_and_sortable():
+    ids = [new_queue_id() for _ in range(10000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    assert all(fmt.is_queue_id(i) for i in ids)
