@@ -15,6 +15,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from OpenSSL import crypto
 from twisted.internet import ssl
 from twisted.logger import Logger
 
@@ -68,26 +69,22 @@ def _load_options(cert_path: str, key_path: str) -> ssl.CertificateOptions:
     except OSError as e:
         raise TLSSetupError(f"{key_path}: cannot read key: {e.strerror}") from None
     try:
-        chain = ssl.Certificate.loadPEM(cert_pem)
-        key = ssl.KeyPair.load(key_pem, ssl.FILETYPE_PEM)
-        extra = _extra_chain(cert_pem)
+        certs = x509.load_pem_x509_certificates(cert_pem) if hasattr(x509, "load_pem_x509_certificates") else [x509.load_pem_x509_certificate(cert_pem)]
     except Exception as e:
-        raise TLSSetupError(f"{cert_path}/{key_path}: invalid PEM: {e}") from None
+        raise TLSSetupError(f"{cert_path}: invalid PEM certificate: {e}") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except Exception as e:
+        raise TLSSetupError(f"{key_path}: invalid PEM private key: {e}") from None
     try:
         return ssl.CertificateOptions(
-            privateKey=key.original,
-            certificate=chain.original,
-            extraCertChain=extra,
+            privateKey=crypto.PKey.from_cryptography_key(key),
+            certificate=crypto.X509.from_cryptography(certs[0]),
+            extraCertChain=[crypto.X509.from_cryptography(c) for c in certs[1:]],
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         )
     except Exception as e:
         raise TLSSetupError(f"{cert_path}: certificate does not match key: {e}") from None
-
-
-def _extra_chain(cert_pem: bytes) -> list:
-    marker = b"-----BEGIN CERTIFICATE-----"
-    parts = [marker + p for p in cert_pem.split(marker)[1:]]
-    return [ssl.Certificate.loadPEM(p).original for p in parts[1:]]
 
 
 class ServerTLSContext:

@@ -1,0 +1,105 @@
+"""The composition root: one validated `Config` in, the whole service tree out.
+
+Children start in the order added and stop in reverse (MultiService), so thread pools
+come up first and go down last, the directory and the queue are ready before any
+listener accepts a connection, and listeners close before the queue stops.  A
+listener that cannot bind fails `startService`, which stops twistd with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application import service
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from mta.config import Config
+from mta.delivery.local import LocalDelivery
+from mta.delivery.router import Router
+from mta.directory import UserDirectory
+from mta.policy.relay import RelayPolicy
+from mta.queue.runner import QueueRunner
+from mta.queue.spool import Spool, ThreadPoolService
+from mta.smtp.server import ConnectionTracker, SMTPFactory, listening_service
+from mta.smtp.session import SessionContext
+from mta.smtp.tls import server_context
+from mta.storage.maildir import MaildirStore
+
+log = Logger()
+
+
+class MTAService(service.MultiService):
+    """The root service; the manhole and admin tools find every stage through it."""
+
+    def __init__(self, config: Config):
+        super().__init__()
+        self.config = config
+        self.spool = None
+        self.runner = None
+        self.directory = None
+        self.tracker = None
+        self.tls = None
+
+    def startService(self):
+        log.info(
+            "mta starting: hostname {hostname}, data in {datadir}, local domains {domains}",
+            hostname=self.config.hostname,
+            datadir=self.config.datadir,
+            domains=list(self.config.local_domains),
+        )
+        super().startService()
+
+
+def _pool(name: str, size: int) -> ThreadPool:
+    pool = ThreadPool(minthreads=0, maxthreads=size, name=f"mta-{name}")
+    return pool
+
+
+def build_service(config: Config, reactor) -> MTAService:
+    """Build (but do not start) the service tree for `config`."""
+    root = MTAService(config)
+    os.makedirs(config.datadir, mode=0o750, exist_ok=True)
+
+    spool_pool = _pool("spool", 2)
+    delivery_pool = _pool("delivery", 4)
+    db_pool = _pool("db", 2)
+    for pool in (spool_pool, delivery_pool, db_pool):
+        ThreadPoolService(pool).setServiceParent(root)
+
+    directory = UserDirectory(config, config.path("mta.db"), reactor, db_pool)
+    directory.setServiceParent(root)
+
+    spool = Spool(config.path("queue"), reactor, spool_pool)
+    store = MaildirStore(config.path("mail"))
+    local = LocalDelivery(store, config.hostname, delivery_pool, reactor)
+    router = Router(config.local_domains, local)
+    runner = QueueRunner(
+        spool,
+        router,
+        reactor,
+        retry_schedule=config.queue.retry_schedule,
+        max_age=config.queue.max_age,
+        concurrency=config.queue.delivery_concurrency,
+    )
+    runner.setServiceParent(root)
+
+    tls = None
+    if any(lst.tls != "none" for lst in config.listeners):
+        tls = server_context(config.tls.certificate, config.tls.key, config.datadir, config.hostname)
+    policy = RelayPolicy(config.local_domains, config.relay_networks, directory)
+    tracker = ConnectionTracker(config.limits.max_connections, config.limits.max_connections_per_ip)
+    for listener in config.listeners:
+        context = SessionContext(
+            config=config,
+            listener=listener,
+            spool=spool,
+            policy=policy,
+            clock=reactor,
+            tls=tls if listener.tls != "none" else None,
+        )
+        factory = SMTPFactory(context, tracker)
+        listening_service(listener, factory, reactor, tls).setServiceParent(root)
+
+    root.spool, root.runner, root.directory, root.tracker, root.tls = spool, runner, directory, tracker, tls
+    return root
