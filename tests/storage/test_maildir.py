@@ -1,0 +1,143 @@
+"""Maildir store: durable delivery, duplicate detection, safe names."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+from zope.interface.verify import verifyObject
+
+from mta.envelope import Address
+from mta.interfaces import IMailStore
+from mta.storage.maildir import DeliveryItem, MaildirStore, UnsafeMailboxName
+from tests.queue.doubles import FsyncCounter
+
+
+@pytest.fixture
+def source(tmp_path):
+    path = tmp_path / "queued"
+    path.write_bytes(b"Subject: x\r\n\r\nbody\r\n" + b"TRAILER-NOT-COPIED")
+    return str(path)
+
+
+BODY_LEN = len(b"Subject: x\r\n\r\nbody\r\n")
+
+
+def test_interface(tmp_path):
+    assert verifyObject(IMailStore, MaildirStore(str(tmp_path)))
+
+
+def test_deliver_writes_prefix_and_body_into_new(tmp_path, source):
+    fsync = FsyncCounter()
+    store = MaildirStore(str(tmp_path / "mail"), "mx.example.test", fsync=fsync)
+    box = Address("Bob", "Example.Test")
+    location = store.deliver(box, "00aa-0", b"Delivered-To: bob\r\n", source, BODY_LEN)
+    maildir = tmp_path / "mail" / "example.test" / "bob"
+    assert sorted(os.listdir(maildir)) == ["cur", "new", "tmp"]
+    [name] = os.listdir(maildir / "new")
+    assert location == str(maildir / "new" / name)
+    assert "Q00aa-0.mx.example.test" in name and name.endswith(f",S={19 + BODY_LEN}")
+    assert (
+        maildir / "new" / name
+    ).read_bytes() == b"Delivered-To: bob\r\nSubject: x\r\n\r\nbody\r\n"
+    assert os.listdir(maildir / "tmp") == []
+    fsync.dirs = fsync.files = 0
+    store.deliver(box, "00aa-1", b"", source, BODY_LEN)
+    assert (fsync.files, fsync.dirs) == (1, 1)  # the mailbox exists now: file + new/
+
+
+def test_has_delivered_looks_in_new_and_cur(tmp_path, source):
+    store = MaildirStore(str(tmp_path))
+    box = Address("bob", "example.test")
+    assert not store.has_delivered(box, "00aa-1")
+    path = store.deliver(box, "00aa-1", b"", source, BODY_LEN)
+    assert store.has_delivered(box, "00aa-1")
+    assert not store.has_delivered(box, "00aa-11")
+    assert not store.has_delivered(box, "00aa-")
+    cur = path.replace("/new/", "/cur/") + ":2,S"
+    os.rename(path, cur)
+    assert store.has_delivered(box, "00aa-1")
+
+
+@pytest.mark.parametrize(
+    "local,domain",
+    [("..", "example.test"), (".", "example.test"), (".hidden", "example.test"), ("a/b", "example.test"),
+     ("a\x00b", "example.test"), ("bob", ".."), ("bob", "a/b"), ("", "example.test"), ("bob", ""),
+     ("a\nb", "example.test"), ("x" * 300, "example.test")],
+)  # fmt: skip
+def test_unsafe_names_are_refused(tmp_path, source, local, domain):
+    store = MaildirStore(str(tmp_path / "mail"))
+    with pytest.raises(UnsafeMailboxName):
+        store.deliver(Address(local, domain), "00aa-0", b"", source, BODY_LEN)
+    with pytest.raises(UnsafeMailboxName):
+        store.ensure_mailbox(Address(local, domain))
+    assert not os.path.exists(tmp_path / "mail") or os.listdir(tmp_path / "mail") == []
+
+
+def test_batch_fsyncs_each_new_dir_once(tmp_path, source):
+    fsync = FsyncCounter()
+    store = MaildirStore(str(tmp_path), fsync=fsync)
+    a, b = Address("a", "example.test"), Address("b", "example.test")
+    store.ensure_mailbox(a)
+    store.ensure_mailbox(b)
+    fsync.dirs = fsync.files = 0
+    items = [
+        DeliveryItem(box, f"00aa-{i}", b"", source, BODY_LEN)
+        for i, box in enumerate([a, b, a, a, b])
+    ]
+    results = store.deliver_batch(items)
+    assert all(isinstance(r, str) for r in results)
+    assert (fsync.files, fsync.dirs) == (5, 2)
+
+
+def test_batch_reports_errors_per_item(tmp_path, source):
+    store = MaildirStore(str(tmp_path))
+    good, bad = Address("a", "example.test"), Address("..", "example.test")
+    results = store.deliver_batch(
+        [
+            DeliveryItem(bad, "00aa-0", b"", source, BODY_LEN),
+            DeliveryItem(good, "00aa-1", b"", source, BODY_LEN),
+        ]
+    )
+    assert isinstance(results[0], UnsafeMailboxName)
+    assert isinstance(results[1], str)
+
+
+def test_check_existing_skips_duplicates(tmp_path, source):
+    store = MaildirStore(str(tmp_path))
+    box = Address("a", "example.test")
+    first = store.deliver(box, "00aa-0", b"", source, BODY_LEN)
+    [again] = store.deliver_batch(
+        [DeliveryItem(box, "00aa-0", b"", source, BODY_LEN, check_existing=True)]
+    )
+    assert again == first
+    assert len(os.listdir(os.path.dirname(first))) == 1
+
+
+def test_large_body_copied_in_bounded_memory(tmp_path):
+    src = tmp_path / "big"
+    data = os.urandom(3 * 1024 * 1024 + 17)
+    src.write_bytes(data + b"trailer")
+    store = MaildirStore(str(tmp_path / "mail"))
+    path = store.deliver(Address("a", "example.test"), "00aa-0", b"X: y\r\n", str(src), len(data))
+    assert open(path, "rb").read() == b"X: y\r\n" + data
+
+
+def test_short_source_is_an_error_and_leaves_no_file(tmp_path):
+    src = tmp_path / "short"
+    src.write_bytes(b"abc")
+    store = MaildirStore(str(tmp_path / "mail"))
+    with pytest.raises(OSError) as e:
+        store.deliver(Address("a", "example.test"), "00aa-0", b"", str(src), 10)
+    assert e.value.errno == errno.EIO
+    box = tmp_path / "mail" / "example.test" / "a"
+    assert os.listdir(box / "tmp") == [] and os.listdir(box / "new") == []
+
+
+def test_parent_is_a_file(tmp_path, source):
+    (tmp_path / "example.test").write_bytes(b"not a directory")
+    store = MaildirStore(str(tmp_path))
+    with pytest.raises(OSError) as e:
+        store.deliver(Address("a", "example.test"), "00aa-0", b"", source, BODY_LEN)
+    assert not isinstance(e.value, ValueError)  # storage trouble, not a bad name
