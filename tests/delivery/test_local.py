@@ -110,7 +110,7 @@ def test_calls_during_a_batch_form_the_next_batch(tmp_path, make_entry):
     pool = ManualPool()
     agent = LocalDelivery(store, "mx", pool, ThreadClock())
     got = []
-    for i in range(4):
+    for _ in range(4):
         e = make_entry("bob@example.test")
         agent.deliver(e, e.pending_recipients()).addCallback(got.append)
     assert len(pool.queue) == 1
