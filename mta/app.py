@@ -9,15 +9,18 @@ listener that cannot bind fails `startService`, which stops twistd with the reas
 from __future__ import annotations
 
 import os
+import sys
 
 from twisted.application import service
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger
+from twisted.python.components import Componentized
 from twisted.python.threadpool import ThreadPool
 
 from mta.config import Config
 from mta.delivery.local import LocalDelivery
 from mta.delivery.router import Router
 from mta.directory import UserDirectory
+from mta.observe.logging import make_observer
 from mta.policy.relay import RelayPolicy
 from mta.queue.runner import QueueRunner
 from mta.queue.spool import Spool, ThreadPoolService
@@ -40,6 +43,13 @@ class MTAService(service.MultiService):
         self.directory = None
         self.tracker = None
         self.tls = None
+
+    def setServiceParent(self, parent):
+        # twistd builds the Application around the service makeService returns and
+        # then asks it for an ILogObserver: this is where `[log]` takes effect.
+        if isinstance(parent, Componentized) and parent.getComponent(ILogObserver, None) is None:
+            parent.setComponent(ILogObserver, make_observer(self.config.log.format, self.config.log.level, sys.stdout))
+        return super().setServiceParent(parent)
 
     def startService(self):
         log.info(
