@@ -227,8 +227,17 @@ class UserDirectory(service.Service):
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None
-        pending = self._refreshing or defer.succeed(None)
-        return pending.addBoth(lambda _: self._close())
+        if self._refreshing is None:
+            return defer.maybeDeferred(self._close)
+        # Let the tick in flight finish with the connection before closing it.
+        finished: defer.Deferred = defer.Deferred()
+
+        def release(result: Any) -> Any:
+            finished.callback(None)
+            return result
+
+        self._refreshing.addBoth(release)
+        return finished.addCallback(lambda _: self._close())
 
     def _close(self) -> defer.Deferred | None:
         db, self._db = self._db, None

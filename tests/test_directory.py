@@ -337,3 +337,24 @@ async def test_real_thread_pool_on_the_real_reactor(config, db_path, admin):
         await directory.stopService()
     finally:
         pool.stop()
+
+
+def test_stop_waits_for_the_refresh_in_flight(config, db_path, clock):
+    pending = []
+
+    def run_held(f, *args):
+        if f.__name__ == "_changes":
+            d = defer.Deferred()
+            pending.append((d, f, args))
+            return d
+        return defer.maybeDeferred(f, *args)
+
+    directory = UserDirectory(config, db_path, clock, None, run_in_thread=run_held)
+    directory.startService()
+    clock.advance(1)
+    [(d, f, args)] = pending
+    stopped = directory.stopService()
+    assert not stopped.called and directory._db is not None
+    d.callback(f(*args))
+    assert result_of(stopped) is None
+    assert directory._db is None and clock.getDelayedCalls() == []
