@@ -156,6 +156,7 @@ class UserDirectory(service.Service):
         self._starting: defer.Deferred | None = None
         self._waiting: list[defer.Deferred] = []
         self._refreshing: defer.Deferred | None = None
+        self._stopped = False
 
     # -- lifecycle -----------------------------------------------------------
 
@@ -206,7 +207,9 @@ class UserDirectory(service.Service):
             users=len(snapshot.users),
             aliases=len(snapshot.aliases),
         )
-        if self.running:
+        if self._stopped:  # stopService came while we were loading
+            self._close()
+        elif self.running:
             self._loop = task.LoopingCall(self._refresh)
             self._loop.clock = self._reactor
             self._loop.start(self._refresh_interval, now=False).addErrback(
@@ -224,6 +227,7 @@ class UserDirectory(service.Service):
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
+        self._stopped = True
         if self._loop is not None and self._loop.running:
             self._loop.stop()
         self._loop = None

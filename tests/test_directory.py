@@ -358,3 +358,21 @@ def test_stop_waits_for_the_refresh_in_flight(config, db_path, clock):
     d.callback(f(*args))
     assert result_of(stopped) is None
     assert directory._db is None and clock.getDelayedCalls() == []
+
+
+def test_stop_during_start_closes_the_database_once_loaded(config, db_path, clock):
+    pending = []
+
+    def run_held(f, *args):
+        if f.__name__ == "_open":
+            d = defer.Deferred()
+            pending.append((d, f, args))
+            return d
+        return defer.maybeDeferred(f, *args)
+
+    directory = UserDirectory(config, db_path, clock, None, run_in_thread=run_held)
+    directory.startService()
+    result_of(directory.stopService())
+    [(d, f, args)] = pending
+    d.callback(f(*args))
+    assert directory._db is None and clock.getDelayedCalls() == []
