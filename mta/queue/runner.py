@@ -23,7 +23,7 @@ import itertools
 from collections import deque
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from twisted.logger import Logger
 
 from mta.envelope import DeliveryResult, RecipientState, Reply
@@ -213,7 +213,7 @@ class QueueRunner(Service):
         pending = entry.pending_recipients()
         if pending:
             try:
-                results = await self.agent.deliver(entry, pending)
+                results = await maybeDeferred(self.agent.deliver, entry, pending)
             except Exception as e:
                 log.failure("delivery agent raised for {qid}", qid=qid)
                 results = [

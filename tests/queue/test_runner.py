@@ -1,0 +1,251 @@
+"""Queue runner: delivery, retries on a Clock, partial success, expiry, recovery."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from twisted.internet.defer import Deferred, succeed
+
+from mta.delivery.local import LocalDelivery
+from mta.envelope import Address, DeliveryResult, RecipientState
+from mta.queue import entry as fmt
+from mta.queue.runner import QueueRunner
+from mta.queue.spool import Spool
+from mta.storage.maildir import MaildirStore
+from tests.queue.doubles import InlinePool, ThreadClock, envelope
+
+
+class ScriptedAgent:
+    """Answers each call with `script(call_number, recipient)` -> state, or holds."""
+
+    def __init__(self, clock, script=None, hold=False):
+        self.clock = clock
+        self.script = script or (lambda n, r: RecipientState.DELIVERED)
+        self.hold = hold
+        self.calls = []  # (time, qid, recipients, attempts, recovered)
+        self.held = []
+
+    def deliver(self, entry, recipients):
+        n = len(self.calls)
+        self.calls.append(
+            (self.clock.seconds(), entry.qid, list(recipients), entry.attempts, entry.recovered)
+        )
+        results = []
+        for r in recipients:
+            state = self.script(n, r)
+            detail = {"deferred": "451 4.4.1 try later", "failed": "550 5.1.1 no such user"}.get(
+                state.value, ""
+            )
+            results.append(DeliveryResult(r, state, detail))
+        if self.hold:
+            d = Deferred()
+            self.held.append((d, results))
+            return d
+        return succeed(results)
+
+    def release(self, i=0):
+        d, results = self.held.pop(i)
+        d.callback(results)
+
+
+@pytest.fixture
+def clock():
+    return ThreadClock()
+
+
+@pytest.fixture
+def queue_dir(tmp_path):
+    return str(tmp_path / "queue")
+
+
+def make(queue_dir, clock, agent, schedule=(10.0, 20.0), max_age=1000.0, concurrency=5):
+    spool = Spool(queue_dir, clock, InlinePool())
+    runner = QueueRunner(spool, agent, clock, schedule, max_age, concurrency)
+    return spool, runner
+
+
+def submit(spool, *rcpts):
+    qid = spool.new_queue_id()
+    f = spool.open(qid)
+    f.write(b"Subject: t\r\n\r\nbody\r\n")
+    f.commit(envelope(*rcpts, received_at=spool.reactor.seconds()), b"Received: x\r\n")
+    return qid
+
+
+def files(queue_dir, sub="active"):
+    return sorted(os.listdir(os.path.join(queue_dir, sub)))
+
+
+def test_success_deletes_the_entry(queue_dir, clock):
+    agent = ScriptedAgent(clock)
+    spool, runner = make(queue_dir, clock, agent)
+    runner.startService()
+    qid = submit(spool, "bob@example.test")
+    assert [c[1] for c in agent.calls] == [qid]
+    assert files(queue_dir) == [] and files(queue_dir, "dead") == []
+    assert spool.backlog() == 0
+    assert runner.depth() == {"incoming": 0, "active": 0, "ready": 0, "deferred": 0}
+
+
+def test_transient_failure_retries_per_schedule(queue_dir, clock):
+    agent = ScriptedAgent(
+        clock, lambda n, r: RecipientState.DEFERRED if n < 2 else RecipientState.DELIVERED
+    )
+    spool, runner = make(queue_dir, clock, agent, schedule=(10.0, 20.0))
+    runner.startService()
+    qid = submit(spool, "bob@example.test")
+    assert files(queue_dir) == [qid, qid + ".status"]
+    assert runner.depth()["deferred"] == 1
+    clock.advance(9.9)
+    assert len(agent.calls) == 1
+    clock.advance(0.1)
+    assert [(c[0], c[3]) for c in agent.calls] == [(0.0, 0), (10.0, 1)]
+    clock.advance(19)
+    assert len(agent.calls) == 2
+    clock.advance(1)
+    assert [c[0] for c in agent.calls] == [0.0, 10.0, 30.0]
+    assert files(queue_dir) == []
+    assert not clock.getDelayedCalls()
+
+
+def test_partial_success_persists_and_retries_only_the_rest(queue_dir, clock):
+    def script(n, r):
+        return RecipientState.DELIVERED if r.local == "a" or n > 0 else RecipientState.DEFERRED
+
+    agent = ScriptedAgent(clock, script)
+    spool, runner = make(queue_dir, clock, agent)
+    runner.startService()
+    qid = submit(spool, "a@example.test", "b@example.test")
+    status = fmt.read_status(os.path.join(queue_dir, "active", qid + ".status"))
+    assert status["states"] == ["delivered", "deferred"]
+    assert status["next_attempt"] == 10.0
+    clock.advance(10)
+    assert agent.calls[1][2] == [Address("b", "example.test")]
+    assert files(queue_dir) == []
+
+
+def test_max_age_fails_the_remaining_recipients(queue_dir, clock):
+    agent = ScriptedAgent(clock, lambda n, r: RecipientState.DEFERRED)
+    spool, runner = make(queue_dir, clock, agent, schedule=(10.0,), max_age=25.0)
+    runner.startService()
+    qid = submit(spool, "bob@example.test")
+    clock.pump([5.0] * 10)
+    assert [c[0] for c in agent.calls] == [0.0, 10.0, 20.0, 25.0]
+    assert files(queue_dir) == []
+    assert files(queue_dir, "dead") == [qid, qid + ".status"]
+    status = fmt.read_status(os.path.join(queue_dir, "dead", qid + ".status"))
+    assert status["states"] == ["failed"] and "expired" in status["reason"]
+    assert not clock.getDelayedCalls()
+
+
+def test_permanent_failure_goes_to_dead_letters(queue_dir, clock):
+    agent = ScriptedAgent(
+        clock, lambda n, r: RecipientState.FAILED if r.local == "x" else RecipientState.DELIVERED
+    )
+    spool, runner = make(queue_dir, clock, agent)
+    runner.startService()
+    qid = submit(spool, "x@example.test", "ok@example.test")
+    assert len(agent.calls) == 1
+    assert files(queue_dir, "dead") == [qid, qid + ".status"]
+    status = fmt.read_status(os.path.join(queue_dir, "dead", qid + ".status"))
+    assert status["states"] == ["failed", "delivered"] and "5.1.1" in status["reason"]
+
+
+def test_concurrency_is_bounded_and_fresh_goes_first(queue_dir, clock):
+    # Two entries committed while nothing ran: recovered at startup.
+    spool0 = Spool(queue_dir, clock, InlinePool())
+    old = [submit(spool0, "a@example.test"), submit(spool0, "b@example.test")]
+    agent = ScriptedAgent(clock, hold=True)
+    spool, runner = make(queue_dir, clock, agent, concurrency=1)
+    runner.startService()
+    assert [c[1] for c in agent.calls] == [old[0]] and agent.calls[0][4] is True
+    fresh = submit(spool, "c@example.test")
+    assert len(agent.calls) == 1  # the single slot is taken
+    assert runner.depth() == {"incoming": 1, "active": 1, "ready": 1, "deferred": 0}
+    agent.release()
+    assert [c[1] for c in agent.calls] == [old[0], fresh]
+    agent.release()
+    agent.release()
+    assert [c[1] for c in agent.calls] == [old[0], fresh, old[1]]
+    assert files(queue_dir) == []
+
+
+def test_stop_waits_for_attempts_and_keeps_the_rest(queue_dir, clock):
+    agent = ScriptedAgent(clock, hold=True)
+    spool, runner = make(queue_dir, clock, agent, concurrency=1)
+    runner.startService()
+    first = submit(spool, "a@example.test")
+    second = submit(spool, "b@example.test")
+    stopped = []
+    runner.stopService().addCallback(stopped.append)
+    assert not stopped
+    agent.release()
+    assert stopped
+    assert len(agent.calls) == 1
+    assert files(queue_dir) == [second]
+    assert first not in files(queue_dir)
+
+
+# -- restart with real local delivery ------------------------------------------------
+
+
+def real_runner(tmp_path, queue_dir, clock):
+    spool = Spool(queue_dir, clock, InlinePool())
+    store = MaildirStore(str(tmp_path / "mail"), "mx.example.test")
+    agent = LocalDelivery(store, "mx.example.test", InlinePool(), clock)
+    return spool, store, QueueRunner(spool, agent, clock, (10.0,), 1000.0, 5)
+
+
+def mailbox(tmp_path, local):
+    path = tmp_path / "mail" / "example.test" / local / "new"
+    return sorted(os.listdir(path)) if path.exists() else []
+
+
+def test_restart_delivers_pending_entries_exactly_once(tmp_path, queue_dir, clock):
+    crashed = Spool(queue_dir, clock, InlinePool())  # accepted, then the process died
+    submit(crashed, "bob@example.test")
+    spool, _, runner = real_runner(tmp_path, queue_dir, clock)
+    runner.startService()
+    assert len(mailbox(tmp_path, "bob")) == 1
+    assert files(queue_dir) == []
+    runner.stopService()
+    _, _, again = real_runner(tmp_path, queue_dir, clock)
+    again.startService()
+    assert len(mailbox(tmp_path, "bob")) == 1
+
+
+def test_crash_between_maildir_rename_and_status(tmp_path, queue_dir, clock):
+    crashed = Spool(queue_dir, clock, InlinePool())
+    entries = []
+    crashed.on_commit = entries.append
+    submit(crashed, "bob@example.test", "carol@example.test")
+    [entry] = entries
+    bob = entry.envelope.recipients[0]
+    # The old process put bob's copy into new/ and died before recording it.
+    MaildirStore(str(tmp_path / "mail")).deliver(
+        bob, entry.message_tag(bob), b"", entry.path, entry.body_length
+    )
+    _, _, runner = real_runner(tmp_path, queue_dir, clock)
+    runner.startService()
+    assert len(mailbox(tmp_path, "bob")) == 1
+    assert len(mailbox(tmp_path, "carol")) == 1
+    assert files(queue_dir) == []
+
+
+def test_recovered_status_is_respected(tmp_path, queue_dir, clock):
+    crashed = Spool(queue_dir, clock, InlinePool())
+    entries = []
+    crashed.on_commit = entries.append
+    submit(crashed, "bob@example.test", "carol@example.test")
+    [entry] = entries
+    entry.apply([DeliveryResult.delivered(entry.envelope.recipients[0])])
+    entry.attempts, entry.next_attempt = 1, 10.0
+    crashed.record(entry)
+    _, _, runner = real_runner(tmp_path, queue_dir, clock)
+    runner.startService()
+    assert mailbox(tmp_path, "carol") == []  # not due yet
+    clock.advance(10)
+    assert mailbox(tmp_path, "bob") == []  # recorded as delivered: not repeated
+    assert len(mailbox(tmp_path, "carol")) == 1
+    assert files(queue_dir) == []
