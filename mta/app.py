@@ -12,6 +12,7 @@ import os
 import sys
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.threadpool import ThreadPool
@@ -59,6 +60,21 @@ class MTAService(service.MultiService):
             domains=list(self.config.local_domains),
         )
         super().startService()
+
+    def stopService(self):
+        """Stop children one at a time in reverse order, each after the previous has
+        finished: listeners close, then the queue drains its in-flight work while
+        the thread pools it needs are still running."""
+        return defer.ensureDeferred(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        service.Service.stopService(self)
+        for child in reversed(list(self)):
+            try:
+                await defer.maybeDeferred(child.stopService)
+            except Exception:
+                log.failure("stopping {name} failed", name=child.name)
+        log.info("mta stopped")
 
 
 def _pool(name: str, size: int) -> ThreadPool:

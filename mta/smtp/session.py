@@ -99,6 +99,11 @@ class SMTPSession(smtp.ESMTP):
     # -- connection ------------------------------------------------------------
 
     def connectionMade(self):
+        # Replies are small and each one unblocks the client: never let Nagle hold
+        # one back waiting for a delayed ACK.
+        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_nodelay is not None:
+            set_nodelay(True)
         self.transport.write(f"220 {self._ctx.hostname} ESMTP mta\r\n".encode())
         self.setTimeout(self._limits.idle_timeout or None)
 
