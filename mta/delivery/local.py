@@ -72,14 +72,25 @@ def result_for(recipient, outcome) -> DeliveryResult:
 class LocalDelivery:
     """Delivers into `store` (an IMailStore) on `threadpool`, batching calls."""
 
-    def __init__(self, store, hostname: str, threadpool, reactor, *, max_batch: int = _MAX_BATCH):
+    def __init__(
+        self,
+        store,
+        hostname: str,
+        threadpool,
+        reactor,
+        *,
+        lanes: int = 2,
+        max_batch: int = _MAX_BATCH,
+    ):
         self.store = store
         self.hostname = hostname
         self._pool = threadpool
         self._reactor = reactor
         self._max_batch = max_batch
+        self._lanes = max(1, lanes)
         self._pending: list[tuple[list[DeliveryItem], Deferred]] = []
-        self._busy = False
+        self._running = 0
+        self._firing = 0
         self.batches = 0
 
     def deliver(self, entry, recipients) -> Deferred:
@@ -97,9 +108,14 @@ class LocalDelivery:
         ]
         d: Deferred = Deferred()
         self._pending.append((items, d))
-        if not self._busy:
-            self._start()
+        self._fill()
         return d
+
+    def _fill(self) -> None:
+        # Up to `lanes` batches at once (concurrent fsyncs share journal commits);
+        # while results are being delivered, new calls wait to form one batch.
+        while self._pending and not self._firing and self._running < self._lanes:
+            self._start()
 
     def _start(self) -> None:
         batch: list[tuple[list[DeliveryItem], Deferred]] = []
@@ -108,7 +124,7 @@ class LocalDelivery:
             job = self._pending.pop(0)
             batch.append(job)
             count += len(job[0])
-        self._busy = True
+        self._running += 1
         self.batches += 1
         items = [item for job_items, _ in batch for item in job_items]
         d = deferToThreadPool(self._reactor, self._pool, self._store_batch, items)
@@ -140,6 +156,7 @@ class LocalDelivery:
             err = RuntimeError(outcomes.getErrorMessage())
             outcomes = [err] * sum(len(items) for items, _ in batch)
         pos = 0
+        self._firing += 1
         for items, d in batch:
             results = []
             for item in items:
@@ -155,6 +172,6 @@ class LocalDelivery:
                     )
                 results.append(result_for(item.mailbox, outcome))
             d.callback(results)
-        self._busy = False
-        if self._pending:
-            self._start()
+        self._firing -= 1
+        self._running -= 1
+        self._fill()

@@ -71,6 +71,7 @@ class QueueEntry:
     next_attempt: float = 0.0
     last_error: str = ""
     recovered: bool = False
+    has_status: bool = False  # a .status file exists next to the queue file
 
     def __attrs_post_init__(self) -> None:
         n = len(self.envelope.recipients)
@@ -289,3 +290,4 @@ def apply_status(entry: QueueEntry, status: dict) -> None:
     entry.attempts = int(status.get("attempts", 0))
     entry.next_attempt = float(status.get("next_attempt", 0.0))
     entry.last_error = str(status.get("last_error", ""))
+    entry.has_status = True

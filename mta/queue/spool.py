@@ -47,6 +47,15 @@ _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 _counter = itertools.count()
 _last_us = 0
+_pid = os.getpid()
+
+
+def _after_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 def new_queue_id() -> str:
@@ -56,7 +65,7 @@ def new_queue_id() -> str:
     if us <= _last_us:
         us = _last_us + 1
     _last_us = us
-    return f"{us:013x}{os.getpid() & 0xFFFFFF:06x}{next(_counter) & 0xFFFF:04x}"
+    return f"{us:013x}{_pid & 0xFFFFFF:06x}{next(_counter) & 0xFFFF:04x}"
 
 
 def _pid_of(qid: str) -> int | None:
@@ -95,57 +104,72 @@ class ThreadPoolService(Service):
 
 
 class _BatchWorker:
-    """Runs `process(items)` in the pool, one batch at a time; items submitted while a
-    batch runs form the next batch.  `process` returns one (ok, value) per item."""
+    """Runs `process(items)` in the pool, at most `lanes` batches at a time; items
+    submitted while every lane is busy form the next batch (group commit).  Several
+    lanes let the kernel merge concurrent fsyncs into one journal commit, which is
+    worth several times the throughput of sequential fsyncs on ext4.  `process`
+    returns one (ok, value) per item."""
 
-    def __init__(self, reactor, pool, process: Callable[[list], list], max_batch: int = _MAX_BATCH):
+    def __init__(
+        self,
+        reactor,
+        pool,
+        process: Callable[[list], list],
+        lanes: int = 1,
+        max_batch: int = _MAX_BATCH,
+    ):
         self._reactor = reactor
         self._pool = pool
         self._process = process
+        self._lanes = max(1, lanes)
         self._max_batch = max_batch
         self._pending: list[tuple[object, Deferred]] = []
-        self._busy = False
+        self._running = 0
+        self._firing = 0
         self._idle: list[Deferred] = []
         self.batches = 0
 
     def submit(self, item) -> Deferred:
         d: Deferred = Deferred()
         self._pending.append((item, d))
-        if not self._busy:
-            self._start()
+        self._fill()
         return d
 
     def wait_idle(self) -> Deferred:
-        if not self._busy and not self._pending:
+        if not self._running and not self._pending:
             return succeed(None)
         d: Deferred = Deferred()
         self._idle.append(d)
         return d
 
-    def _start(self) -> None:
-        batch = self._pending[: self._max_batch]
-        del self._pending[: self._max_batch]
-        self._busy = True
-        self.batches += 1
-        items = [item for item, _ in batch]
-        d = deferToThreadPool(self._reactor, self._pool, self._process, items)
-        d.addBoth(self._finished, batch)
+    def _fill(self) -> None:
+        # Not while results are being delivered: what callbacks submit joins one batch.
+        while self._pending and not self._firing and self._running < self._lanes:
+            batch = self._pending[: self._max_batch]
+            del self._pending[: self._max_batch]
+            self._running += 1
+            self.batches += 1
+            items = [item for item, _ in batch]
+            d = deferToThreadPool(self._reactor, self._pool, self._process, items)
+            d.addBoth(self._finished, batch)
 
     def _finished(self, outcome, batch) -> None:
-        # Still "busy" while firing, so submissions made by callbacks join the next batch.
-        for i, (_, d) in enumerate(batch):
-            if isinstance(outcome, Failure):
-                d.errback(outcome)
-            else:
-                ok, value = outcome[i]
-                if ok:
-                    d.callback(value)
+        self._firing += 1
+        try:
+            for i, (_, d) in enumerate(batch):
+                if isinstance(outcome, Failure):
+                    d.errback(outcome)
                 else:
-                    d.errback(Failure(value))
-        self._busy = False
-        if self._pending:
-            self._start()
-        elif self._idle:
+                    ok, value = outcome[i]
+                    if ok:
+                        d.callback(value)
+                    else:
+                        d.errback(Failure(value))
+        finally:
+            self._firing -= 1
+            self._running -= 1
+        self._fill()
+        if not self._running and not self._pending and self._idle:
             waiters, self._idle = self._idle, []
             for d in waiters:
                 d.callback(None)
@@ -205,7 +229,6 @@ class SpoolFile:
                 self.buffered += len(data)
                 return
             self._fd = os.open(self._spool.tmp_path(self.qid), _OPEN_FLAGS, 0o600)
-            self._spool._open_tmp.add(self.qid)
         elif self.buffered + len(data) <= _SPILL_FLUSH:
             self._chunks.append(data)
             self.buffered += len(data)
@@ -241,6 +264,7 @@ class SpoolFile:
         if self._closed and self._fd is None:
             return
         self._closed = True
+        self._spool._live.discard(self.qid)
         self._chunks, self.buffered = [], 0
         if self._fd is not None:
             fd, self._fd = self._fd, None
@@ -249,7 +273,6 @@ class SpoolFile:
                 os.unlink(self._spool.tmp_path(self.qid))
             except FileNotFoundError:
                 pass
-            self._spool._open_tmp.discard(self.qid)
 
 
 @implementer(ISpool)
@@ -264,6 +287,7 @@ class Spool:
         *,
         fsync: Callable[[int], None] = os.fsync,
         memory_limit: int = MEMORY_LIMIT,
+        lanes: int = 2,
     ):
         self.queue_dir = queue_dir
         self.reactor = reactor
@@ -277,10 +301,11 @@ class Spool:
         self._fsync = fsync
         self._backlog = 0
         self._unannounced = 0
-        self._open_tmp: set[str] = set()
+        # qids being received or committed: their tmp/ files are not leftovers.
+        self._live: set[str] = set()
         self._scan_seen: set[str] | None = None
-        self._committer = _BatchWorker(reactor, threadpool, self._commit_batch)
-        self._recorder = _BatchWorker(reactor, threadpool, self._record_batch)
+        self._committer = _BatchWorker(reactor, threadpool, self._commit_batch, lanes)
+        self._recorder = _BatchWorker(reactor, threadpool, self._record_batch, lanes)
         self._remover = _BatchWorker(reactor, threadpool, self._remove_batch)
         self._loader = _BatchWorker(reactor, threadpool, self._load_batch)
         self._pool = threadpool
@@ -291,6 +316,7 @@ class Spool:
         return new_queue_id()
 
     def open(self, queue_id: str) -> SpoolFile:
+        self._live.add(queue_id)
         return SpoolFile(self, queue_id)
 
     def backlog(self) -> int:
@@ -319,7 +345,7 @@ class Spool:
         return d
 
     def _commit_failed(self, f: Failure, job: _CommitJob) -> Failure:
-        self._open_tmp.discard(job.qid)
+        self._live.discard(job.qid)
         log.error(
             "commit of {qid} failed: {error}",
             qid=job.qid,
@@ -329,7 +355,7 @@ class Spool:
         return f
 
     def _committed(self, _, job: _CommitJob) -> str:
-        self._open_tmp.discard(job.qid)
+        self._live.discard(job.qid)
         self._backlog += 1
         if self.on_commit is None:
             self._unannounced += 1
@@ -406,6 +432,7 @@ class Spool:
 
     def record(self, entry: QueueEntry) -> Deferred:
         """Durably append a status snapshot for an entry with unfinished recipients."""
+        entry.has_status = True
         return self._recorder.submit((entry.qid, fmt.encode_status(entry)))
 
     def _record_batch(self, items: list) -> list:
@@ -438,7 +465,7 @@ class Spool:
     def finish(self, entry: QueueEntry) -> Deferred:
         """Delete an entry whose recipients are all delivered."""
         self._backlog -= 1
-        return self._remover.submit(("finish", entry.qid, b""))
+        return self._remover.submit(("finish", entry.qid, b"s" if entry.has_status else b""))
 
     def bury(self, entry: QueueEntry, reason: str) -> Deferred:
         """Move an entry with permanently failed recipients to ``queue/dead/``."""
@@ -452,7 +479,8 @@ class Spool:
             path = self.active_path(qid)
             try:
                 if action == "finish":
-                    _unlink_quietly(path + STATUS_SUFFIX)
+                    if line:
+                        _unlink_quietly(path + STATUS_SUFFIX)
                     _unlink_quietly(path)
                 else:
                     self._append_status(path + STATUS_SUFFIX, line)
@@ -507,7 +535,7 @@ class Spool:
         """Scan once at startup.  Deferred with [(next_attempt, qid)] for every entry
         in ``active/``, oldest first; the backlog count includes them."""
         self._scan_seen = set()
-        d = deferToThreadPool(self.reactor, self._pool, self._scan, frozenset(self._open_tmp))
+        d = deferToThreadPool(self.reactor, self._pool, self._scan, self._live)
 
         def done(found):
             seen, self._scan_seen = self._scan_seen or set(), None
@@ -522,11 +550,13 @@ class Spool:
 
         return d.addCallbacks(done, failed)
 
-    def _scan(self, open_tmp: frozenset) -> list[tuple[float, str]]:
+    def _scan(self, live: set[str]) -> list[tuple[float, str]]:
+        # `live` is read (membership only) while the reactor updates it: a qid leaves
+        # it only after its file was renamed out of tmp/ or deleted.
         mypid = os.getpid()
         for name in os.listdir(self.tmp_dir):
             pid = _pid_of(name)
-            if name in open_tmp or (pid is not None and pid != mypid and _alive(pid)):
+            if name in live or (pid is not None and pid != mypid and _alive(pid)):
                 continue  # being received right now, here or in a sibling process
             log.info("removing incomplete spool file {name}", name=name, event="tmp_removed")
             _unlink_quietly(os.path.join(self.tmp_dir, name))

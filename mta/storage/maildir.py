@@ -37,6 +37,17 @@ _UNSAFE_RE = re.compile(r"[/\x00-\x1f\x7f]")
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
+_pid = os.getpid()
+
+
+def _after_fork() -> None:
+    global _pid
+    _pid = os.getpid()
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
 class UnsafeMailboxName(ValueError):
     """A domain or local part that cannot safely name a directory (permanent)."""
 
@@ -191,7 +202,7 @@ class MaildirStore:
         while True:
             now = time.time()
             sec = int(now)
-            name = f"{sec}.M{int((now - sec) * 1e6)}P{os.getpid()}Q{item.message_tag}.{self._host}"
+            name = f"{sec}.M{int((now - sec) * 1e6)}P{_pid}Q{item.message_tag}.{self._host}"
             tmp = os.path.join(box, "tmp", name)
             try:
                 fd = os.open(tmp, _OPEN_FLAGS, 0o600)

@@ -108,7 +108,7 @@ def test_calls_during_a_batch_form_the_next_batch(tmp_path, make_entry):
     fsync = FsyncCounter()
     store = MaildirStore(str(tmp_path), fsync=fsync)
     pool = ManualPool()
-    agent = LocalDelivery(store, "mx", pool, ThreadClock())
+    agent = LocalDelivery(store, "mx", pool, ThreadClock(), lanes=1)
     got = []
     for _ in range(4):
         e = make_entry("bob@example.test")

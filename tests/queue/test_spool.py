@@ -70,7 +70,7 @@ def test_metadata_is_versioned_json(tmp_path, clock):
 def test_group_commit_batches_waiting_commits(tmp_path, clock):
     pool = ManualPool()
     fsync = FsyncCounter()
-    spool = make_spool(tmp_path, clock, pool, fsync=fsync)
+    spool = make_spool(tmp_path, clock, pool, fsync=fsync, lanes=1)
     fired = []
     first, d1 = commit(spool)
     d1.addCallback(fired.append)
@@ -218,8 +218,40 @@ def test_finish_and_bury(tmp_path, clock):
     assert spool.backlog() == 0
 
 
+def test_group_commit_with_two_lanes(tmp_path, clock):
+    pool = ManualPool()
+    fsync = FsyncCounter()
+    spool = make_spool(tmp_path, clock, pool, fsync=fsync, lanes=2)
+    fired = []
+    for _ in range(6):
+        commit(spool)[1].addCallback(fired.append)
+    assert len(pool.queue) == 2  # two single commits started, four waiting
+    pool.run_one()
+    assert len(fired) == 1 and len(pool.queue) == 2  # the four go as one batch
+    pool.run_all()
+    assert len(fired) == 6
+    assert spool.commit_batches == 3 and fsync.dirs == 3
+
+
 def test_queue_ids_unique_and_sortable():
     ids = [new_queue_id() for _ in range(10000)]
     assert len(set(ids)) == len(ids)
     assert ids == sorted(ids)
     assert all(fmt.is_queue_id(i) for i in ids)
+
+
+def test_recovery_keeps_files_of_commits_in_flight(tmp_path, clock):
+    pool = ManualPool()
+    spool = make_spool(tmp_path, clock, pool, lanes=1)
+    qid, d = commit(spool)  # small body: its tmp file is created by the commit thread
+    spool.recover()
+    # Pretend the commit thread got as far as creating the file when the scan runs.
+    open(spool.tmp_path(qid), "wb").close()
+    commit_job, scan_job = pool.queue
+    pool.queue = [scan_job]
+    pool.run_one()
+    assert os.listdir(spool.tmp_dir) == [qid]
+    os.unlink(spool.tmp_path(qid))
+    pool.queue = [commit_job]
+    pool.run_one()
+    assert os.listdir(spool.active_dir) == [qid]
