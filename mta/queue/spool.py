@@ -502,7 +502,12 @@ class Spool:
     def load(self, qid: str) -> Deferred:
         """Deferred with the entry from disk, or None when it is gone or corrupt
         (a corrupt file is moved to ``dead/`` with the reason)."""
-        return self._loader.submit(qid)
+        return self._loader.submit(qid).addCallback(self._loaded)
+
+    def _loaded(self, entry: QueueEntry | None) -> QueueEntry | None:
+        if entry is None:
+            self._backlog -= 1  # deleted behind our back, or moved to dead/ as corrupt
+        return entry
 
     def _load_batch(self, qids: list[str]) -> list:
         results: list = []
