@@ -255,3 +255,40 @@ def test_recovery_keeps_files_of_commits_in_flight(tmp_path, clock):
     pool.queue = [commit_job]
     pool.run_one()
     assert os.listdir(spool.active_dir) == [qid]
+
+
+def test_finished_files_are_recycled_without_new_inodes(tmp_path, clock):
+    spool = make_spool(tmp_path, clock)
+    entries = []
+    spool.on_commit = entries.append
+    long_body = b"Subject: long\r\n\r\n" + b"x" * 10000 + b"\r\n"
+    qid1, _ = commit(spool, body=long_body)
+    inode = os.stat(spool.active_path(qid1)).st_ino
+    spool.finish(entries[0])
+    assert os.listdir(spool.active_dir) == []
+    assert os.listdir(spool.free_dir) == [qid1]
+    # The next, shorter message reuses the same inode and holds exactly its bytes.
+    qid2, _ = commit(spool, body=b"Subject: short\r\n\r\nhi\r\n")
+    assert os.listdir(spool.free_dir) == []
+    path = spool.active_path(qid2)
+    assert os.stat(path).st_ino == inode
+    loaded = fmt.read_entry(path)
+    assert loaded.qid == qid2
+    with open(path, "rb") as f:
+        assert f.read(loaded.body_length) == b"Subject: short\r\n\r\nhi\r\n"
+        assert b"x" * 100 not in f.read()
+
+
+def test_recovery_adopts_free_files_and_never_queues_them(tmp_path, clock):
+    spool = make_spool(tmp_path, clock)
+    entries = []
+    spool.on_commit = entries.append
+    qid, _ = commit(spool)
+    spool.finish(entries[0])
+    again = make_spool(tmp_path, clock)
+    found = []
+    again.recover().addCallback(found.extend)
+    assert found == []
+    qid2, _ = commit(again)
+    assert os.stat(again.active_path(qid2)).st_size > 0
+    assert os.listdir(again.free_dir) == []
