@@ -25,10 +25,11 @@ from mta.observe.logging import make_observer
 from mta.policy.relay import RelayPolicy
 from mta.queue.runner import QueueRunner
 from mta.queue.spool import Spool, ThreadPoolService
-from mta.smtp.server import ConnectionTracker, SMTPFactory, listening_service
+from mta.smtp.server import ConnectionTracker, ListenerService, SMTPFactory
 from mta.smtp.session import SessionContext
 from mta.smtp.tls import server_context
 from mta.storage.maildir import MaildirStore
+from mta.workers import WorkerSupervisor, adopt_orphaned_queues, queue_dir
 
 log = Logger()
 
@@ -49,7 +50,10 @@ class MTAService(service.MultiService):
         # twistd builds the Application around the service makeService returns and
         # then asks it for an ILogObserver: this is where `[log]` takes effect.
         if isinstance(parent, Componentized) and parent.getComponent(ILogObserver, None) is None:
-            parent.setComponent(ILogObserver, make_observer(self.config.log.format, self.config.log.level, sys.stdout))
+            parent.setComponent(
+                ILogObserver,
+                make_observer(self.config.log.format, self.config.log.level, sys.stdout),
+            )
         return super().setServiceParent(parent)
 
     def startService(self):
@@ -82,10 +86,19 @@ def _pool(name: str, size: int) -> ThreadPool:
     return pool
 
 
-def build_service(config: Config, reactor) -> MTAService:
-    """Build (but do not start) the service tree for `config`."""
+def build_service(
+    config: Config, reactor, *, worker_index: int = 0, inherited: dict[str, int] | None = None
+) -> MTAService:
+    """Build (but do not start) the service tree for `config`.
+
+    `worker_index` 0 is the twistd process: it binds the listeners and, with
+    `workers` > 1, supervises the other worker processes, which pass the sockets
+    they inherited as `inherited` (listener name -> file descriptor).
+    """
     root = MTAService(config)
     os.makedirs(config.datadir, mode=0o750, exist_ok=True)
+    if worker_index == 0:
+        adopt_orphaned_queues(config.path("queue"), config.workers)
 
     spool_pool = _pool("spool", 2)
     delivery_pool = _pool("delivery", 4)
@@ -96,7 +109,7 @@ def build_service(config: Config, reactor) -> MTAService:
     directory = UserDirectory(config, config.path("mta.db"), reactor, db_pool)
     directory.setServiceParent(root)
 
-    spool = Spool(config.path("queue"), reactor, spool_pool)
+    spool = Spool(queue_dir(config.path("queue"), worker_index), reactor, spool_pool)
     store = MaildirStore(config.path("mail"))
     local = LocalDelivery(store, config.hostname, delivery_pool, reactor)
     router = Router(config.local_domains, local)
@@ -112,9 +125,12 @@ def build_service(config: Config, reactor) -> MTAService:
 
     tls = None
     if any(lst.tls != "none" for lst in config.listeners):
-        tls = server_context(config.tls.certificate, config.tls.key, config.datadir, config.hostname)
+        tls = server_context(
+            config.tls.certificate, config.tls.key, config.datadir, config.hostname
+        )
     policy = RelayPolicy(config.local_domains, config.relay_networks, directory)
     tracker = ConnectionTracker(config.limits.max_connections, config.limits.max_connections_per_ip)
+    listeners = []
     for listener in config.listeners:
         context = SessionContext(
             config=config,
@@ -125,7 +141,25 @@ def build_service(config: Config, reactor) -> MTAService:
             tls=tls if listener.tls != "none" else None,
         )
         factory = SMTPFactory(context, tracker)
-        listening_service(listener, factory, reactor, tls).setServiceParent(root)
+        fd = (inherited or {}).get(listener.name)
+        if worker_index and fd is None:
+            raise ValueError(
+                f"worker {worker_index}: no inherited socket for listener {listener.name}"
+            )
+        listeners.append(
+            ListenerService(
+                listener, factory, reactor, tls, inherited_fd=fd, shared=config.workers > 1
+            )
+        )
+        listeners[-1].setServiceParent(root)
+    if worker_index == 0 and config.workers > 1:
+        WorkerSupervisor(config, listeners, reactor, config.workers).setServiceParent(root)
 
-    root.spool, root.runner, root.directory, root.tracker, root.tls = spool, runner, directory, tracker, tls
+    root.spool, root.runner, root.directory, root.tracker, root.tls = (
+        spool,
+        runner,
+        directory,
+        tracker,
+        tls,
+    )
     return root

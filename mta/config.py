@@ -125,6 +125,7 @@ class Config:
     relay_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
     postmaster: str
     listeners: tuple[ListenerConfig, ...]
+    workers: int = 1
     tls: TLSConfig = TLSConfig()
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
@@ -199,7 +200,15 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
     def err(key: str, message: str) -> ConfigError:
         return ConfigError(message, key=key, path=source)
 
-    top_keys = {"hostname", "datadir", "local_domains", "relay_networks", "postmaster", "listener"}
+    top_keys = {
+        "hostname",
+        "datadir",
+        "local_domains",
+        "relay_networks",
+        "postmaster",
+        "listener",
+        "workers",
+    }
     for key in data:
         if key not in top_keys and key not in _SECTIONS and key not in _RESERVED_SECTIONS:
             raise err(key, "unknown key")
@@ -236,6 +245,12 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
 
     listeners = _listeners(data.get("listener"), err)
 
+    workers = data.get("workers", 1)
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 64:
+        raise err("workers", "must be an integer from 0 (one per CPU) to 64")
+    if workers == 0:
+        workers = os.cpu_count() or 1
+
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
         sections[name] = _section(data.get(name, {}), name, cls, err)
@@ -253,6 +268,7 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
         relay_networks=tuple(relay_networks),
         postmaster=str(pm),
         listeners=listeners,
+        workers=workers,
         source=source,
         **sections,
     )
@@ -349,7 +365,9 @@ def _coerce(value: Any, default: Any, key: str, err) -> Any:
         if not isinstance(value, list):
             raise err(key, "must be a list")
         if default and isinstance(default[0], float):
-            if not all(isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value):
+            if not all(
+                isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in value
+            ):
                 raise err(key, "must be a list of positive numbers")
             return tuple(float(v) for v in value)
         if not all(isinstance(v, str) for v in value):

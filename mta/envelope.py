@@ -19,7 +19,9 @@ _ATEXT = r"A-Za-z0-9!#$%&'*+\-/=?^_`{|}~"
 _ATOM_ASCII = re.compile(rf"[{_ATEXT}]+(?:\.[{_ATEXT}]+)*\Z")
 _ATOM_UTF8 = re.compile(rf"[{_ATEXT}\u0080-\U0010ffff]+(?:\.[{_ATEXT}\u0080-\U0010ffff]+)*\Z")
 _LABEL_ASCII = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
-_LABEL_UTF8 = re.compile(r"[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]*[A-Za-z0-9\u0080-\U0010ffff])?\Z")
+_LABEL_UTF8 = re.compile(
+    r"[A-Za-z0-9\u0080-\U0010ffff](?:[A-Za-z0-9\u0080-\U0010ffff-]*[A-Za-z0-9\u0080-\U0010ffff])?\Z"
+)
 _QTEXT = re.compile(r"[\x20-\x21\x23-\x5b\x5d-\x7e\u0080-\U0010ffff]")
 _NEEDS_QUOTES = re.compile(rf"[^{_ATEXT}.\u0080-\U0010ffff]")
 
@@ -55,7 +57,13 @@ class Address:
         if self.is_null:
             return ""
         local = self.local
-        if not local or _NEEDS_QUOTES.search(local) or ".." in local or local[0] == "." or local[-1] == ".":
+        if (
+            not local
+            or _NEEDS_QUOTES.search(local)
+            or ".." in local
+            or local[0] == "."
+            or local[-1] == "."
+        ):
             local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
         if not self.domain:
             return local

@@ -104,7 +104,12 @@ class FakeDirectory:
     pipelining while a lookup is slow.
     """
 
-    def __init__(self, entries: dict[str, tuple[str, ...]] | None = None, postmaster: str = "postmaster@localhost", deferred: bool = False):
+    def __init__(
+        self,
+        entries: dict[str, tuple[str, ...]] | None = None,
+        postmaster: str = "postmaster@localhost",
+        deferred: bool = False,
+    ):
         self.entries = {k.lower(): v for k, v in (entries or {}).items()}
         self.postmaster = postmaster
         self.deferred = deferred

@@ -25,7 +25,10 @@ def test_defaults_are_complete():
         ({"relay_networks": ["10.0.0.0/33"]}, "relay_networks[0]"),
         ({"postmaster": "nobody@elsewhere.test"}, "postmaster"),
         ({"listener": [{"name": "smtp", "address": "127.0.0.1"}]}, "listener[0].address"),
-        ({"listener": [{"name": "smtp", "address": "127.0.0.1:25", "tls": "maybe"}]}, "listener[0].tls"),
+        (
+            {"listener": [{"name": "smtp", "address": "127.0.0.1:25", "tls": "maybe"}]},
+            "listener[0].tls",
+        ),
         ({"storage": {"backend": "floppy"}}, "storage.backend"),
         ({"queue": {"retry_schedule": [60, -1]}}, "queue.retry_schedule"),
     ],
@@ -50,7 +53,9 @@ def test_file_errors_name_the_file(tmp_path):
 def test_relative_datadir_resolves_against_the_file(tmp_path):
     p = tmp_path / "etc" / "mta.toml"
     p.parent.mkdir()
-    p.write_text('datadir = "../var"\nlocal_domains = ["example.test"]\npostmaster = "pm@example.test"\n')
+    p.write_text(
+        'datadir = "../var"\nlocal_domains = ["example.test"]\npostmaster = "pm@example.test"\n'
+    )
     cfg = load_config(str(p))
     assert cfg.datadir == str(tmp_path / "var")
     assert load_config(str(p), datadir=str(tmp_path / "x")).datadir == str(tmp_path / "x")

@@ -40,10 +40,21 @@ def list_entries(queue_dir: str, *, dead: bool | None = None) -> list[EntrySumma
     entries, True = only dead letters, False = only live ones."""
     out: list[EntrySummary] = []
     places = []
-    if dead is not True:
-        places.append(("active", os.path.join(queue_dir, "active")))
-    if dead is not False:
-        places.append(("dead", os.path.join(queue_dir, "dead")))
+    # Each worker process owns a spool under queue/w<k>/ besides the first one's.
+    roots = [queue_dir]
+    try:
+        roots += sorted(
+            os.path.join(queue_dir, n)
+            for n in os.listdir(queue_dir)
+            if n[:1] == "w" and n[1:].isdigit()
+        )
+    except FileNotFoundError:
+        pass
+    for root in roots:
+        if dead is not True:
+            places.append(("active", os.path.join(root, "active")))
+        if dead is not False:
+            places.append(("dead", os.path.join(root, "dead")))
     for where, directory in places:
         try:
             names = sorted(os.listdir(directory))

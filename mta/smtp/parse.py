@@ -33,7 +33,11 @@ def split_path_argument(arg: str, keyword: str, enhanced: str) -> PathArgument:
     """
     head = arg[: len(keyword) + 1]
     if head.upper() != keyword + ":":
-        raise CommandError(Reply(501, "5.5.4", f"Syntax: {'MAIL FROM' if keyword == 'FROM' else 'RCPT TO'}:<address>"))
+        raise CommandError(
+            Reply(
+                501, "5.5.4", f"Syntax: {'MAIL FROM' if keyword == 'FROM' else 'RCPT TO'}:<address>"
+            )
+        )
     rest = arg[len(keyword) + 1 :].lstrip(" ")
     if not rest.startswith("<"):
         raise CommandError(Reply(501, enhanced, "Address must be enclosed in <>"))
@@ -49,7 +53,9 @@ def split_path_argument(arg: str, keyword: str, enhanced: str) -> PathArgument:
         name, sep, value = item.partition("=")
         name = name.upper()
         if not name or name in params:
-            raise CommandError(Reply(501, "5.5.4", f"Invalid or repeated parameter {name or item!r}"))
+            raise CommandError(
+                Reply(501, "5.5.4", f"Invalid or repeated parameter {name or item!r}")
+            )
         params[name] = value if sep else None
     return PathArgument(path, params)
 

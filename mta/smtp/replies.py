@@ -7,7 +7,9 @@ SENDER_OK = Reply(250, "2.1.0", "Ok")
 BYE = Reply(221, "2.0.0", "Bye")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
-HELP = Reply(214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT STARTTLS (RFC 5321)")
+HELP = Reply(
+    214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT STARTTLS (RFC 5321)"
+)
 VRFY = Reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
 
 UNKNOWN_COMMAND = Reply(500, "5.5.2", "Error: command not recognized")
@@ -33,7 +35,9 @@ PARAMS_NEED_EHLO = Reply(555, "5.5.4", "MAIL/RCPT parameters require EHLO")
 NEED_SMTPUTF8 = Reply(553, "5.6.7", "Non-ASCII address requires the SMTPUTF8 parameter")
 TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Error: too many recipients")
-BARE_LINE_ENDINGS = Reply(550, "5.6.11", "Message contains bare CR or LF line endings (SMTP smuggling protection)")
+BARE_LINE_ENDINGS = Reply(
+    550, "5.6.11", "Message contains bare CR or LF line endings (SMTP smuggling protection)"
+)
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops (mail loop?)")
 INTERNAL_ERROR = Reply(451, "4.3.0", "Error: internal error, try again later")
 QUEUE_WRITE_ERROR = Reply(451, "4.3.0", "Error: queue file write error")

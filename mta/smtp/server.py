@@ -7,10 +7,15 @@ connections cannot make us allocate sessions.
 
 from __future__ import annotations
 
+import errno
+import os
+import socket
+import time
 from collections import Counter
 
-from twisted.application import internet
-from twisted.internet import endpoints, protocol
+from twisted.application import service
+from twisted.internet import protocol
+from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
@@ -19,6 +24,8 @@ from mta.smtp import replies as R
 from mta.smtp.session import SessionContext, SMTPSession
 
 log = Logger()
+
+BIND_RETRY_SECONDS = 5.0
 
 
 class ConnectionTracker:
@@ -75,7 +82,9 @@ class SMTPFactory(protocol.ServerFactory):
         ip = getattr(addr, "host", str(addr))
         refusal = self.tracker.admit(ip)
         if refusal is not None:
-            log.info("connection refused: {reason}", event="conn_refused", client=ip, reason=refusal.text)
+            log.info(
+                "connection refused: {reason}", event="conn_refused", client=ip, reason=refusal.text
+            )
             return _Refusal(refusal)
         session = SMTPSession(self.context, ip)
         session.factory = self
@@ -83,19 +92,112 @@ class SMTPFactory(protocol.ServerFactory):
         return session
 
 
-def listening_service(listener: ListenerConfig, factory: SMTPFactory, reactor, tls_context=None):
-    """A `StreamServerEndpointService` for one `[[listener]]`."""
-    host = listener.host
-    if ":" in host:
-        endpoint = endpoints.TCP6ServerEndpoint(reactor, listener.port, backlog=1024, interface=host)
-    else:
-        endpoint = endpoints.TCP4ServerEndpoint(reactor, listener.port, backlog=1024, interface=host)
-    wrapped = factory
-    if listener.tls == "implicit":
-        if tls_context is None:
-            raise ValueError(f"listener {listener.name}: implicit TLS needs a certificate")
-        wrapped = TLSMemoryBIOFactory(tls_context, False, factory)
-    service = internet.StreamServerEndpointService(endpoint, wrapped)
-    service.setName(f"listener-{listener.name}")
-    service._raiseSynchronously = True
-    return service
+class ListenerService(service.Service):
+    """Listens for one `[[listener]]`.
+
+    With several worker processes (`shared`), every process binds its own socket with
+    SO_REUSEPORT and the kernel spreads connections evenly across them.  A worker that
+    may not bind (a privileged port after the parent dropped root) adopts the
+    listening socket it inherited from the parent instead.  A single process binds
+    without SO_REUSEPORT, so a second server on the same port fails loudly.
+    """
+
+    def __init__(
+        self,
+        listener: ListenerConfig,
+        factory,
+        reactor,
+        tls_context=None,
+        inherited_fd: int | None = None,
+        shared: bool = False,
+    ):
+        self.listener = listener
+        self.setName(f"listener-{listener.name}")
+        self._reactor = reactor
+        self._inherited_fd = inherited_fd
+        self._shared = shared or inherited_fd is not None
+        self.port = None
+        if listener.tls == "implicit":
+            if tls_context is None:
+                raise ValueError(f"listener {listener.name}: implicit TLS needs a certificate")
+            factory = TLSMemoryBIOFactory(tls_context, False, factory)
+        self.factory = factory
+
+    def privilegedStartService(self):
+        # Bound before twistd switches to an unprivileged user (ports below 1024).
+        if self.port is None:
+            self.port = self._bind()
+        service.Service.privilegedStartService(self)
+
+    def startService(self):
+        if self.port is None:
+            self.port = self._bind()
+        service.Service.startService(self)
+
+    def _bind(self):
+        listener = self.listener
+        if not self._shared:
+            return self._retry_in_use(
+                lambda: self._reactor.listenTCP(
+                    listener.port, self.factory, backlog=1024, interface=listener.host
+                )
+            )
+        try:
+            port = self._retry_in_use(self._reuseport)
+        except (OSError, CannotListenError) as e:
+            if self._inherited_fd is None:
+                raise
+            log.info(
+                "listener {name}: SO_REUSEPORT bind refused ({error}); sharing the parent's socket",
+                name=listener.name,
+                error=str(e),
+            )
+            port = self._reactor.adoptStreamPort(self._inherited_fd, self._family(), self.factory)
+        if self._inherited_fd is not None:
+            os.close(self._inherited_fd)
+            self._inherited_fd = None
+        return port
+
+    def _family(self) -> int:
+        return socket.AF_INET6 if ":" in self.listener.host else socket.AF_INET
+
+    def _reuseport(self):
+        sock = socket.socket(self._family(), socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            try:
+                sock.bind((self.listener.host, self.listener.port))
+            except OSError as e:
+                raise CannotListenError(self.listener.host, self.listener.port, e) from None
+            sock.listen(1024)
+            sock.setblocking(False)
+            return self._reactor.adoptStreamPort(sock.fileno(), sock.family, self.factory)
+        finally:
+            sock.close()  # adoptStreamPort holds its own duplicate
+
+    @staticmethod
+    def _retry_in_use(bind):
+        # A restart right after a crash can find the port still held for a moment by
+        # worker processes that are shutting down: retry briefly before giving up.
+        deadline = time.monotonic() + BIND_RETRY_SECONDS
+        while True:
+            try:
+                return bind()
+            except CannotListenError as e:
+                in_use = (
+                    isinstance(e.socketError, OSError) and e.socketError.errno == errno.EADDRINUSE
+                )
+                if not in_use or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.1)
+
+    def stopService(self):
+        service.Service.stopService(self)
+        port, self.port = self.port, None
+        if port is not None:
+            return port.stopListening()
+        return None
+
+    def fileno(self) -> int:
+        return self.port.fileno()

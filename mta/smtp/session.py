@@ -29,7 +29,7 @@ from twisted.mail import smtp
 
 from mta.config import Config, ListenerConfig
 from mta.envelope import AddressError, BodyType, Envelope, Reply, parse_path
-from mta.policy.relay import ClientInfo, RelayPolicy, RecipientVerdict
+from mta.policy.relay import ClientInfo, RecipientVerdict, RelayPolicy
 from mta.smtp import replies as R
 from mta.smtp.datastream import ChunkChecker, DotDecoder
 from mta.smtp.parse import CommandError, split_path_argument
@@ -534,7 +534,12 @@ class SMTPSession(smtp.ESMTP):
             self._reset()
             return R.TOO_BIG
         if bare_line_endings:
-            log.info("message rejected: bare line endings", event="rejected", qid=qid, client=self.peer_ip)
+            log.info(
+                "message rejected: bare line endings",
+                event="rejected",
+                qid=qid,
+                client=self.peer_ip,
+            )
             self._reset()
             return R.BARE_LINE_ENDINGS
         ctx = self._ctx
@@ -558,7 +563,10 @@ class SMTPSession(smtp.ESMTP):
             client_ip=self.peer_ip,
             hostname=ctx.hostname,
             protocol=protocol_name(
-                esmtp=self._esmtp, tls=self.tls_active, auth=bool(self.authenticated_as), utf8=self._smtputf8
+                esmtp=self._esmtp,
+                tls=self.tls_active,
+                auth=bool(self.authenticated_as),
+                utf8=self._smtputf8,
             ),
             queue_id=qid,
             recipient=str(self._originals[0]) if len(self._originals) == 1 else None,
@@ -569,7 +577,12 @@ class SMTPSession(smtp.ESMTP):
         self._spoolfile = None
         self._clear_transaction()
         d = spoolfile.commit(envelope, trace)
-        d.addCallbacks(self._committed, self._commit_failed, callbackArgs=(envelope, size, started), errbackArgs=(qid,))
+        d.addCallbacks(
+            self._committed,
+            self._commit_failed,
+            callbackArgs=(envelope, size, started),
+            errbackArgs=(qid,),
+        )
         return d
 
     def _committed(self, qid: str, envelope: Envelope, size: int, started: float):

@@ -17,7 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
+from zope.interface import implementer
 
 log = Logger()
 
@@ -30,7 +32,7 @@ def generate_self_signed(cert_path: str, key_path: str, hostname: str) -> None:
     """Write a self-signed ECDSA P-256 certificate for `hostname` (mode 0600 key)."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -69,7 +71,11 @@ def _load_options(cert_path: str, key_path: str) -> ssl.CertificateOptions:
     except OSError as e:
         raise TLSSetupError(f"{key_path}: cannot read key: {e.strerror}") from None
     try:
-        certs = x509.load_pem_x509_certificates(cert_pem) if hasattr(x509, "load_pem_x509_certificates") else [x509.load_pem_x509_certificate(cert_pem)]
+        certs = (
+            x509.load_pem_x509_certificates(cert_pem)
+            if hasattr(x509, "load_pem_x509_certificates")
+            else [x509.load_pem_x509_certificate(cert_pem)]
+        )
     except Exception as e:
         raise TLSSetupError(f"{cert_path}: invalid PEM certificate: {e}") from None
     try:
@@ -87,6 +93,7 @@ def _load_options(cert_path: str, key_path: str) -> ssl.CertificateOptions:
         raise TLSSetupError(f"{cert_path}: certificate does not match key: {e}") from None
 
 
+@implementer(IOpenSSLContextFactory)
 class ServerTLSContext:
     """A context factory (`getContext()`) that can be reloaded in place."""
 
@@ -112,7 +119,9 @@ class ServerTLSContext:
         return True
 
 
-def server_context(cert_path: str | None, key_path: str | None, datadir: str, hostname: str) -> ServerTLSContext:
+def server_context(
+    cert_path: str | None, key_path: str | None, datadir: str, hostname: str
+) -> ServerTLSContext:
     """The configured certificate, or a self-signed one generated into `<datadir>/tls/`."""
     if cert_path or key_path:
         if not (cert_path and key_path):
@@ -121,7 +130,11 @@ def server_context(cert_path: str | None, key_path: str | None, datadir: str, ho
     cert = os.path.join(datadir, "tls", "selfsigned.crt")
     key = os.path.join(datadir, "tls", "selfsigned.key")
     if not (os.path.exists(cert) and os.path.exists(key)):
-        log.info("generating a self-signed certificate for {hostname} in {path}", hostname=hostname, path=cert)
+        log.info(
+            "generating a self-signed certificate for {hostname} in {path}",
+            hostname=hostname,
+            path=cert,
+        )
         generate_self_signed(cert, key, hostname)
     return ServerTLSContext(cert, key)
 

@@ -22,7 +22,11 @@ def _sender(host: str, port: int, worker: int, acked: list, stop: threading.Even
                 while not stop.is_set():
                     n += 1
                     tag = f"w{worker}-m{n}"
-                    body = f"Subject: {tag}\r\nX-Tag: {tag}\r\n\r\n{tag}\r\n".encode() + b"z" * 3000 + b"\r\n"
+                    body = (
+                        f"Subject: {tag}\r\nX-Tag: {tag}\r\n\r\n{tag}\r\n".encode()
+                        + b"z" * 3000
+                        + b"\r\n"
+                    )
                     client.sendmail("load@remote.test", ["postmaster@localhost"], body)
                     acked.append(tag)  # only after the 250
         except (OSError, smtplib.SMTPException):
@@ -43,12 +47,19 @@ def _tags(maildir) -> list[str]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("round_", [1, 2])
-def test_kill9_loses_nothing_acknowledged_and_duplicates_nothing(mta_server, round_):
+@pytest.mark.parametrize("round_,workers", [(1, 1), (2, 1), (1, 2)])
+def test_kill9_loses_nothing_acknowledged_and_duplicates_nothing(
+    mta_server_factory, round_, workers
+):
+    mta_server = mta_server_factory({"workers": workers})
     acked: list[str] = []
     stop = threading.Event()
     threads = [
-        threading.Thread(target=_sender, args=(mta_server.host, mta_server.smtp_port, w, acked, stop), daemon=True)
+        threading.Thread(
+            target=_sender,
+            args=(mta_server.host, mta_server.smtp_port, w, acked, stop),
+            daemon=True,
+        )
         for w in range(4)
     ]
     for t in threads:

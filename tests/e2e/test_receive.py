@@ -55,9 +55,7 @@ MESSAGE = (
     b"Message-ID: <e2e-1@remote.test>\r\n"
     b"\r\n"
     b"Hello.\r\n"
-    b".leading dot survives\r\n"
-    + b"x" * 2000
-    + b"\r\n"
+    b".leading dot survives\r\n" + b"x" * 2000 + b"\r\n"
 )
 
 
@@ -112,7 +110,10 @@ def test_unknown_user_then_user_add(mta_server):
     added = mta_server.admin("user", "add", "alice@example.test", "--no-password")
     assert added.returncode == 0, added.stderr
     with smtplib.SMTP(mta_server.host, mta_server.smtp_port, timeout=30) as client:
-        assert client.sendmail("s@remote.test", ["alice@example.test"], b"Subject: hi\r\n\r\nx\r\n") == {}
+        assert (
+            client.sendmail("s@remote.test", ["alice@example.test"], b"Subject: hi\r\n\r\nx\r\n")
+            == {}
+        )
     wait_for_files(mta_server.maildir("alice@example.test") / "new", 1)
 
 
@@ -139,7 +140,10 @@ def test_starttls_with_a_real_handshake(mta_server):
         assert not client.has_extn("starttls")
         code, _ = client.docmd("STARTTLS")
         assert code == 503
-        assert client.sendmail("s@remote.test", ["postmaster@localhost"], b"Subject: tls\r\n\r\nx\r\n") == {}
+        assert (
+            client.sendmail("s@remote.test", ["postmaster@localhost"], b"Subject: tls\r\n\r\nx\r\n")
+            == {}
+        )
     [path] = wait_for_files(mta_server.maildir("postmaster@localhost") / "new", 1)
     data = path.read_bytes()
     assert b"with ESMTPS (TLSv1." in data
@@ -165,7 +169,9 @@ def test_smtps_implicit_tls_and_submission_require_auth(mta_server):
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
-    with smtplib.SMTP_SSL(mta_server.host, mta_server.smtps_port, timeout=30, context=ctx) as client:
+    with smtplib.SMTP_SSL(
+        mta_server.host, mta_server.smtps_port, timeout=30, context=ctx
+    ) as client:
         client.ehlo("c.test")
         code, text = client.mail("s@remote.test")
         assert (code, text[:5]) == (530, b"5.7.0")
@@ -257,7 +263,9 @@ def test_sigterm_after_traffic_exits_cleanly(mta_server):
     """Shutdown stops services in order; it must not hang with work in flight."""
     for i in range(20):
         with smtplib.SMTP(mta_server.host, mta_server.smtp_port, timeout=30) as client:
-            client.sendmail("s@remote.test", ["postmaster@localhost"], f"Subject: {i}\r\n\r\nx\r\n".encode())
+            client.sendmail(
+                "s@remote.test", ["postmaster@localhost"], f"Subject: {i}\r\n\r\nx\r\n".encode()
+            )
     code = mta_server.stop(timeout=20)
     # Newer twistd re-raises the signal at exit (status -15); older ones exit 0.
     assert code in (0, -signal.SIGTERM), mta_server.log()[-3000:]

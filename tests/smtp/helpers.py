@@ -81,8 +81,12 @@ def make_harness(
         postmaster="postmaster@example.test",
     )
     policy = RelayPolicy(cfg.local_domains, cfg.relay_networks, directory)
-    ctx = SessionContext(config=cfg, listener=listener, spool=spool, policy=policy, clock=clock, tls=tls)
-    tracker = tracker or ConnectionTracker(cfg.limits.max_connections, cfg.limits.max_connections_per_ip)
+    ctx = SessionContext(
+        config=cfg, listener=listener, spool=spool, policy=policy, clock=clock, tls=tls
+    )
+    tracker = tracker or ConnectionTracker(
+        cfg.limits.max_connections, cfg.limits.max_connections_per_ip
+    )
     factory = SMTPFactory(ctx, tracker)
     from twisted.internet.address import IPv4Address
 

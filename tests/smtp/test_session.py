@@ -21,7 +21,15 @@ def test_greeting_and_ehlo_extensions():
     lines = h.replies()
     assert lines[0] == "250-mx.example.test Hello client.example"
     keywords = [line[4:] for line in lines[1:]]
-    for ext in ("PIPELINING", "SIZE 52428800", "8BITMIME", "SMTPUTF8", "ENHANCEDSTATUSCODES", "CHUNKING", "STARTTLS"):
+    for ext in (
+        "PIPELINING",
+        "SIZE 52428800",
+        "8BITMIME",
+        "SMTPUTF8",
+        "ENHANCEDSTATUSCODES",
+        "CHUNKING",
+        "STARTTLS",
+    ):
         assert ext in keywords
     assert lines[-1].startswith("250 ")
     assert not any(k.startswith("AUTH") for k in keywords), "AUTH must not be offered before TLS"
@@ -46,7 +54,9 @@ def test_simple_transaction_is_stored_byte_exact():
     assert msg.body == b"Subject: hi\r\n\r\nline one\r\n.leading dot\r\n"
     assert str(msg.envelope.sender) == "sender@remote.test"
     assert [str(r) for r in msg.envelope.recipients] == ["alice@example.test"]
-    assert msg.trace_headers.startswith(b"Received: from client.example ([192.0.2.10])\r\n\tby mx.example.test (mta) with ESMTP id Q000001\r\n\tfor <alice@example.test>; ")
+    assert msg.trace_headers.startswith(
+        b"Received: from client.example ([192.0.2.10])\r\n\tby mx.example.test (mta) with ESMTP id Q000001\r\n\tfor <alice@example.test>; "
+    )
     assert msg.trace_headers.endswith(b"\r\n")
 
 
@@ -77,7 +87,9 @@ def test_pipelined_commands_wait_for_a_slow_recipient_check():
     directory = FakeDirectory({"alice@example.test": ("alice@example.test",)}, deferred=True)
     h = make_harness(directory=directory)
     h.replies()
-    h.send("EHLO c\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<nobody@example.test>\r\nDATA\r\nhello\r\n.\r\nQUIT\r\n")
+    h.send(
+        "EHLO c\r\nMAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.test>\r\nRCPT TO:<nobody@example.test>\r\nDATA\r\nhello\r\n.\r\nQUIT\r\n"
+    )
     lines = h.replies()
     assert lines[-1] == "250 2.1.0 Ok"  # stops at the pending RCPT
     assert len(directory.pending) == 1, "the second RCPT must not be looked at yet"
@@ -131,7 +143,11 @@ def test_unexpected_exception_gives_451_and_session_continues():
     h = make_harness(directory=Broken())
     h.ehlo()
     h.send("MAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.test>\r\nNOOP\r\n")
-    assert h.replies() == ["250 2.1.0 Ok", "451 4.3.0 Error: internal error, try again later", "250 2.0.0 Ok"]
+    assert h.replies() == [
+        "250 2.1.0 Ok",
+        "451 4.3.0 Error: internal error, try again later",
+        "250 2.0.0 Ok",
+    ]
 
 
 # -- STARTTLS --------------------------------------------------------------
@@ -181,7 +197,15 @@ def test_auth_refused_before_tls():
 @pytest.mark.parametrize(
     "smuggle",
     [b"\n.\n", b"\r.\r", b"\r\n.\n", b"\n.\r\n", b"\r.\r\n", b"\r\n.\r", b"\n.\r"],
-    ids=["lf-dot-lf", "cr-dot-cr", "crlf-dot-lf", "lf-dot-crlf", "cr-dot-crlf", "crlf-dot-cr", "lf-dot-cr"],
+    ids=[
+        "lf-dot-lf",
+        "cr-dot-cr",
+        "crlf-dot-lf",
+        "lf-dot-crlf",
+        "cr-dot-crlf",
+        "crlf-dot-cr",
+        "lf-dot-cr",
+    ],
 )
 @pytest.mark.parametrize("step", [1000, 1])
 def test_bare_line_endings_never_end_data_and_are_rejected(smuggle, step):
@@ -189,10 +213,16 @@ def test_bare_line_endings_never_end_data_and_are_rejected(smuggle, step):
     h.ehlo()
     h.send(TX)
     h.replies()
-    payload = b"Subject: x\r\n\r\nhi" + smuggle + b"MAIL FROM:<evil@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nevil\r\n.\r\n"
+    payload = (
+        b"Subject: x\r\n\r\nhi"
+        + smuggle
+        + b"MAIL FROM:<evil@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nevil\r\n.\r\n"
+    )
     for i in range(0, len(payload), step):
         h.send(payload[i : i + step])
-    assert h.replies() == ["550 5.6.11 Message contains bare CR or LF line endings (SMTP smuggling protection)"]
+    assert h.replies() == [
+        "550 5.6.11 Message contains bare CR or LF line endings (SMTP smuggling protection)"
+    ]
     assert h.spool.committed == []
     h.send("NOOP\r\n")
     assert h.replies() == ["250 2.0.0 Ok"]
@@ -204,7 +234,9 @@ def test_bdat_with_bare_lf_is_rejected():
     h.send("MAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.test>\r\n")
     h.replies()
     h.send(b"BDAT 9 LAST\r\nab\n.\ncd\r\n")
-    assert h.replies() == ["550 5.6.11 Message contains bare CR or LF line endings (SMTP smuggling protection)"]
+    assert h.replies() == [
+        "550 5.6.11 Message contains bare CR or LF line endings (SMTP smuggling protection)"
+    ]
 
 
 # -- sizes and limits ------------------------------------------------------------
@@ -214,7 +246,10 @@ def test_size_parameter_over_limit_is_refused_at_mail():
     h = make_harness(config={"limits": {"max_message_size": 1000}})
     h.ehlo()
     h.send("MAIL FROM:<a@remote.test> SIZE=1001\r\nMAIL FROM:<a@remote.test> SIZE=1000\r\n")
-    assert h.replies() == ["552 5.3.4 Message size exceeds fixed maximum message size", "250 2.1.0 Ok"]
+    assert h.replies() == [
+        "552 5.3.4 Message size exceeds fixed maximum message size",
+        "250 2.1.0 Ok",
+    ]
 
 
 def test_size_is_enforced_while_data_streams():
@@ -227,7 +262,10 @@ def test_size_is_enforced_while_data_streams():
     [spoolfile] = h.spool.opened
     assert spoolfile.aborted and spoolfile.size <= 1000
     h.send(".\r\nNOOP\r\n")
-    assert h.replies() == ["552 5.3.4 Message size exceeds fixed maximum message size", "250 2.0.0 Ok"]
+    assert h.replies() == [
+        "552 5.3.4 Message size exceeds fixed maximum message size",
+        "250 2.0.0 Ok",
+    ]
     assert h.spool.committed == []
 
 
@@ -333,14 +371,18 @@ def test_sequencing_errors():
     h.replies()
     h.send("MAIL FROM:<a@remote.test>\r\nEHLO c\r\n")
     assert h.replies()[0] == "503 5.5.1 Error: send HELO/EHLO first"
-    h.send("RCPT TO:<alice@example.test>\r\nDATA\r\nMAIL FROM:<a@remote.test>\r\nMAIL FROM:<a@remote.test>\r\nDATA\r\n")
+    h.send(
+        "RCPT TO:<alice@example.test>\r\nDATA\r\nMAIL FROM:<a@remote.test>\r\nMAIL FROM:<a@remote.test>\r\nDATA\r\n"
+    )
     assert h.codes() == ["503", "503", "250", "503", "554"]
 
 
 def test_unknown_and_supported_parameters():
     h = make_harness()
     h.ehlo()
-    h.send("MAIL FROM:<a@remote.test> FOO=bar\r\nMAIL FROM:<a@remote.test> BODY=BINARYMIME\r\nMAIL FROM:<a@remote.test> BODY=8BITMIME SIZE=100\r\nRCPT TO:<alice@example.test> NOTIFY=NEVER\r\n")
+    h.send(
+        "MAIL FROM:<a@remote.test> FOO=bar\r\nMAIL FROM:<a@remote.test> BODY=BINARYMIME\r\nMAIL FROM:<a@remote.test> BODY=8BITMIME SIZE=100\r\nRCPT TO:<alice@example.test> NOTIFY=NEVER\r\n"
+    )
     assert h.codes() == ["555", "555", "250", "555"]
 
 
@@ -356,7 +398,9 @@ def test_smtputf8_addresses():
     h.ehlo()
     h.send("MAIL FROM:<jörg@remote.test>\r\n")
     assert h.replies() == ["553 5.6.7 Non-ASCII address requires the SMTPUTF8 parameter"]
-    h.send("MAIL FROM:<jörg@remote.test> SMTPUTF8\r\nRCPT TO:<jörg@example.test>\r\nDATA\r\nx\r\n.\r\n")
+    h.send(
+        "MAIL FROM:<jörg@remote.test> SMTPUTF8\r\nRCPT TO:<jörg@example.test>\r\nDATA\r\nx\r\n.\r\n"
+    )
     assert h.codes() == ["250", "250", "354", "250"]
     msg = h.spool.committed[0]
     assert msg.envelope.smtputf8 and b"with UTF8SMTP" in msg.trace_headers
@@ -365,7 +409,9 @@ def test_smtputf8_addresses():
 def test_null_sender_postmaster_and_literal_addresses():
     h = make_harness()
     h.ehlo()
-    h.send('MAIL FROM:<>\r\nRCPT TO:<postmaster>\r\nRCPT TO:<Postmaster@EXAMPLE.test>\r\nRCPT TO:<"alice"@example.test>\r\nDATA\r\nx\r\n.\r\n')
+    h.send(
+        'MAIL FROM:<>\r\nRCPT TO:<postmaster>\r\nRCPT TO:<Postmaster@EXAMPLE.test>\r\nRCPT TO:<"alice"@example.test>\r\nDATA\r\nx\r\n.\r\n'
+    )
     assert h.codes() == ["250", "250", "250", "250", "354", "250"]
     env = h.spool.committed[0].envelope
     assert env.sender.is_null
@@ -377,7 +423,9 @@ def test_null_sender_postmaster_and_literal_addresses():
 def test_alias_expands_to_several_mailboxes_with_originals_kept():
     h = make_harness()
     h.ehlo()
-    h.send("MAIL FROM:<a@remote.test>\r\nRCPT TO:<team@example.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nx\r\n.\r\n")
+    h.send(
+        "MAIL FROM:<a@remote.test>\r\nRCPT TO:<team@example.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nx\r\n.\r\n"
+    )
     env = h.spool.committed[0].envelope
     assert [str(r) for r in env.recipients] == ["alice@example.test", "bob@example.test"]
     assert [str(r) for r in env.original_recipients] == ["team@example.test", "team@example.test"]
@@ -423,7 +471,11 @@ def test_bdat_chunks():
     h.send("MAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.test>\r\n")
     h.send(b"BDAT 7\r\nA: b\r\n\r")
     h.send(b"BDAT 7 LAST\r\n\nbody\r\nNOOP\r\n")
-    assert h.replies()[2:] == ["250 2.0.0 7 octets received", "250 2.0.0 Ok: queued as Q000001", "250 2.0.0 Ok"]
+    assert h.replies()[2:] == [
+        "250 2.0.0 7 octets received",
+        "250 2.0.0 Ok: queued as Q000001",
+        "250 2.0.0 Ok",
+    ]
     assert h.spool.committed[0].body == b"A: b\r\n\r\nbody\r\n"
 
 
