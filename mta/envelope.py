@@ -225,6 +225,12 @@ class Envelope:
     body: BodyType = BodyType.SEVEN_BIT
     smtputf8: bool = False
     received_at: float = 0.0
+    # DSN (RFC 3461): RET and ENVID from MAIL; NOTIFY and ORCPT per recipient, parallel
+    # to `recipients` ("" where the client gave none), or empty when no RCPT had any.
+    dsn_ret: str | None = None
+    dsn_envid: str | None = None
+    dsn_notify: tuple[str, ...] = ()
+    dsn_orcpt: tuple[str, ...] = ()
 
 
 class RecipientState(enum.Enum):

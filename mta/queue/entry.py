@@ -174,12 +174,30 @@ def encode_metadata(
         "body_length": body_length,
         "trace_headers": trace_headers.decode("utf-8", "surrogateescape"),
     }
+    if e.dsn_ret or e.dsn_envid or e.dsn_notify or e.dsn_orcpt:
+        meta["dsn"] = {
+            "ret": e.dsn_ret,
+            "envid": e.dsn_envid,
+            "notify": list(e.dsn_notify),
+            "orcpt": list(e.dsn_orcpt),
+        }
     return json.dumps(meta, separators=(",", ":")).encode("ascii")
 
 
 def encode_trailer(meta: bytes, body_length: int) -> bytes:
     """Metadata + footer, appended right after the body."""
     return meta + b"\nMTA-QUEUE 1 %016x %08x\n" % (body_length, len(meta))
+
+
+def _dsn_fields(dsn: dict | None) -> dict:
+    if not dsn:
+        return {}
+    return {
+        "dsn_ret": dsn.get("ret"),
+        "dsn_envid": dsn.get("envid"),
+        "dsn_notify": tuple(str(n) for n in dsn.get("notify", ())),
+        "dsn_orcpt": tuple(str(o) for o in dsn.get("orcpt", ())),
+    }
 
 
 def decode_metadata(meta: dict, path: str) -> QueueEntry:
@@ -199,6 +217,7 @@ def decode_metadata(meta: dict, path: str) -> QueueEntry:
             body=BodyType(meta.get("body", "7BIT")),
             smtputf8=bool(meta.get("smtputf8", False)),
             received_at=float(meta.get("received_at", 0.0)),
+            **_dsn_fields(meta.get("dsn")),
         )
         return QueueEntry(
             qid=meta["qid"],

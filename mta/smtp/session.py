@@ -32,7 +32,7 @@ from mta.envelope import AddressError, BodyType, Envelope, Reply, parse_path
 from mta.policy.relay import ClientInfo, RecipientVerdict, RelayPolicy
 from mta.smtp import replies as R
 from mta.smtp.datastream import ChunkChecker, DotDecoder
-from mta.smtp.parse import CommandError, split_path_argument
+from mta.smtp.parse import CommandError, split_path_argument, xtext_decode
 from mta.smtp.received import protocol_name, received_header
 from mta.smtp.tls import describe_tls
 
@@ -54,6 +54,7 @@ class SessionContext:
     policy: RelayPolicy
     clock: IReactorTime
     tls: object | None = None  # ServerTLSContext
+    authenticator: object | None = None  # mta.smtp.auth.Authenticator, when AUTH is on
     on_close: object | None = None  # callable(session) for connection accounting
 
     @property
@@ -242,6 +243,10 @@ class SMTPSession(smtp.ESMTP):
         self._sender = None
         self._recipients: list = []
         self._originals: list = []
+        self._notify: list[str] = []
+        self._orcpt: list[str] = []
+        self._dsn_used = False
+        self._dsn_ret = self._dsn_envid = None
         self._rcpt_count = 0
         self._body_type = BodyType.SEVEN_BIT
         self._smtputf8 = False
@@ -287,6 +292,7 @@ class SMTPSession(smtp.ESMTP):
             "SMTPUTF8",
             "ENHANCEDSTATUSCODES",
             "CHUNKING",
+            "DSN",
         ]
         if self._ctx.tls is not None and not self.tls_active:
             lines.append("STARTTLS")
@@ -316,6 +322,7 @@ class SMTPSession(smtp.ESMTP):
             return R.PARAMS_NEED_EHLO
         smtputf8 = False
         body = BodyType.SEVEN_BIT
+        ret = envid = None
         for name, value in params.items():
             if name == "SIZE":
                 if not value or not value.isdigit() or len(value) > 20:
@@ -330,6 +337,16 @@ class SMTPSession(smtp.ESMTP):
                 if value is not None:
                     return Reply(555, "5.5.4", "SMTPUTF8 takes no value")
                 smtputf8 = True
+            elif name == "RET":
+                if value is None or value.upper() not in ("FULL", "HDRS"):
+                    return Reply(501, "5.5.4", "RET must be FULL or HDRS")
+                ret = value.upper()
+            elif name == "ENVID":
+                envid = _xtext_param(value, 100)
+                if envid is None:
+                    return Reply(501, "5.5.4", "Bad ENVID parameter")
+            elif name == "AUTH" and self._ctx.authenticator is not None:
+                pass  # RFC 4954 5: accepted; we do not relay the submitter identity
             else:
                 return Reply(555, "5.5.4", f"Unsupported parameter {name}")
         try:
@@ -343,6 +360,7 @@ class SMTPSession(smtp.ESMTP):
         self._sender = sender
         self._smtputf8 = smtputf8
         self._body_type = body
+        self._dsn_ret, self._dsn_envid = ret, envid
         self._started_at = self._ctx.clock.seconds()
         return R.SENDER_OK
 
@@ -352,10 +370,25 @@ class SMTPSession(smtp.ESMTP):
         if self._spoolfile is not None:
             return R.MIXED_DATA_BDAT
         pa = split_path_argument(arg, "TO", "5.1.3")
+        notify = orcpt = ""
         if pa.params:
             if not self._esmtp:
                 return R.PARAMS_NEED_EHLO
-            return Reply(555, "5.5.4", f"Unsupported parameter {next(iter(pa.params))}")
+            for name, value in pa.params.items():
+                if name == "NOTIFY":
+                    notify = _notify_param(value)
+                    if not notify:
+                        return Reply(
+                            501,
+                            "5.5.4",
+                            "NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY",
+                        )
+                elif name == "ORCPT":
+                    orcpt = _orcpt_param(value)
+                    if not orcpt:
+                        return Reply(501, "5.5.4", "Bad ORCPT parameter")
+                else:
+                    return Reply(555, "5.5.4", f"Unsupported parameter {name}")
         try:
             rcpt = parse_path(pa.path, utf8=self._smtputf8)
         except AddressError as e:
@@ -366,10 +399,12 @@ class SMTPSession(smtp.ESMTP):
             return R.TOO_MANY_RECIPIENTS
         verdict = self._ctx.policy.check_recipient(self._client(), rcpt)
         if isinstance(verdict, defer.Deferred):
-            return verdict.addCallback(self._apply_verdict, rcpt)
-        return self._apply_verdict(verdict, rcpt)
+            return verdict.addCallback(self._apply_verdict, rcpt, notify, orcpt)
+        return self._apply_verdict(verdict, rcpt, notify, orcpt)
 
-    def _apply_verdict(self, verdict: RecipientVerdict, rcpt) -> Reply:
+    def _apply_verdict(
+        self, verdict: RecipientVerdict, rcpt, notify: str = "", orcpt: str = ""
+    ) -> Reply:
         if verdict.reply.is_success:
             if self._sender is None:  # RSET raced the lookup; cannot happen in order
                 return R.NEED_MAIL
@@ -378,6 +413,10 @@ class SMTPSession(smtp.ESMTP):
                 if mailbox not in self._recipients:
                     self._recipients.append(mailbox)
                     self._originals.append(rcpt)
+                    self._notify.append(notify)
+                    self._orcpt.append(orcpt)
+                    if notify or orcpt:
+                        self._dsn_used = True
         else:
             log.info(
                 "recipient rejected: {code} {rcpt} from {client}",
@@ -557,6 +596,10 @@ class SMTPSession(smtp.ESMTP):
             body=self._body_type,
             smtputf8=self._smtputf8,
             received_at=now,
+            dsn_ret=self._dsn_ret,
+            dsn_envid=self._dsn_envid,
+            dsn_notify=tuple(self._notify) if self._dsn_used else (),
+            dsn_orcpt=tuple(self._orcpt) if self._dsn_used else (),
         )
         trace = received_header(
             helo=self.helo_name or "",
@@ -613,6 +656,40 @@ class SMTPSession(smtp.ESMTP):
             return R.NO_SPACE
         log.failure("{qid}: spool commit failed", failure=failure, qid=qid)
         return R.QUEUE_WRITE_ERROR
+
+
+_NOTIFY_WORDS = frozenset(("SUCCESS", "FAILURE", "DELAY"))
+
+
+def _xtext_param(value: str | None, limit: int) -> str | None:
+    if not value:
+        return None
+    try:
+        decoded = xtext_decode(value)
+    except ValueError:
+        return None
+    if len(decoded) > limit or not decoded.isprintable():
+        return None
+    return decoded
+
+
+def _notify_param(value: str | None) -> str:
+    """The normalised NOTIFY value, or "" when invalid (RFC 3461 4.1)."""
+    words = [w.upper() for w in (value or "").split(",")]
+    if words == ["NEVER"]:
+        return "NEVER"
+    if not words or not set(words) <= _NOTIFY_WORDS or len(set(words)) != len(words):
+        return ""
+    return ",".join(words)
+
+
+def _orcpt_param(value: str | None) -> str:
+    """`type;address` with the xtext decoded, or "" when invalid (RFC 3461 4.2)."""
+    addr_type, sep, xtext = (value or "").partition(";")
+    if not sep or not addr_type or not addr_type.replace("-", "").isalnum():
+        return ""
+    address = _xtext_param(xtext, 500)
+    return f"{addr_type.lower()};{address}" if address else ""
 
 
 _COMMANDS = {

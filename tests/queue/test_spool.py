@@ -292,3 +292,18 @@ def test_recovery_adopts_free_files_and_never_queues_them(tmp_path, clock):
     qid2, _ = commit(again)
     assert os.stat(again.active_path(qid2)).st_size > 0
     assert os.listdir(again.free_dir) == []
+
+
+def test_dsn_fields_survive_the_queue_file(tmp_path, clock):
+    import attrs
+
+    spool = make_spool(tmp_path, clock)
+    env = attrs.evolve(
+        envelope("bob@example.test", "carol@example.test"),
+        dsn_ret="HDRS",
+        dsn_envid="env-1",
+        dsn_notify=("SUCCESS,FAILURE", ""),
+        dsn_orcpt=("rfc822;bob@example.test", ""),
+    )
+    qid, _ = commit(spool, env=env)
+    assert fmt.read_entry(spool.active_path(qid)).envelope == env

@@ -381,7 +381,7 @@ def test_unknown_and_supported_parameters():
     h = make_harness()
     h.ehlo()
     h.send(
-        "MAIL FROM:<a@remote.test> FOO=bar\r\nMAIL FROM:<a@remote.test> BODY=BINARYMIME\r\nMAIL FROM:<a@remote.test> BODY=8BITMIME SIZE=100\r\nRCPT TO:<alice@example.test> NOTIFY=NEVER\r\n"
+        "MAIL FROM:<a@remote.test> FOO=bar\r\nMAIL FROM:<a@remote.test> BODY=BINARYMIME\r\nMAIL FROM:<a@remote.test> BODY=8BITMIME SIZE=100\r\nRCPT TO:<alice@example.test> FOO=1\r\n"
     )
     assert h.codes() == ["555", "555", "250", "555"]
 
@@ -510,3 +510,50 @@ def test_in_flow_delay_slows_clients_when_backlog_is_high():
     assert h.replies()[-1].startswith("354")
     h.clock.advance(1.0)
     assert h.replies() == ["250 2.0.0 Ok: queued as Q000001", "250 2.0.0 Ok"]
+
+
+def test_dsn_parameters_are_advertised_parsed_and_kept():
+    h = make_harness()
+    h.replies()
+    h.send("EHLO c\r\n")
+    assert "DSN" in [line[4:] for line in h.replies()]
+    h.send(
+        "MAIL FROM:<a@remote.test> RET=HDRS ENVID=abc+2Bdef\r\n"
+        "RCPT TO:<alice@example.test> NOTIFY=success,FAILURE ORCPT=rfc822;Alice+40example.test\r\n"
+        "RCPT TO:<team@example.test> NOTIFY=NEVER\r\n"
+        "DATA\r\nx\r\n.\r\n"
+    )
+    assert h.codes() == ["250", "250", "250", "354", "250"]
+    env = h.spool.committed[0].envelope
+    assert (env.dsn_ret, env.dsn_envid) == ("HDRS", "abc+def")
+    assert [str(r) for r in env.recipients] == ["alice@example.test", "bob@example.test"]
+    assert env.dsn_notify == ("SUCCESS,FAILURE", "NEVER")
+    assert env.dsn_orcpt == ("rfc822;Alice@example.test", "")
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        "MAIL FROM:<a@remote.test> RET=ALL",
+        "MAIL FROM:<a@remote.test> ENVID=bad+zz",
+        "RCPT TO:<alice@example.test> NOTIFY=NEVER,SUCCESS",
+        "RCPT TO:<alice@example.test> NOTIFY=SOMETIMES",
+        "RCPT TO:<alice@example.test> ORCPT=noaddress",
+    ],
+)
+def test_bad_dsn_parameters(command):
+    h = make_harness()
+    h.ehlo()
+    if command.startswith("RCPT"):
+        h.send("MAIL FROM:<a@remote.test>\r\n")
+        h.replies()
+    h.send(command + "\r\n")
+    assert h.codes() == ["501"]
+
+
+def test_no_dsn_fields_without_dsn_parameters():
+    h = make_harness()
+    h.ehlo()
+    h.send(TX + "x\r\n.\r\n")
+    env = h.spool.committed[0].envelope
+    assert (env.dsn_ret, env.dsn_envid, env.dsn_notify, env.dsn_orcpt) == (None, None, (), ())
