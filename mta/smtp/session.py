@@ -32,6 +32,7 @@ from mta.envelope import AddressError, BodyType, Envelope, Reply, parse_path
 from mta.policy.relay import ClientInfo, RecipientVerdict, RelayPolicy
 from mta.smtp import replies as R
 from mta.smtp.datastream import ChunkChecker, DotDecoder
+from mta.smtp.headers import HeaderScanner
 from mta.smtp.parse import CommandError, split_path_argument, xtext_decode
 from mta.smtp.received import protocol_name, received_header
 from mta.smtp.tls import describe_tls
@@ -256,6 +257,7 @@ class SMTPSession(smtp.ESMTP):
         self._too_big = False
         self._decoder = None
         self._checker = None
+        self._headers = None
         self._bdat_remaining = 0
         self._bdat_last = False
         self._bdat_error = None
@@ -517,8 +519,11 @@ class SMTPSession(smtp.ESMTP):
         self._qid = spool.new_queue_id()
         self._spoolfile = spool.open(self._qid)
         self._size = 0
+        self._headers = HeaderScanner()
 
     def _write_body(self, data: bytes) -> None:
+        if not self._headers.done:
+            self._headers.feed(data)
         self._size += len(data)
         if self._too_big:
             return
@@ -581,6 +586,17 @@ class SMTPSession(smtp.ESMTP):
             )
             self._reset()
             return R.BARE_LINE_ENDINGS
+        self._headers.finish()
+        if self._headers.received > self._limits.max_received_headers:
+            log.info(
+                "message rejected: {hops} Received headers (mail loop?)",
+                event="rejected",
+                qid=qid,
+                hops=self._headers.received,
+                client=self.peer_ip,
+            )
+            self._reset()
+            return R.TOO_MANY_HOPS
         ctx = self._ctx
         now = ctx.clock.seconds()
         tls = describe_tls(self.transport) if self.tls_active else None

@@ -557,3 +557,17 @@ def test_no_dsn_fields_without_dsn_parameters():
     h.send(TX + "x\r\n.\r\n")
     env = h.spool.committed[0].envelope
     assert (env.dsn_ret, env.dsn_envid, env.dsn_notify, env.dsn_orcpt) == (None, None, (), ())
+
+
+def test_mail_loop_is_refused_by_received_count():
+    h = make_harness(config={"limits": {"max_received_headers": 3}})
+    h.ehlo()
+    hops = "".join(
+        f"Received: from hop{i} by x; Sat, 28 Nov 2026 12:00:00 +0000\r\n" for i in range(4)
+    )
+    h.send(TX + hops + "Subject: loop\r\n\r\nbody\r\n.\r\n")
+    assert h.replies()[-1] == "554 5.4.6 Too many hops (mail loop?)"
+    h.send(
+        TX + hops[: hops.index("Received", 1)] * 3 + "\r\nReceived: in the body is fine\r\n.\r\n"
+    )
+    assert h.replies()[-1].startswith("250 2.0.0")
