@@ -53,6 +53,8 @@ datadir = "$DATADIR"
 local_domains = ["bench.test"]
 relay_networks = ["127.0.0.0/8"]
 postmaster = "postmaster@bench.test"
+# One process per core (SO_REUSEPORT); WORKERS=1 measures a single process.
+workers = ${WORKERS:-0}
 
 [[listener]]
 name = "smtp"
