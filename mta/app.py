@@ -9,7 +9,9 @@ listener that cannot bind fails `startService`, which stops twistd with the reas
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 
 from twisted.application import service
 from twisted.internet import defer
@@ -37,9 +39,10 @@ log = Logger()
 class MTAService(service.MultiService):
     """The root service; the manhole and admin tools find every stage through it."""
 
-    def __init__(self, config: Config):
+    def __init__(self, config: Config, reactor=None):
         super().__init__()
         self.config = config
+        self.reactor = reactor
         self.spool = None
         self.runner = None
         self.directory = None
@@ -64,6 +67,19 @@ class MTAService(service.MultiService):
             domains=list(self.config.local_domains),
         )
         super().startService()
+        if self.reactor is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+
+    def reload(self) -> None:
+        """SIGHUP (systemctl reload): re-read the TLS certificate and key.  New
+        handshakes use them; established connections keep theirs.  Worker processes
+        get the signal passed on."""
+        log.info("reloading on SIGHUP", event="reload")
+        if self.tls is not None:
+            self.tls.reload()
+        supervisor = self.namedServices.get("workers")
+        if supervisor is not None:
+            supervisor.signal_all("HUP")
 
     def stopService(self):
         """Stop children one at a time in reverse order, each after the previous has
@@ -95,7 +111,7 @@ def build_service(
     `workers` > 1, supervises the other worker processes, which pass the sockets
     they inherited as `inherited` (listener name -> file descriptor).
     """
-    root = MTAService(config)
+    root = MTAService(config, reactor)
     os.makedirs(config.datadir, mode=0o750, exist_ok=True)
     if worker_index == 0:
         adopt_orphaned_queues(config.path("queue"), config.workers)

@@ -135,6 +135,13 @@ class WorkerSupervisor(service.Service):
         )
         self.reactor.callLater(RESPAWN_DELAY, self._spawn, child.index)
 
+    def signal_all(self, name: str) -> None:
+        for child in list(self.children.values()):
+            try:
+                child.transport.signalProcess(name)
+            except Exception:
+                log.failure("signalling worker {index}", index=child.index)
+
     def stopService(self):
         super().stopService()
         self._stopping = True
@@ -196,7 +203,7 @@ def main(argv=None) -> int:
     globalLogBeginner.beginLoggingTo(
         [make_observer(config.log.format, config.log.level, sys.stdout)], redirectStandardIO=False
     )
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the service installs its handler
     root = build_service(config, reactor, worker_index=args.index, inherited=inherited)
     stdio.StandardIO(_ParentWatch(reactor), stdin=0, stdout=os.open(os.devnull, os.O_WRONLY))
     exit_code = []

@@ -270,3 +270,44 @@ def test_sigterm_after_traffic_exits_cleanly(mta_server):
     # Newer twistd re-raises the signal at exit (status -15); older ones exit 0.
     assert code in (0, -signal.SIGTERM), mta_server.log()[-3000:]
     assert "mta stopped" in mta_server.log()
+
+
+def test_sighup_reloads_the_certificate_without_dropping_connections(mta_server):
+    from mta.smtp.tls import generate_self_signed
+
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+
+    def served_cn(client) -> str:
+        from cryptography import x509
+
+        der = client.sock.getpeercert(binary_form=True)
+        return x509.load_der_x509_certificate(der).subject.rfc4514_string()
+
+    old = smtplib.SMTP(mta_server.host, mta_server.smtp_port, timeout=30)
+    old.ehlo("c.test")
+    old.starttls(context=ctx)
+    assert served_cn(old) == "CN=mx.example.test"
+    tls_dir = mta_server.datadir / "tls"
+    generate_self_signed(
+        str(tls_dir / "selfsigned.crt"), str(tls_dir / "selfsigned.key"), "renewed.example.test"
+    )
+    os.kill(mta_server.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 30
+    while "TLS certificate reloaded" not in mta_server.log() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with smtplib.SMTP(mta_server.host, mta_server.smtp_port, timeout=30) as new:
+        new.ehlo("c.test")
+        new.starttls(context=ctx)
+        assert served_cn(new) == "CN=renewed.example.test"
+    # The connection made before the reload is still served.
+    old.ehlo("c.test")
+    assert (
+        old.sendmail(
+            "s@remote.test", ["postmaster@localhost"], b"Subject: after reload\r\n\r\nx\r\n"
+        )
+        == {}
+    )
+    old.quit()
+    assert mta_server.running
