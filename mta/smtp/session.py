@@ -108,11 +108,23 @@ class SMTPSession(smtp.ESMTP):
             set_nodelay(True)
         self.transport.write(f"220 {self._ctx.hostname} ESMTP mta\r\n".encode())
         self.setTimeout(self._limits.idle_timeout or None)
+        log.debug(
+            "connection from {client} on {listener}",
+            event="connect",
+            client=self.peer_ip,
+            listener=self._ctx.listener.name,
+        )
 
     def connectionLost(self, reason=None):
         self.setTimeout(None)
         self._closing = True
         self._abort_message()
+        log.debug(
+            "connection from {client} on {listener} closed",
+            event="disconnect",
+            client=self.peer_ip,
+            listener=self._ctx.listener.name,
+        )
         if self._ctx.on_close is not None:
             self._ctx.on_close(self)
 
