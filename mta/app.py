@@ -25,6 +25,7 @@ from mta.delivery.router import Router
 from mta.directory import UserDirectory
 from mta.observe.logging import make_observer
 from mta.policy.relay import RelayPolicy
+from mta.queue.bounce import Bouncer
 from mta.queue.runner import QueueRunner
 from mta.queue.spool import Spool, ThreadPoolService
 from mta.smtp.server import ConnectionTracker, ListenerService, SMTPFactory
@@ -136,6 +137,7 @@ def build_service(
         retry_schedule=config.queue.retry_schedule,
         max_age=config.queue.max_age,
         concurrency=config.queue.delivery_concurrency,
+        bouncer=Bouncer(spool, config.hostname, reactor, spool_pool),
     )
     runner.setServiceParent(root)
 

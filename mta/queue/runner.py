@@ -10,7 +10,8 @@ back from disk when its turn comes.  One timer (``reactor.callLater`` on the
 injected clock) covers the whole deferred heap.
 
 After each attempt: all recipients finished -> the file is deleted (or moved to
-``queue/dead/`` when some failed permanently; bounces come later); otherwise the
+``queue/dead/`` when some failed permanently and no bounce could be queued: see
+`mta.queue.bounce`; a null sender is never bounced); otherwise the
 per-recipient status is persisted and the next attempt scheduled by
 `mta.queue.backoff.next_delay`, never later than `created + max_age`, when the
 remaining recipients fail permanently.  One log event per state change, keyed by qid.
@@ -50,6 +51,7 @@ class QueueRunner(Service):
         jitter: float = 0.0,
         random=None,
         window: int = 10000,
+        bouncer=None,
     ):
         self.spool = spool
         self.agent = agent
@@ -58,6 +60,7 @@ class QueueRunner(Service):
         self.max_age = max_age
         self.concurrency = max(1, concurrency)
         self.window = window
+        self.bouncer = bouncer  # mta.queue.bounce.Bouncer, or None: failures go to dead/
         self._jitter = jitter
         self._random = random
         self._fresh: deque[QueueEntry] = deque()
@@ -263,12 +266,27 @@ class QueueRunner(Service):
                 self._arm()
                 return
         if entry.has_failures:
+            if await self._bounce(entry):
+                await self.spool.finish(entry)
+                log.info("{qid} completed with a bounce", qid=qid, event="done_bounced")
+                return
             reason = entry.last_error or "permanent failure"
             await self.spool.bury(entry, reason)
             log.warn("{qid} moved to dead letters: {reason}", qid=qid, reason=reason, event="dead")
         else:
             await self.spool.finish(entry)
             log.info("{qid} completed", qid=qid, attempts=entry.attempts, event="done")
+
+    async def _bounce(self, entry: QueueEntry) -> bool:
+        """True when a DSN now carries the news, so the entry itself may go.  A null
+        sender is never bounced (no loops): its failures become dead letters."""
+        if self.bouncer is None or entry.envelope.sender.is_null:
+            return False
+        try:
+            return bool(await self.bouncer.bounce(entry))
+        except Exception:
+            log.failure("cannot queue a bounce for {qid}", qid=entry.qid, event="bounce_failed")
+            return False
 
     @staticmethod
     def _log_changes(entry: QueueEntry, changed: dict) -> None:

@@ -1,0 +1,205 @@
+"""Bounces: RFC 3464 DSNs queued through the spool on a Clock; null sender -> dead letter."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import os
+
+import pytest
+from twisted.internet.defer import succeed
+
+from mta.envelope import Address, DeliveryResult, Envelope
+from mta.queue import entry as fmt
+from mta.queue.bounce import Bouncer, FailedRecipient, build_dsn, status_code
+from mta.queue.runner import QueueRunner
+from mta.queue.spool import Spool
+from tests.queue.doubles import InlinePool, ThreadClock, envelope
+
+BODY = b"From: Sender <sender@remote.test>\r\nSubject: hello\r\nMessage-ID: <m1@remote.test>\r\n\r\nsecret body\r\n"
+
+
+class Agent:
+    """Fails `bad` recipients with 550, defers `slow` ones, delivers the rest."""
+
+    def __init__(self, bad=(), slow=()):
+        self.bad, self.slow = set(bad), set(slow)
+        self.calls = []
+
+    def deliver(self, entry, recipients):
+        self.calls.append((entry.qid, entry.envelope.sender, list(recipients)))
+        out = []
+        for r in recipients:
+            if str(r) in self.bad:
+                out.append(DeliveryResult.failed(r, f"550 5.1.1 <{r}>: no such user"))
+            elif str(r) in self.slow:
+                out.append(DeliveryResult.deferred(r, "451 4.4.1 try later"))
+            else:
+                out.append(DeliveryResult.delivered(r))
+        return succeed(out)
+
+
+@pytest.fixture
+def clock():
+    return ThreadClock()
+
+
+def make(tmp_path, clock, agent, max_age=1000.0):
+    pool = InlinePool()
+    spool = Spool(str(tmp_path / "queue"), clock, pool)
+    bouncer = Bouncer(spool, "mx.example.test", clock, pool)
+    runner = QueueRunner(spool, agent, clock, (10.0, 20.0), max_age, 5, bouncer=bouncer)
+    runner.startService()
+    return spool, runner
+
+
+def submit(spool, env):
+    qid = spool.new_queue_id()
+    f = spool.open(qid)
+    f.write(BODY)
+    f.commit(env, b"Received: from client by mx.example.test\r\n")
+    return qid
+
+
+def queued(spool, sub="active"):
+    d = os.path.join(spool.queue_dir, sub)
+    return sorted(n for n in os.listdir(d) if fmt.is_queue_id(n))
+
+
+def load(spool, qid):
+    e = fmt.read_entry(os.path.join(spool.active_dir, qid))
+    with open(e.path, "rb") as f:
+        body = f.read(e.body_length)
+    return e, email.message_from_bytes(body, policy=email.policy.compat32)
+
+
+def test_permanent_failure_queues_one_dsn_with_rfc3464_structure(tmp_path, clock):
+    # The DSN recipient is deferred so the bounce stays in the queue to inspect.
+    agent = Agent(bad={"bob@example.test", "carol@example.test"}, slow={"sender@remote.test"})
+    spool, runner = make(tmp_path, clock, agent)
+    env = Envelope(
+        sender=Address("sender", "remote.test"),
+        recipients=(
+            Address("bob", "example.test"),
+            Address("carol", "example.test"),
+            Address("dave", "example.test"),
+        ),
+        original_recipients=(
+            Address("info", "example.test"),
+            Address("carol", "example.test"),
+            Address("dave", "example.test"),
+        ),
+        received_at=0.0,
+    )
+    qid = submit(spool, env)
+    bounces = [c for c in agent.calls if c[1].is_null]
+    assert len(bounces) == 1, agent.calls
+    bounce_qid = bounces[0][0]
+    assert queued(spool) == [bounce_qid]  # the original is gone, the DSN waits
+    assert queued(spool, "dead") == []
+    entry, msg = load(spool, bounce_qid)
+    assert entry.envelope.sender.is_null
+    assert entry.envelope.recipients == (Address("sender", "remote.test"),)
+    assert msg.get_content_type() == "multipart/report"
+    assert msg.get_param("report-type") == "delivery-status"
+    assert msg["To"] == "sender@remote.test"
+    assert msg["Auto-Submitted"] == "auto-replied"
+    text, status, headers = msg.get_payload()
+    assert text.get_content_type() == "text/plain"
+    assert "no such user" in text.get_payload()
+    assert status.get_content_type() == "message/delivery-status"
+    per_message, *per_rcpt = status.get_payload()
+    assert per_message["Reporting-MTA"] == "dns; mx.example.test"
+    assert per_message["X-Queue-ID"] == qid
+    assert per_message["Arrival-Date"]
+    assert [r["Final-Recipient"] for r in per_rcpt] == [
+        "rfc822; bob@example.test",
+        "rfc822; carol@example.test",
+    ]
+    assert [r["Original-Recipient"] for r in per_rcpt] == [
+        "rfc822; info@example.test",
+        "rfc822; carol@example.test",
+    ]
+    assert {r["Action"] for r in per_rcpt} == {"failed"}
+    assert {r["Status"] for r in per_rcpt} == {"5.1.1"}
+    assert per_rcpt[0]["Diagnostic-Code"] == "smtp; 550 5.1.1 <bob@example.test>: no such user"
+    assert headers.get_content_type() == "text/rfc822-headers"
+    original = headers.get_payload()
+    assert "Subject: hello" in original and "Received: from client" in original
+    assert "secret body" not in original
+
+
+def test_expiry_at_max_age_bounces_with_5_4_7(tmp_path, clock):
+    agent = Agent(slow={"bob@example.test", "sender@remote.test"})
+    spool, runner = make(tmp_path, clock, agent, max_age=25.0)
+    qid = submit(spool, envelope("bob@example.test"))
+    clock.advance(10)  # second attempt, deferred again; next would be at 30 > max_age
+    assert not [c for c in agent.calls if c[1].is_null]
+    clock.advance(15)  # at max_age: last attempt, then expiry
+    bounces = [c for c in agent.calls if c[1].is_null]
+    assert len(bounces) == 1
+    assert qid not in queued(spool)
+    _, msg = load(spool, bounces[0][0])
+    (rcpt,) = msg.get_payload()[1].get_payload()[1:]
+    assert rcpt["Status"] == "5.4.7"
+    assert "expired" in rcpt["Diagnostic-Code"]
+
+
+def test_null_sender_is_never_bounced_but_dead_lettered(tmp_path, clock):
+    agent = Agent(bad={"bob@example.test"})
+    spool, runner = make(tmp_path, clock, agent)
+    qid = submit(spool, envelope("bob@example.test", sender=""))
+    assert [c[0] for c in agent.calls] == [qid]
+    assert queued(spool) == []
+    assert queued(spool, "dead") == [qid]
+    status = fmt.read_status(os.path.join(spool.dead_dir, qid + fmt.STATUS_SUFFIX))
+    assert "no such user" in status["reason"]
+
+
+def test_undeliverable_bounce_goes_to_dead_letters(tmp_path, clock):
+    agent = Agent(bad={"bob@example.test", "sender@remote.test"})
+    spool, runner = make(tmp_path, clock, agent)
+    submit(spool, envelope("bob@example.test"))
+    (bounce,) = [c for c in agent.calls if c[1].is_null]
+    assert queued(spool) == []
+    assert queued(spool, "dead") == [bounce[0]]
+    assert len(agent.calls) == 2  # no bounce of the bounce
+
+
+def test_bounce_that_cannot_be_queued_dead_letters_the_original(tmp_path, clock):
+    agent = Agent(bad={"bob@example.test"})
+    spool, runner = make(tmp_path, clock, agent)
+
+    async def broken(entry):
+        raise OSError(28, "No space left on device")
+
+    runner.bouncer.bounce = broken
+    qid = submit(spool, envelope("bob@example.test"))
+    assert queued(spool, "dead") == [qid]
+
+
+def test_status_code_prefers_permanent_codes():
+    assert status_code("550 5.1.1 no such user") == "5.1.1"
+    assert status_code("5.4.7 delivery time expired: 451 4.4.1 try later") == "5.4.7"
+    assert status_code("554 transaction failed") == "5.0.0"
+    assert status_code("connection to 192.0.2.1 refused") == "5.0.0"
+
+
+def test_build_dsn_utf8_recipient_crlf_only():
+    message = build_dsn(
+        hostname="mx.example.test",
+        qid="q1",
+        sender=Address("sender", "remote.test"),
+        arrival=0.0,
+        now=60.0,
+        recipients=[FailedRecipient(Address("jörg", "example.test"), None, "5.1.1", "550 no")],
+        original_headers=b"Subject: x\n",
+        boundary="b/1",
+        message_id="q2.dsn@mx.example.test",
+    )
+    assert b"\n" not in message.replace(b"\r\n", b"")  # no bare LF
+    msg = email.message_from_bytes(message, policy=email.policy.compat32)
+    rcpt = msg.get_payload()[1].get_payload()[1]
+    assert str(rcpt["Final-Recipient"]).startswith("utf-8; ")
+    assert "Original-Recipient" not in rcpt
+    assert msg.get_payload()[2].get_payload() == "Subject: x\r\n"
