@@ -94,6 +94,16 @@ class AuditEntry:
 
 
 @attrs.frozen
+class AuthFailure:
+    """One row of `auth_failures`: AUTH failures of one key (account or client IP)."""
+
+    key: str
+    failures: int
+    first_failure: float
+    locked_until: float | None
+
+
+@attrs.frozen
 class Migration:
     version: int
     name: str
@@ -442,6 +452,65 @@ class Database:
         """Forget the AUTH failures and lockouts of a user; returns how many keys."""
         with self.transaction() as conn:
             return _delete_auth_failures(conn, _lookup_key(email))
+
+    def auth_failures(self, keys: Iterable[str]) -> dict[str, AuthFailure]:
+        """The stored failure records of `keys` (absent keys are left out)."""
+        wanted = list(dict.fromkeys(keys))
+        if not wanted:
+            return {}
+        marks = ", ".join("?" * len(wanted))
+        with self._read() as conn:
+            rows = conn.execute(
+                "SELECT key, failures, first_failure, locked_until FROM auth_failures"
+                f" WHERE key IN ({marks})",
+                wanted,
+            ).fetchall()
+        return {row[0]: AuthFailure(*row) for row in rows}
+
+    def put_auth_failure(self, record: AuthFailure) -> None:
+        with self.transaction() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO auth_failures (key, failures, first_failure,"
+                " locked_until) VALUES (?, ?, ?, ?)",
+                (record.key, record.failures, record.first_failure, record.locked_until),
+            )
+
+    def delete_auth_failure(self, key: str) -> bool:
+        """Forget exactly `key` (not its `key|...` qualifiers); True when it existed."""
+        with self.transaction() as conn:
+            return conn.execute("DELETE FROM auth_failures WHERE key = ?", (key,)).rowcount > 0
+
+    def purge_auth_failures(self, *, window_start: float, now: float) -> int:
+        """Delete records whose failure window began before `window_start` and that
+        are not locked at `now`; returns how many."""
+        with self.transaction() as conn:
+            return conn.execute(
+                "DELETE FROM auth_failures WHERE first_failure < ?"
+                " AND (locked_until IS NULL OR locked_until <= ?)",
+                (window_start, now),
+            ).rowcount
+
+    def replace_password_hash(self, email: str, old_hash: str, new_hash: str) -> bool:
+        """Store `new_hash` only if the stored hash is still `old_hash` (a rehash on
+        login must not undo a password change made meanwhile); True when stored."""
+        with self.transaction() as conn:
+            cursor = conn.execute(
+                "UPDATE users SET password_hash = ? WHERE username = ? AND password_hash = ?",
+                (new_hash, _lookup_key(email), old_hash),
+            )
+            return cursor.rowcount == 1
+
+    def send_as_any(self, email: str) -> bool:
+        """True when `email` is an enabled user allowed any MAIL FROM address."""
+        with self._read() as conn:
+            row = conn.execute(
+                "SELECT send_as_any FROM users WHERE username = ? AND enabled",
+                (_lookup_key(email),),
+            ).fetchone()
+        return bool(row and row[0])
+
+    def set_send_as_any(self, email: str, allowed: bool) -> None:
+        self._update_user(email, "send_as_any = ?", (int(allowed),))
 
     # -- aliases -------------------------------------------------------------
 
