@@ -1,0 +1,269 @@
+"""The outbound relay: the IDeliveryAgent for recipients outside `local_domains`.
+
+`RelayDelivery.deliver(entry, recipients)` groups the recipients by domain and, for
+each domain at once, resolves the targets (`MXResolver`) and tries them in order
+until one carries the transaction, Postfix-like:
+
+- the next target is tried after a connection failure, a session failure (greeting,
+  EHLO, TLS, timeout, lost connection before the end-of-data reply) or a 4xx reply
+  to MAIL FROM; an address that refused the connection is remembered as unreachable;
+- replies to RCPT and to the end of data are final for this attempt: 2xx delivered,
+  4xx deferred, 5xx failed (the runner bounces; part B);
+- a permanent DNS answer (NXDOMAIN, null MX) fails the domain's recipients, every
+  other DNS problem and "all targets failed" defers them.
+
+At most `destination_concurrency` transactions run per domain at once.  After a
+transaction the connection goes into a small idle pool for its (address, port) and is
+reused (after RSET) by the next message for that target, or closed with QUIT after
+`idle_timeout` seconds.  One log event per attempt: qid, recipients, target, reply.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from twisted.application.service import Service
+from twisted.internet import defer, endpoints, ssl
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mta.delivery.mx import MXResolver, RouteError, Target
+from mta.delivery.smtpclient import (
+    Message,
+    SessionError,
+    SMTPClientProtocol,
+    SpoolBody,
+    Timeouts,
+)
+from mta.envelope import Address, DeliveryResult, RecipientState, Reply
+from mta.interfaces import IDeliveryAgent
+
+log = Logger()
+
+MAX_IDLE_PER_TARGET = 4
+DEFAULT_TIMEOUTS = Timeouts()
+MAX_TRANSACTIONS_PER_CONNECTION = 100
+
+
+def client_tls_context():
+    """Opportunistic client TLS: TLS 1.2 minimum, certificate not verified."""
+    return ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+
+
+def result_for(recipient: Address, reply: Reply, target: str) -> DeliveryResult:
+    detail = f"{target} said: {reply}"
+    if reply.is_success:
+        return DeliveryResult(recipient, RecipientState.DELIVERED, detail, reply)
+    if reply.is_transient:
+        return DeliveryResult(recipient, RecipientState.DEFERRED, detail, reply)
+    return DeliveryResult(recipient, RecipientState.FAILED, detail, reply)
+
+
+@implementer(IDeliveryAgent)
+class RelayDelivery(Service):
+    """Relays to the world.  A Service only so that stopping it closes idle connections.
+
+    `connect(target) -> Deferred[SMTPClientProtocol]` may be injected (tests); by
+    default a TCP connection is made with `reactor` within `connect_timeout`.
+    """
+
+    name = "relay"
+
+    def __init__(
+        self,
+        mx: MXResolver,
+        reactor,
+        *,
+        helo: str,
+        tls: str = "opportunistic",
+        timeouts: Timeouts = DEFAULT_TIMEOUTS,
+        connect_timeout: float = 30.0,
+        destination_concurrency: int = 20,
+        idle_timeout: float = 5.0,
+        pool=None,
+        tls_context=None,
+        connect=None,
+    ):
+        self.mx = mx
+        self.reactor = reactor
+        self.helo = helo
+        self.tls = tls
+        self.timeouts = timeouts
+        self.connect_timeout = connect_timeout
+        self.destination_concurrency = max(1, destination_concurrency)
+        self.idle_timeout = idle_timeout
+        self._pool = pool
+        self._tls_context = (
+            tls_context
+            if tls_context is not None
+            else (client_tls_context() if tls != "none" else None)
+        )
+        self._connect = connect or self._tcp_connect
+        self._limits: dict[str, defer.DeferredSemaphore] = {}
+        self._idle: dict[tuple[str, int], list[tuple[SMTPClientProtocol, object]]] = defaultdict(
+            list
+        )
+
+    # -- IDeliveryAgent ------------------------------------------------------------
+
+    def deliver(self, entry, recipients) -> defer.Deferred:
+        by_domain: dict[str, list[Address]] = defaultdict(list)
+        for rcpt in recipients:
+            by_domain[rcpt.domain.lower()].append(rcpt)
+        calls = [
+            defer.Deferred.fromCoroutine(self._deliver_domain(entry, domain, rcpts))
+            for domain, rcpts in by_domain.items()
+        ]
+        d = defer.gatherResults(calls, consumeErrors=True)
+        d.addCallback(lambda lists: [r for results in lists for r in results])
+        return d
+
+    async def _deliver_domain(self, entry, domain: str, rcpts: list[Address]):
+        limit = self._limits.get(domain)
+        if limit is None:
+            limit = self._limits[domain] = defer.DeferredSemaphore(self.destination_concurrency)
+        await limit.acquire()
+        try:
+            return await self._attempt(entry, domain, rcpts)
+        finally:
+            limit.release()
+            if not limit.waiting and limit.tokens == limit.limit:
+                self._limits.pop(domain, None)
+
+    async def _attempt(self, entry, domain: str, rcpts: list[Address]) -> list[DeliveryResult]:
+        try:
+            targets = await self.mx.resolve(domain)
+        except RouteError as e:
+            self._log(entry, rcpts, domain, e.reply)
+            state = RecipientState.FAILED if e.permanent else RecipientState.DEFERRED
+            return [DeliveryResult(r, state, str(e.reply), e.reply) for r in rcpts]
+        last = Reply(451, "4.4.1", f"no mail exchanger of {domain} could be reached")
+        for target in targets:
+            if self.mx.is_unreachable(target):
+                continue
+            try:
+                proto = await self._session(target)
+            except SessionError as e:
+                last = e.reply
+                self._log(entry, rcpts, str(target), e.reply)
+                continue
+            message = Message(
+                sender=entry.envelope.sender,
+                recipients=tuple(rcpts),
+                size=entry.size,
+                body_source=SpoolBody(
+                    entry.trace_headers, entry.path, entry.body_length, self.reactor, self._pool
+                ),
+                body=entry.envelope.body,
+                smtputf8=entry.envelope.smtputf8,
+            )
+            try:
+                outcome = await proto.send(message)
+            except SessionError as e:
+                last = e.reply
+                self._log(entry, rcpts, str(target), e.reply)
+                proto.abort()
+                continue
+            self._release(target, proto)
+            if outcome.mail is not None and outcome.mail.is_transient:
+                last = outcome.mail
+                self._log(entry, rcpts, str(target), outcome.mail)
+                continue  # 4xx to MAIL FROM: the next MX may take it
+            results = [result_for(r, outcome.replies[r], str(target)) for r in rcpts]
+            self._log(entry, rcpts, str(target), outcome.data or outcome.mail, results, proto)
+            return results
+        return [
+            DeliveryResult(r, RecipientState.DEFERRED, f"{domain}: {last}", last) for r in rcpts
+        ]
+
+    # -- connections -----------------------------------------------------------------
+
+    async def _session(self, target: Target) -> SMTPClientProtocol:
+        """An established session to `target`: an idle one (after RSET) or a new one."""
+        idle = self._idle.get(target.key)
+        while idle:
+            proto, timer = idle.pop()
+            if timer.active():
+                timer.cancel()
+            if proto.closed:
+                continue
+            try:
+                await proto.reset()
+                return proto
+            except SessionError:
+                proto.abort()
+        try:
+            proto = await self._connect(target)
+        except Exception as e:
+            self.mx.mark_unreachable(target)
+            raise SessionError(
+                Reply(451, "4.4.1", f"connect to {target} failed: {e.__class__.__name__}"),
+                "connect",
+            ) from None
+        try:
+            await proto.establish(self.helo, self.tls, self._tls_context)
+        except SessionError:
+            proto.abort()
+            raise
+        self.mx.mark_reachable(target)
+        return proto
+
+    def _tcp_connect(self, target: Target) -> defer.Deferred:
+        cls = (
+            endpoints.TCP6ClientEndpoint if ":" in target.address else endpoints.TCP4ClientEndpoint
+        )
+        endpoint = cls(self.reactor, target.address, target.port, timeout=self.connect_timeout)
+        proto = SMTPClientProtocol(
+            self.reactor, self.timeouts, peer=f"{target.host}[{target.address}]"
+        )
+        return endpoints.connectProtocol(endpoint, proto)
+
+    def _release(self, target: Target, proto: SMTPClientProtocol) -> None:
+        idle = self._idle[target.key]
+        if (
+            proto.closed
+            or not self.running
+            or proto.transactions >= MAX_TRANSACTIONS_PER_CONNECTION
+            or len(idle) >= MAX_IDLE_PER_TARGET
+        ):
+            defer.ensureDeferred(proto.quit())
+            return
+        timer = self.reactor.callLater(self.idle_timeout, self._expire, target.key, proto)
+        idle.append((proto, timer))
+
+    def _expire(self, key, proto) -> None:
+        idle = self._idle.get(key, [])
+        idle[:] = [(p, t) for p, t in idle if p is not proto]
+        if not idle:
+            self._idle.pop(key, None)
+        defer.ensureDeferred(proto.quit())
+
+    def stopService(self):
+        super().stopService()
+        quits = []
+        for idle in self._idle.values():
+            for proto, timer in idle:
+                if timer.active():
+                    timer.cancel()
+                quits.append(defer.ensureDeferred(proto.quit()))
+        self._idle.clear()
+        return defer.DeferredList(quits)
+
+    def idle_connections(self) -> int:
+        return sum(len(v) for v in self._idle.values())
+
+    # -- logging ---------------------------------------------------------------------
+
+    def _log(self, entry, rcpts, target: str, reply, results=None, proto=None) -> None:
+        log.info(
+            "relay {qid} to {recipients} via {mx}: {reply}",
+            qid=entry.qid,
+            recipients=[str(r) for r in rcpts],
+            mx=target,
+            reply=str(reply) if reply is not None else "",
+            delivered=[
+                str(r.recipient) for r in results or () if r.state is RecipientState.DELIVERED
+            ],
+            tls=(proto.tls_info or "yes") if proto is not None and proto.tls else "no",
+            event="relay_attempt",
+        )
