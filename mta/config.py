@@ -61,6 +61,7 @@ class LimitsConfig:
     max_connections: int = 2000
     max_connections_per_ip: int = 100
     messages_per_ip_per_minute: int = 0
+    messages_per_user_per_minute: int = 0
     max_line_length: int = 512
     max_received_headers: int = 50
 
