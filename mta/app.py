@@ -180,4 +180,72 @@ def build_service(
         tracker,
         tls,
     )
+    if worker_index == 0:
+        add_operations(root, config, reactor)
     return root
+
+
+def add_operations(root: MTAService, config: Config, reactor, registry=None) -> None:
+    """Metrics, /healthz /readyz on `[http]` and the `[manhole]` SSH console, added
+    last (so they stop first).  Only worker 0 calls this: with `workers` > 1 the
+    metrics and the console describe that process only."""
+    from prometheus_client import CollectorRegistry
+
+    from mta.db import Database
+    from mta.observe.health import Health, service_checks, service_probes
+    from mta.observe.http import HTTPService, make_site
+    from mta.observe.metrics import MetricsService, summary
+
+    registry = CollectorRegistry() if registry is None else registry
+    root.registry = registry
+    pool = _pool("observe", 2)
+    ThreadPoolService(pool).setServiceParent(root)
+    metrics = MetricsService(root, registry)
+    metrics.setServiceParent(root)
+    root.metrics = metrics.metrics
+    root.http = root.manhole = None
+
+    if config.http.address:
+        host, _, port = config.http.address.rpartition(":")
+        health = Health(
+            reactor,
+            pool,
+            probes=service_probes(
+                root, database=config.path("mta.db"), mail_root=config.path("mail")
+            ),
+            checks=service_checks(root),
+        )
+        root.http = HTTPService(
+            host.strip("[]") or "0.0.0.0", int(port), make_site(registry, health), reactor, health
+        )
+        root.http.setServiceParent(root)
+
+    if config.manhole.address:
+        from twisted.internet.threads import deferToThreadPool
+
+        from mta.admin.manhole import ManholeService, make_factory, make_namespace
+
+        def record_login(username: str, client: str, fingerprint: str):
+            def write() -> None:
+                with Database(config.path("mta.db")) as db:
+                    db.record_audit(
+                        "manhole.login",
+                        username,
+                        ip_address=client,
+                        user_agent="manhole",
+                        details={"key": fingerprint},
+                    )
+
+            return deferToThreadPool(reactor, pool, write)
+
+        namespace = make_namespace(root, registry, reactor, lambda: summary(registry))
+        factory = make_factory(
+            namespace,
+            config.manhole.authorized_keys,
+            config.path("manhole", "ssh_host_key"),
+            record_login,
+            reactor,
+        )
+        host, _, port = config.manhole.address.rpartition(":")
+        root.manhole = ManholeService(host.strip("[]"), int(port), factory, reactor)
+        root.manhole.setServiceParent(root)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 import tomllib
 from collections.abc import Mapping
@@ -108,6 +109,14 @@ class DNSConfig:
 
 
 @attrs.frozen
+class DKIMConfig:
+    """`[dkim]`: sign outbound mail From these domains with <datadir>/dkim/<domain>.<selector>.key."""
+
+    selector: str = "mta"
+    domains: tuple[str, ...] = ()
+
+
+@attrs.frozen
 class HTTPConfig:
     address: str | None = "127.0.0.1:8081"
 
@@ -134,6 +143,7 @@ class Config:
     queue: QueueConfig = QueueConfig()
     relay: RelayConfig = RelayConfig()
     dns: DNSConfig = DNSConfig()
+    dkim: DKIMConfig = DKIMConfig()
     http: HTTPConfig = HTTPConfig()
     log: LogConfig = LogConfig()
     source: str = "<defaults>"
@@ -161,6 +171,7 @@ _SECTIONS: dict[str, type] = {
     "queue": QueueConfig,
     "relay": RelayConfig,
     "dns": DNSConfig,
+    "dkim": DKIMConfig,
     "http": HTTPConfig,
     "log": LogConfig,
 }
@@ -173,7 +184,7 @@ _CHOICES = {
 }
 # Sections of the operator contract implemented by later stages: accepted so that one
 # config file serves every version, validated only as tables.
-_RESERVED_SECTIONS = ("dkim", "checks", "manhole", "storage.s3")
+_RESERVED_SECTIONS = ("checks", "manhole", "storage.s3")
 
 
 def load_config(path: str | None = None, *, datadir: str | None = None) -> Config:
@@ -258,6 +269,7 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
     for name in _RESERVED_SECTIONS:
         if "." not in name and name in data and not isinstance(data[name], dict):
             raise err(name, "must be a table")
+    sections["dkim"] = _dkim(sections["dkim"], err)
     http_addr = sections["http"].address
     if http_addr:
         _host_port(http_addr, "http.address", err)
@@ -287,6 +299,23 @@ def _host_port(value: str, key: str, err) -> tuple[str, int]:
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise err(key, f"expected host:port, got {value!r}")
     return host.strip("[]") or "0.0.0.0", int(port)
+
+
+_SELECTOR_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+
+
+def _dkim(section: DKIMConfig, err) -> DKIMConfig:
+    if not _SELECTOR_RE.match(section.selector):
+        raise err("dkim.selector", f"not a DNS label: {section.selector!r}")
+    domains = []
+    for i, domain in enumerate(section.domains):
+        domain = domain.lower().rstrip(".")
+        try:
+            parse_mailbox(f"x@{domain}")
+        except AddressError:
+            raise err(f"dkim.domains[{i}]", f"not a domain name: {domain!r}") from None
+        domains.append(domain)
+    return attrs.evolve(section, domains=tuple(dict.fromkeys(domains)))
 
 
 def _listeners(raw: Any, err) -> tuple[ListenerConfig, ...]:

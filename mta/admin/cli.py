@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from mta.config import Config, ConfigError, load_config
+from mta.config import Config, ConfigError, build_config, load_config
 from mta.db import (
     Database,
     DirectoryError,
@@ -142,6 +142,16 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", metavar="ACTION", required=True
     )
     leaf(queue, "list", cmd_queue_list, "list queued messages (like mailq)")
+
+    dkim = commands.add_parser("dkim", help="DKIM signing keys").add_subparsers(
+        dest="action", metavar="ACTION", required=True
+    )
+    keygen = leaf(
+        dkim, "keygen", cmd_dkim_keygen, "make a signing key and print its DNS TXT record"
+    )
+    keygen.add_argument("domain")
+    keygen.add_argument("--selector", help="default: [dkim] selector of the config")
+    keygen.add_argument("--bits", type=int, default=2048, help="RSA key size (default 2048)")
 
     audit = leaf(commands, "audit", cmd_audit, "show the audit log")
     audit.add_argument("--user", metavar="EMAIL")
@@ -488,6 +498,37 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     entries = queue_inspect.list_entries(config.path("queue"))
     listing = queue_inspect.format_listing(entries)
     print(listing, end="" if listing.endswith("\n") else "\n")
+    return 0
+
+
+def cmd_dkim_keygen(args: argparse.Namespace) -> int:
+    from mta.admin import dkim as dkim_keys
+
+    config = _config(args)
+    domain = args.domain.strip().lower().rstrip(".")
+    selector = args.selector or config.dkim.selector
+    # Validate the names as [dkim] would, so the key is found under them later.
+    try:
+        probe = build_config({"dkim": {"selector": selector, "domains": [domain]}})
+    except ConfigError as e:
+        raise CLIError(str(e).split(": ", 1)[-1]) from None
+    domain, selector = probe.dkim.domains[0], probe.dkim.selector
+    try:
+        pem, public = dkim_keys.generate_key(args.bits)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    os.makedirs(config.datadir, mode=0o750, exist_ok=True)
+    try:
+        path = dkim_keys.write_key(config.path("dkim"), domain, selector, pem, config.datadir)
+    except dkim_keys.KeyExists as e:
+        raise CLIError(str(e)) from None
+    print(f"; private key written to {path}")
+    if domain not in config.dkim.domains or selector != config.dkim.selector:
+        print(
+            f'; to sign with it, set [dkim] selector = "{selector}" and add "{domain}" '
+            f"to [dkim] domains once this record is published"
+        )
+    print(dkim_keys.txt_record(domain, selector, public))
     return 0
 
 
