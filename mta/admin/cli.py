@@ -122,7 +122,24 @@ def build_parser() -> argparse.ArgumentParser:
     passwd.add_argument(
         "--password-stdin", action="store_true", help="read the password from stdin"
     )
-    leaf(user, "unlock", cmd_user_unlock, "clear a user's AUTH lockout").add_argument("email")
+    unlock = leaf(user, "unlock", cmd_user_unlock, "clear a user's AUTH lockout")
+    unlock.add_argument("email")
+    unlock.add_argument(
+        "--ip",
+        action="append",
+        default=[],
+        metavar="ADDRESS",
+        help="also clear the lockout of this client address (repeatable)",
+    )
+    send_as = leaf(
+        user, "set-send-as", cmd_user_set_send_as, "which MAIL FROM addresses a user may use"
+    )
+    send_as.add_argument("email")
+    send_as.add_argument(
+        "scope",
+        choices=("own", "any"),
+        help="own: its address and aliases pointing at it; any: every address (service accounts)",
+    )
 
     alias = commands.add_parser("alias", help="virtual aliases").add_subparsers(
         dest="action", metavar="ACTION", required=True
@@ -408,8 +425,22 @@ def cmd_user_unlock(args: argparse.Namespace) -> int:
         with db.transaction():
             db.require_user(email)
             cleared = db.clear_auth_failures(email)
-            _audit(db, "user.unlock", email, cleared=cleared)
+            for address in args.ip:
+                cleared += db.delete_auth_failure("ip:" + address.strip().lower())
+            extra = {"ip": args.ip} if args.ip else {}
+            _audit(db, "user.unlock", email, cleared=cleared, **extra)
     print(f"unlocked {email} ({cleared} lockout record{'s' if cleared != 1 else ''} cleared)")
+    return 0
+
+
+def cmd_user_set_send_as(args: argparse.Namespace) -> int:
+    config = _config(args)
+    email = args.email.strip().lower()
+    with _database(config) as db:
+        with db.transaction():
+            db.set_send_as_any(email, args.scope == "any")
+            _audit(db, "user.send_as", email, scope=args.scope)
+    print(f"{email} may send as {'any address' if args.scope == 'any' else 'its own addresses'}")
     return 0
 
 

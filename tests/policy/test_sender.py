@@ -93,3 +93,72 @@ def test_database_error_fails_the_deferred(db, policy):
     db.close()
     with pytest.raises(sqlite3.ProgrammingError):
         check(policy, "alice@example.test", Address("sales", "example.test"))
+
+
+# -- mta-admin -----------------------------------------------------------------------
+
+CLI_CONFIG = """\
+hostname = "mx.example.test"
+datadir = "data"
+local_domains = ["example.test"]
+postmaster = "robot@example.test"
+"""
+
+
+@pytest.fixture
+def admin(tmp_path, monkeypatch, capsys):
+    from mta.admin import cli
+
+    path = tmp_path / "mta.toml"
+    path.write_text(CLI_CONFIG)
+    monkeypatch.delenv("MTA_CONFIG", raising=False)
+
+    def run(*argv):
+        status = cli.main(["--config", str(path), *argv])
+        return (status, *capsys.readouterr())
+
+    assert run("user", "add", "robot@example.test", "--no-password")[0] == 0
+    return run, str(tmp_path / "data" / "mta.db")
+
+
+def test_mta_admin_set_send_as(admin):
+    run, path = admin
+    status, out, _ = run("user", "set-send-as", "Robot@example.test", "any")
+    assert status == 0 and "any address" in out
+    with Database(path) as db:
+        assert db.send_as_any("robot@example.test")
+        entry = db.audit_entries()[-1]
+        assert (entry.action, entry.username, entry.details["scope"]) == (
+            "user.send_as",
+            "robot@example.test",
+            "any",
+        )
+    assert run("user", "set-send-as", "robot@example.test", "own")[0] == 0
+    with Database(path) as db:
+        assert not db.send_as_any("robot@example.test")
+    status, _, err = run("user", "set-send-as", "nobody@example.test", "any")
+    assert status == 1 and "no such user" in err and "Traceback" not in err
+
+
+def test_mta_admin_unlock_clears_account_and_address_lockouts(admin):
+    from twisted.internet import task
+
+    from mta.policy.lockout import LockoutRules, LockoutTracker
+
+    run, path = admin
+    clock = task.Clock()
+    with Database(path) as db:
+        tracker = LockoutTracker(
+            lambda: db, lambda f, *a: defer.maybeDeferred(f, *a), clock, LockoutRules(2, 60, 600)
+        )
+        for _ in range(2):
+            result(tracker.record_failure("robot@example.test", "192.0.2.7"))
+        assert len(db.auth_failures(["robot@example.test", "ip:192.0.2.7"])) == 2
+    status, out, _ = run("user", "unlock", "robot@example.test", "--ip", "192.0.2.7")
+    assert status == 0 and "2 lockout records cleared" in out
+    with Database(path) as db:
+        assert db.auth_failures(["robot@example.test", "ip:192.0.2.7"]) == {}
+        fresh = LockoutTracker(
+            lambda: db, lambda f, *a: defer.maybeDeferred(f, *a), clock, LockoutRules(2, 60, 600)
+        )
+        assert result(fresh.check("robot@example.test", "192.0.2.7")) is None
