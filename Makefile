@@ -17,7 +17,7 @@ DEBIAN_MODULES := twisted OpenSSL service_identity argon2 attr zope.interface py
 SHELL := /bin/bash
 comma := ,
 .DEFAULT_GOAL := help
-.PHONY: help run test test-latest test-debian lint format bench clean venv debian-venv
+.PHONY: help run test test-latest test-debian lint format bench clean venv debian-venv deb
 
 help:
 	@sed -n 's/^#   make /  make /p; s/^# Also/Also/p' Makefile
@@ -96,6 +96,30 @@ format: $(VENV)/.ruff
 
 bench: $(VENV)/.installed
 	bash bench/run_mta.sh
+
+# ---------------------------------------------------------------- Debian package
+
+# make deb: dist/deb/mta_<version>_all.deb (dpkg-buildpackage -us -uc -b) built in a
+# clean copy of the tree in a temporary directory (no .git, virtualenvs, var/, caches
+# or dropin.cache get in; the checkout is not touched), then lintian: errors fail.
+# Build dependencies: .ci/apt/deb.txt.  DEB_DIST=DIR puts the .deb elsewhere.  PATH is
+# Debian's own, so the build uses /usr/bin/python3, not a virtualenv's or pyenv's.
+DEB_DIST ?= dist/deb
+
+deb:
+	@set -euo pipefail; \
+	build=$$(mktemp -d "$${TMPDIR:-/tmp}/mta-deb.XXXXXX"); \
+	trap 'rm -rf "$$build"' EXIT; \
+	mkdir -p "$$build/mta" "$(DEB_DIST)"; \
+	tar -cf - --exclude=./.git --exclude='./.venv*' --exclude=./var --exclude=./dist \
+	  --exclude=./build --exclude='*.egg-info' --exclude=__pycache__ --exclude=dropin.cache \
+	  --exclude=.pytest_cache --exclude=.ruff_cache . | tar -C "$$build/mta" -xf -; \
+	echo "== make deb: dpkg-buildpackage -us -uc -b in $$build/mta"; \
+	(cd "$$build/mta" && env PATH=/usr/sbin:/usr/bin:/sbin:/bin dpkg-buildpackage -us -uc -b); \
+	echo "== make deb: lintian (errors fail, warnings are listed)"; \
+	lintian --fail-on error --display-info "$$build"/mta_*.changes; \
+	cp "$$build"/mta_*.deb "$(DEB_DIST)/"; \
+	echo "== make deb: $$(ls "$(DEB_DIST)"/mta_*.deb)"
 
 # ---------------------------------------------------------------- clean
 
