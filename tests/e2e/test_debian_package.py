@@ -16,6 +16,7 @@ capability), and stopped by its own pid.  The .deb is built once per session.
 
 from __future__ import annotations
 
+import configparser
 import contextlib
 import json
 import os
@@ -53,7 +54,26 @@ UNIT_ENV = {
     "PYTHONUNBUFFERED": "1",
     "PYTHONDONTWRITEBYTECODE": "1",
 }
-# The libraries the code imports, as Debian 12 packages (debian/control Depends).
+# setup.cfg install_requires -> the Debian 12 package providing it.  A new requirement
+# must be added here and to debian/control's Depends (test_package_contents fails until).
+DEBIAN_PACKAGE_OF = {
+    "twisted": "python3-twisted",
+    "attrs": "python3-attr",
+    "zope.interface": "python3-zope.interface",
+    "pyopenssl": "python3-openssl",
+    "service-identity": "python3-service-identity",
+    "cryptography": "python3-cryptography",
+    "argon2-cffi": "python3-argon2",
+    "prometheus-client": "python3-prometheus-client",
+    "bcrypt": "python3-bcrypt",
+    "pyasn1": "python3-pyasn1",
+    "dnspython": "python3-dnspython",
+    "dkimpy": "python3-dkim",
+    "treq": "python3-treq",
+    "pyspf": "python3-spf",
+    "authheaders": "python3-authheaders",
+}
+# Depended on whether or not setup.cfg lists them yet (issue #5).
 DEBIAN_DEPENDS = (
     "python3-twisted",
     "python3-openssl",
@@ -61,12 +81,23 @@ DEBIAN_DEPENDS = (
     "python3-argon2",
     "python3-attr",
     "python3-zope.interface",
-    "python3-cryptography",
     "python3-dnspython",
     "python3-dkim",
     "python3-prometheus-client",
     "python3-treq",
 )
+
+
+def install_requires() -> list[str]:
+    """The distribution names in setup.cfg's install_requires, lower case."""
+    parser = configparser.ConfigParser()
+    parser.read(REPO_ROOT / "setup.cfg")
+    names = []
+    for line in parser["options"]["install_requires"].splitlines():
+        match = re.match(r"\s*([A-Za-z0-9_.-]+)", line)
+        if match:
+            names.append(match.group(1).lower().replace("_", "-"))
+    return names
 
 
 def require(condition: bool, reason: str) -> None:
@@ -146,6 +177,9 @@ def test_package_contents(deb):
     assert f"Version: {mta.__version__}" in fields, (fields, "debian/changelog vs mta")
     depends = {d.strip().split()[0] for d in fields.split("Depends:")[1].split("\n")[0].split(",")}
     assert set(DEBIAN_DEPENDS) <= depends, depends
+    for name in install_requires():
+        assert name in DEBIAN_PACKAGE_OF, f"setup.cfg requires {name}: map it to a Debian package"
+        assert DEBIAN_PACKAGE_OF[name] in depends, (name, "missing from debian/control Depends")
     assert "Architecture: all" in fields
 
     control = Path(tempfile.mkdtemp(prefix="mta-deb-control."))
