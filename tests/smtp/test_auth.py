@@ -369,7 +369,9 @@ async def test_reactor_stays_responsive_while_ten_verifies_run(db):
         # Costly enough that the verifies are still running while the reactor ticks.
         checker = make_checker(db, run, time_cost=2, memory_cost=4096)
         db.set_password("alice@example.test", checker.hasher.hash(PASSWORD))
-        auth, _ = make_auth(db, reactor, checker)
+        # Five wrong passwords must not lock the account midway (a success finishing
+        # after the third failure would be refused, depending on thread timing).
+        auth, _ = make_auth(db, reactor, checker, rules=LockoutRules(100, 60.0, 300.0))
         ticks_while_busy = [0]
         done = [False]
 
