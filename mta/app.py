@@ -20,12 +20,14 @@ from twisted.python.components import Componentized
 from twisted.python.threadpool import ThreadPool
 
 from mta.config import Config
+from mta.delivery.dkim import DKIMSigner
 from mta.delivery.local import LocalDelivery
 from mta.delivery.router import Router
 from mta.directory import UserDirectory
 from mta.observe.logging import make_observer
 from mta.policy.relay import RelayPolicy
 from mta.queue.bounce import Bouncer
+from mta.queue.control import QueueControl
 from mta.queue.runner import QueueRunner
 from mta.queue.spool import Spool, ThreadPoolService
 from mta.smtp.server import ConnectionTracker, ListenerService, SMTPFactory
@@ -46,6 +48,7 @@ class MTAService(service.MultiService):
         self.reactor = reactor
         self.spool = None
         self.runner = None
+        self.dkim = None
         self.directory = None
         self.tracker = None
         self.tls = None
@@ -78,6 +81,8 @@ class MTAService(service.MultiService):
         log.info("reloading on SIGHUP", event="reload")
         if self.tls is not None:
             self.tls.reload()
+        if self.dkim is not None:
+            self.dkim.reload()
         supervisor = self.namedServices.get("workers")
         if supervisor is not None:
             supervisor.signal_all("HUP")
@@ -123,6 +128,11 @@ def build_service(
     for pool in (spool_pool, delivery_pool, db_pool):
         ThreadPoolService(pool).setServiceParent(root)
 
+    dkim_pool = _pool("dkim", 2)
+    ThreadPoolService(dkim_pool).setServiceParent(root)
+    # The outbound relay calls root.dkim.sign_entry(entry) just before sending.
+    root.dkim = DKIMSigner(config, dkim_pool, reactor)
+
     directory = UserDirectory(config, config.path("mta.db"), reactor, db_pool)
     directory.setServiceParent(root)
 
@@ -139,6 +149,8 @@ def build_service(
         concurrency=config.queue.delivery_concurrency,
         bouncer=Bouncer(spool, config.hostname, reactor, spool_pool),
     )
+    # Takes the spool's owner lock before the runner recovers it (mta.queue.control).
+    QueueControl(spool, runner, reactor, spool_pool).setServiceParent(root)
     runner.setServiceParent(root)
 
     tls = None

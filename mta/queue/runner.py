@@ -69,6 +69,11 @@ class QueueRunner(Service):
         self._seq = itertools.count()
         self._active: dict[str, Deferred] = {}
         self._loading = 0
+        # Queue control (mta.queue.control): qids being loaded, qids taken out of the
+        # schedule for hold/delete, and who waits for an attempt or load to end.
+        self._loading_ids: dict[str, int] = {}
+        self._withdrawn: set[str] = set()
+        self._settle: dict[str, list[Deferred]] = {}
         self._timer = None
         self._stopping = False
         self.recovery: Deferred | None = None
@@ -151,6 +156,7 @@ class QueueRunner(Service):
             else:
                 qid, recovered = self._due.popleft()
                 self._loading += 1
+                self._loading_ids[qid] = self._loading_ids.get(qid, 0) + 1
                 d = self.spool.load(qid)
                 d.addCallbacks(
                     self._loaded, self._load_failed, (qid, recovered), None, (qid, recovered)
@@ -158,7 +164,10 @@ class QueueRunner(Service):
 
     def _loaded(self, entry: QueueEntry | None, qid: str, recovered: bool) -> None:
         self._loading -= 1
-        if entry is None:
+        self._loaded_id(qid)
+        if qid in self._withdrawn:
+            self._settled(qid)
+        elif entry is None:
             log.info("{qid} left the queue before its attempt", qid=qid, event="gone")
         elif self._stopping:
             pass  # still on disk; the next start recovers it
@@ -169,6 +178,11 @@ class QueueRunner(Service):
 
     def _load_failed(self, f, qid: str, recovered: bool) -> None:
         self._loading -= 1
+        self._loaded_id(qid)
+        if qid in self._withdrawn:
+            self._settled(qid)
+            self._pump()
+            return
         log.failure("cannot load {qid}; retrying later", failure=f, qid=qid, event="load_failed")
         delay = next_delay(1, self.retry_schedule) or 60.0
         heapq.heappush(
@@ -185,7 +199,75 @@ class QueueRunner(Service):
 
     def _ended(self, _, qid: str) -> None:
         self._active.pop(qid, None)
+        if qid in self._withdrawn:
+            self._settled(qid)
         self._pump()
+
+    # -- queue control (mta.queue.control) -------------------------------------------
+
+    def withdraw(self, qid: str) -> Deferred:
+        """Take `qid` out of the schedule, for hold or delete.  Fires once no attempt
+        or load of it is in flight, so its files can then be moved without a race;
+        until `readmit` or `forget` it is never started again."""
+        self._withdrawn.add(qid)
+        self._unschedule(qid)
+        d: Deferred = Deferred()
+        if qid in self._active or qid in self._loading_ids:
+            self._settle.setdefault(qid, []).append(d)
+        else:
+            d.callback(None)
+        return d
+
+    def readmit(self, qid: str) -> None:
+        """Schedule `qid` now (released, requeued, or a failed hold)."""
+        self._withdrawn.discard(qid)
+        self._due.append((qid, True))
+        self._pump()
+
+    def forget(self, qid: str) -> None:
+        """End a withdrawal whose entry left the active queue."""
+        self._withdrawn.discard(qid)
+
+    def retry(self, qid: str) -> str:
+        """Make a deferred `qid` due now: "scheduled", "busy" (being tried or already
+        due) or "unknown"."""
+        if any(item[2] == qid for item in self._waiting):
+            self._unschedule(qid)
+            self._due.append((qid, False))
+            self._pump()
+            return "scheduled"
+        if (
+            qid in self._active
+            or qid in self._loading_ids
+            or any(q == qid for q, _ in self._due)
+            or any(e.qid == qid for e in self._fresh)
+        ):
+            return "busy"
+        return "unknown"
+
+    def _unschedule(self, qid: str) -> None:
+        if any(e.qid == qid for e in self._fresh):
+            self._fresh = deque(e for e in self._fresh if e.qid != qid)
+        if any(q == qid for q, _ in self._due):
+            self._due = deque(item for item in self._due if item[0] != qid)
+        if any(item[2] == qid for item in self._waiting):
+            self._waiting = [item for item in self._waiting if item[2] != qid]
+            heapq.heapify(self._waiting)
+            self._arm()
+
+    def _loaded_id(self, qid: str) -> None:
+        n = self._loading_ids.get(qid, 0) - 1
+        if n > 0:
+            self._loading_ids[qid] = n
+        else:
+            self._loading_ids.pop(qid, None)
+
+    def _settled(self, qid: str) -> None:
+        self._unschedule(qid)  # an attempt that ended deferred re-added it
+        if qid in self._active or qid in self._loading_ids:
+            return
+        for d in self._settle.pop(qid, []):
+            d.callback(None)
 
     def _arm(self) -> None:
         if not self._waiting or self._stopping:

@@ -303,7 +303,8 @@ class Spool:
         self.active_dir = os.path.join(queue_dir, "active")
         self.dead_dir = os.path.join(queue_dir, "dead")
         self.free_dir = os.path.join(queue_dir, "free")
-        for d in (self.tmp_dir, self.active_dir, self.dead_dir, self.free_dir):
+        self.hold_dir = os.path.join(queue_dir, "hold")  # mta.queue.control: on hold
+        for d in (self.tmp_dir, self.active_dir, self.dead_dir, self.free_dir, self.hold_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
         self._fsync = fsync
         self._backlog = 0
@@ -331,6 +332,10 @@ class Spool:
 
     def backlog(self) -> int:
         return self._backlog
+
+    def adjust_backlog(self, delta: int) -> None:
+        """Queue control moved entries into (+) or out of (-) ``active/``."""
+        self._backlog += delta
 
     # -- paths --------------------------------------------------------------------
 
