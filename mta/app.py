@@ -22,8 +22,12 @@ from twisted.python.threadpool import ThreadPool
 from mta.config import Config
 from mta.delivery.dkim import DKIMSigner
 from mta.delivery.local import LocalDelivery
+from mta.delivery.mx import MXResolver
+from mta.delivery.relay import RelayDelivery
 from mta.delivery.router import Router
+from mta.delivery.smtpclient import Timeouts
 from mta.directory import UserDirectory
+from mta.dns import make_resolver
 from mta.observe.logging import make_observer
 from mta.policy.relay import RelayPolicy
 from mta.queue.bounce import Bouncer
@@ -139,7 +143,29 @@ def build_service(
     spool = Spool(queue_dir(config.path("queue"), worker_index), reactor, spool_pool)
     store = MaildirStore(config.path("mail"))
     local = LocalDelivery(store, config.hostname, delivery_pool, reactor)
-    router = Router(config.local_domains, local)
+    relay = RelayDelivery(
+        MXResolver(
+            make_resolver(config.dns, reactor),
+            reactor,
+            port=config.relay.port,
+            smarthost=config.relay.smarthost,
+            unreachable_for=config.relay.unreachable_for,
+        ),
+        reactor,
+        helo=config.relay.helo or config.hostname,
+        tls=config.relay.tls,
+        timeouts=Timeouts(
+            command=config.relay.command_timeout,
+            greeting=config.relay.command_timeout,
+            data_done=config.relay.data_timeout,
+        ),
+        connect_timeout=config.relay.connect_timeout,
+        destination_concurrency=config.relay.destination_concurrency,
+        idle_timeout=config.relay.idle_timeout,
+        pool=delivery_pool,
+    )
+    relay.setServiceParent(root)
+    router = Router(config.local_domains, local, remote_agent=relay)
     runner = QueueRunner(
         spool,
         router,

@@ -100,6 +100,13 @@ class RelayConfig:
     smarthost: str | None = None
     helo: str | None = None
     tls: str = "opportunistic"
+    port: int = 25
+    connect_timeout: float = 30.0
+    command_timeout: float = 300.0
+    data_timeout: float = 600.0
+    destination_concurrency: int = 20
+    idle_timeout: float = 5.0
+    unreachable_for: float = 300.0
 
 
 @attrs.frozen

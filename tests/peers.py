@@ -158,10 +158,12 @@ class Peer:
         return self.listening.stopListening()
 
 
-def start_peer(reactor, config: PeerConfig | None = None, host: str = "127.0.0.1") -> Peer:
+def start_peer(
+    reactor, config: PeerConfig | None = None, host: str = "127.0.0.1", port: int = 0
+) -> Peer:
     peer = Peer(config or PeerConfig())
     factory = protocol.Factory.forProtocol(lambda: PeerSMTP(peer))
-    peer.listening = reactor.listenTCP(0, factory, interface=host)
+    peer.listening = reactor.listenTCP(port, factory, interface=host)
     peer.port = peer.listening.getHost().port
     return peer
 
@@ -221,6 +223,7 @@ class PostfixPeer:
     def _write_config(self) -> None:
         for d in ("etc", "spool", "data", "mail"):
             (self.root / d).mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o755)  # postfix and nobody must reach data/ and mail/
         uid = pwd.getpwnam("nobody").pw_uid
         gid = grp.getgrnam("nogroup").gr_gid
         os.chown(self.root / "data", pwd.getpwnam("postfix").pw_uid, grp.getgrnam("postfix").gr_gid)
@@ -270,7 +273,11 @@ smtputf8_enable = yes
 
     def start(self, timeout: float = 30.0) -> PostfixPeer:
         self._write_config()
-        subprocess.run(["postfix", "-c", str(self.etc), "start"], check=True, capture_output=True)
+        done = subprocess.run(
+            ["postfix", "-c", str(self.etc), "start"], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"postfix start failed: {done.stdout}{done.stderr}{self.log()}")
         self.started = True
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -164,13 +164,18 @@ class RelayDelivery(Service):
                 self._log(entry, rcpts, str(target), e.reply)
                 proto.abort()
                 continue
-            self._release(target, proto)
+            seen = [outcome.mail, outcome.data, *outcome.replies.values()]
+            if any(r is not None and r.code == 421 for r in seen):
+                proto.abort()  # 421: the server is closing the channel
+            else:
+                self._release(target, proto)
             if outcome.mail is not None and outcome.mail.is_transient:
                 last = outcome.mail
                 self._log(entry, rcpts, str(target), outcome.mail)
                 continue  # 4xx to MAIL FROM: the next MX may take it
             results = [result_for(r, outcome.replies[r], str(target)) for r in rcpts]
-            self._log(entry, rcpts, str(target), outcome.data or outcome.mail, results, proto)
+            replies = "; ".join(dict.fromkeys(str(outcome.replies[r]) for r in rcpts))
+            self._log(entry, rcpts, str(target), replies, results, proto)
             return results
         return [
             DeliveryResult(r, RecipientState.DEFERRED, f"{domain}: {last}", last) for r in rcpts

@@ -1,0 +1,174 @@
+"""End to end: `twistd mta` relays to real peers found through a real loopback DNS server.
+
+One message with four remote recipients, one per destination domain, all MX hosts on
+the same port (`[relay] port`) at different loopback addresses:
+
+- dest.test   -> a private Postfix on 127.0.0.1 that stores it in a Maildir;
+- tempfail.test -> a Twisted peer on 127.0.0.2 answering 451 to RCPT (stays queued,
+  retried);
+- reject.test -> a peer on 127.0.0.3 answering 550 to RCPT (recipient failed);
+- tls.test    -> a peer on 127.0.0.4 offering STARTTLS with a self-signed certificate
+  (delivered over TLS).
+
+The DNS server and the Twisted peers run on this process's reactor, so the test
+waits asynchronously (pytest_twisted), never with a blocking sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import smtplib
+import socket
+import tempfile
+from pathlib import Path
+
+import pytest
+import pytest_twisted
+from twisted.internet import task
+
+from tests.conftest import free_port, require_tool
+from tests.dnsserver import start_dns_server
+from tests.peers import PeerConfig, PostfixPeer, self_signed_server_context, start_peer
+
+pytestmark = pytest.mark.e2e
+
+TIMEOUT = 60.0
+
+MESSAGE = (
+    b"From: alice@example.test\r\n"
+    b"To: world\r\n"
+    b"Subject: relay e2e\r\n"
+    b"Message-ID: <relay-e2e@example.test>\r\n"
+    b"\r\n"
+    b"Hello, world.\r\n"
+    b".a line with a leading dot\r\n"
+)
+
+
+def reactor():
+    from twisted.internet import reactor
+
+    return reactor
+
+
+def common_port(hosts: list[str]) -> int:
+    """A port free on every one of `hosts` a moment ago."""
+    for _ in range(50):
+        port = free_port(hosts[0])
+        try:
+            for host in hosts[1:]:
+                with socket.socket() as s:
+                    s.bind((host, port))
+            return port
+        except OSError:
+            continue
+    raise RuntimeError("no common free port")
+
+
+async def wait_until(predicate, what: str, timeout: float = TIMEOUT):
+    for _ in range(int(timeout / 0.05)):
+        if predicate():
+            return
+        await task.deferLater(reactor(), 0.05, lambda: None)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def postfix():
+    require_tool("postfix")
+    # A short root: Postfix's unix sockets live under it (sun_path is ~108 bytes).
+    root = Path(tempfile.mkdtemp(prefix="mta-pf-"))
+    peer = PostfixPeer(root, 0)
+    yield peer
+    peer.stop()
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest_twisted.ensureDeferred
+async def test_relay_to_postfix_tempfail_reject_and_tls(tmp_path, mta_server_factory, postfix):
+    port = common_port(["127.0.0.1", "127.0.0.2", "127.0.0.3", "127.0.0.4"])
+    dns = start_dns_server(reactor())
+    zone = dns.zone("test")
+    peers = []
+    try:
+        for domain, host in (
+            ("dest.test", "127.0.0.1"),
+            ("tempfail.test", "127.0.0.2"),
+            ("reject.test", "127.0.0.3"),
+            ("tls.test", "127.0.0.4"),
+        ):
+            zone.mx(domain, 10, f"mx.{domain}").a(f"mx.{domain}", host)
+        postfix.port = port
+        postfix.start()
+        tempfail = start_peer(
+            reactor(),
+            PeerConfig(rcpt_reply=b"451 4.3.0 try again later"),
+            host="127.0.0.2",
+            port=port,
+        )
+        reject = start_peer(
+            reactor(), PeerConfig(rcpt_reply=b"550 5.1.1 no such user"), host="127.0.0.3", port=port
+        )
+        tls_ctx = self_signed_server_context(tmp_path / "peer-tls")
+        tls = start_peer(reactor(), PeerConfig(tls_context=tls_ctx), host="127.0.0.4", port=port)
+        peers = [tempfail, reject, tls]
+
+        mta = mta_server_factory(
+            {
+                "relay_networks": ["127.0.0.0/8"],
+                "dns": {"nameservers": [dns.address], "timeout": 5.0},
+                "relay": {"port": port, "idle_timeout": 1.0},
+                "queue": {"retry_schedule": [1.0]},
+            }
+        )
+        with smtplib.SMTP("127.0.0.1", mta.smtp_port, timeout=30) as client:
+            refused = client.sendmail(
+                "alice@example.test",
+                ["bob@dest.test", "carl@tempfail.test", "dora@reject.test", "eve@tls.test"],
+                MESSAGE,
+            )
+        assert refused == {}
+
+        await wait_until(lambda: postfix.messages("bob@dest.test"), "Postfix to store the message")
+        [stored] = postfix.messages("bob@dest.test")
+        assert b"Subject: relay e2e" in stored
+        assert b"\n.a line with a leading dot" in stored  # dot-stuffing undone by Postfix
+        assert b"Received: from" in stored and b"by mx.example.test" in stored
+
+        await wait_until(lambda: tls.messages, "the TLS peer to receive the message")
+        assert tls.messages[0].tls and tls.messages[0].recipients == ["eve@tls.test"]
+
+        await wait_until(
+            lambda: any(c.startswith(b"RCPT") for c in reject.commands), "a RCPT at the 5xx peer"
+        )
+        await wait_until(
+            lambda: "dora@reject.test" in _failed(mta.log()), "dora to fail permanently"
+        )
+
+        # 4xx: retried (retry_schedule 1 s) and still queued.
+        await wait_until(
+            lambda: sum(c.startswith(b"RCPT") for c in tempfail.commands) >= 2,
+            "a retry at the 4xx peer",
+        )
+        assert tempfail.messages == []
+        listing = mta.admin("queue", "list")
+        assert "carl@tempfail.test" in listing.stdout, listing.stdout + listing.stderr
+    finally:
+        for p in peers:
+            p.stop()
+        postfix.stop()
+        await dns.stop()
+
+
+def _failed(log: str) -> str:
+    """Recipients the relay reported as failed (from the JSON log)."""
+    out = []
+    for line in log.splitlines():
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        if event.get("event") == "relay_attempt" and "550 5.1.1" in str(event.get("reply", "")):
+            out.extend(event.get("recipients", []))
+    return " ".join(out)
