@@ -128,6 +128,9 @@ class ManholeSession(manhole_ssh.TerminalSession):
         pass
 
     def execCommand(self, proto, cmd: bytes) -> None:
+        # The SSH session talks to `proto` as to a process: give it a process
+        # transport that takes (and drops) stdin; Twisted 22.4 needs one to close.
+        proto.makeConnection(_NoProcess())
         # After the channel request has been answered, not inside it.
         self.reactor.callLater(0, self._run, proto, cmd.decode("utf-8", "replace"))
 
@@ -158,6 +161,27 @@ class ManholeSession(manhole_ssh.TerminalSession):
                 proto.outReceived(data)
             reason = Failure(ProcessDone(0))
         proto.processEnded(reason)
+
+
+class _NoProcess:
+    """The 'process' behind an exec channel: the command ran in-process already."""
+
+    pid = None
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def writeSequence(self, seq) -> None:
+        pass
+
+    def closeStdin(self) -> None:
+        pass
+
+    def loseConnection(self) -> None:
+        pass
+
+    def signalProcess(self, signal) -> None:
+        pass
 
 
 class Evaluated:

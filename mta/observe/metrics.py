@@ -121,7 +121,7 @@ class MetricsObserver:
 
     Events it understands, by the stage that emits them:
       session: accepted (duration, size), rejected (reason or the message), rcpt_rejected
-      (code), connected (listener), auth (result: success | failure | locked);
+      (code), connect (listener), auth (result: success | failure | locked);
       server: conn_refused; spool: queued, commit_failed;
       runner: delivered / failed (recipients), deferred, done, dead, expired;
       later stages: bounced, check (check, duration, result).
@@ -134,6 +134,7 @@ class MetricsObserver:
             "accepted": self._accepted,
             "rejected": self._rejected,
             "rcpt_rejected": self._rcpt_rejected,
+            "connect": self._connected,
             "connected": self._connected,
             "conn_refused": lambda e: self.metrics.connections_refused.inc(),
             "auth": self._auth,
