@@ -9,9 +9,10 @@ working directory.  None of that is exercised by the virtualenv runs.
 It installs and purges the real package on this machine, so it needs root on Debian
 (CI): elsewhere it skips, and under CI=true it fails instead.  It refuses to touch a
 machine where an mta package or /var/lib/mta already exists.  There is no systemd in
-CI: the server is started with setpriv as the mta user, with no new privileges and in
-/var/lib/mta, like the unit, on free loopback ports (port 25 needs the unit's
-capability), and stopped by its own pid.  The .deb is built once per session.
+CI: the server is started with setpriv from the installed unit's ExecStart=, User=,
+NoNewPrivileges=, AmbientCapabilities=, WorkingDirectory= and Environment=, on free
+loopback ports (SMTP on a free one below 1024, which only the unit's capability lets
+the mta user bind), and stopped by its own pid.  The .deb is built once per session.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import smtplib
@@ -46,14 +48,9 @@ CONF = Path("/etc/mta/mta.toml")
 DATADIR = Path("/var/lib/mta")
 TIMEOUT = 60.0  # seconds for the server to listen, or a message to arrive
 APT = ["apt-get", "-y", "-q", "-o", "DPkg::Lock::Timeout=600"]
-# What the unit's Environment= sets, and nothing from the test's virtualenv.
-UNIT_ENV = {
-    "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
-    "LANG": "C.UTF-8",
-    "HOME": str(DATADIR),
-    "PYTHONUNBUFFERED": "1",
-    "PYTHONDONTWRITEBYTECODE": "1",
-}
+UNIT = Path("/lib/systemd/system/mta.service")
+# What systemd gives a service before its Environment=; nothing from our virtualenv.
+BASE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8", "HOME": str(DATADIR)}
 # setup.cfg install_requires -> the Debian 12 package providing it.  A new requirement
 # must be added here and to debian/control's Depends (test_package_contents fails until).
 DEBIAN_PACKAGE_OF = {
@@ -215,11 +212,36 @@ def clean_machine(deb) -> Iterator[None]:
         run(["delgroup", "--quiet", "--system", "mta"], check=False)
 
 
-class PackagedServer:
-    """`twistd3 mta` as the unit starts it (user, directory, environment), our own pid."""
+def unit_settings(text: str) -> dict[str, list[str]]:
+    """`Key=value` lines of a systemd unit: key -> every value, in order."""
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            settings.setdefault(key.strip(), []).append(value.strip())
+    return settings
 
-    def __init__(self, config: Path, smtp_port: int, log: Path):
-        self.config = config
+
+class PackagedServer:
+    """`twistd3 mta` started the way mta.service starts it, with another config file."""
+
+    def __init__(self, unit: dict[str, list[str]], config: Path, smtp_port: int, log: Path):
+        (exec_start,) = unit["ExecStart"]
+        argv = shlex.split(exec_start)
+        assert argv.count(str(CONF)) == 1, exec_start
+        argv[argv.index(str(CONF))] = str(config)
+        (user,), (group,) = unit["User"], unit["Group"]
+        privs = ["--no-new-privs"] if unit.get("NoNewPrivileges") == ["yes"] else []
+        for caps in unit.get("AmbientCapabilities", []):
+            names = ",".join("+" + c.lower().removeprefix("cap_") for c in caps.split())
+            privs += [f"--inh-caps={names}", f"--ambient-caps={names}"]
+        self.argv = [
+            "setpriv", f"--reuid={user}", f"--regid={group}", "--init-groups", *privs, "--", *argv
+        ]  # fmt: skip
+        self.env = dict(BASE_ENV)
+        for assignments in unit.get("Environment", []):
+            self.env.update(a.split("=", 1) for a in shlex.split(assignments))
+        (self.cwd,) = unit["WorkingDirectory"]
         self.smtp_port = smtp_port
         self.log_path = log
         self.proc: subprocess.Popen | None = None
@@ -227,19 +249,14 @@ class PackagedServer:
     def start(self) -> None:
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [
-                    "setpriv", "--reuid=mta", "--regid=mta", "--init-groups", "--no-new-privs",
-                    "--",
-                    "/usr/bin/twistd3", "--nodaemon", "--pidfile=", "mta",
-                    "--config", str(self.config),
-                ],
-                cwd=DATADIR,
-                env=UNIT_ENV,
+                self.argv,
+                cwd=self.cwd,
+                env=self.env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-            )  # fmt: skip
+            )
         deadline = time.monotonic() + TIMEOUT
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -267,6 +284,18 @@ class PackagedServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+def free_privileged_port() -> int:
+    """A loopback port below 1024 that nothing listens on (we are root: we may bind it)."""
+    for port in range(1023, 511, -1):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free loopback port between 512 and 1023")
 
 
 def loopback_config(installed: str, ports: dict[str, int]) -> str:
@@ -340,6 +369,23 @@ def test_install_run_deliver_purge(deb, clean_machine, tmp_path):
     assert owner(cert) == owner(key) == "mta"
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
 
+    # The unit: what issue #5 asks of it.  The server below is started from it.
+    unit = unit_settings(UNIT.read_text())
+    assert unit["ExecStart"] == [
+        "/usr/bin/twistd3 --nodaemon --pidfile= mta --config /etc/mta/mta.toml"
+    ]
+    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    for key, value in {
+        "User": "mta",
+        "AmbientCapabilities": "CAP_NET_BIND_SERVICE",
+        "NoNewPrivileges": "yes",
+        "ProtectSystem": "strict",
+        "ReadWritePaths": str(DATADIR),
+        "PrivateTmp": "yes",
+        "Restart": "on-failure",
+    }.items():
+        assert unit.get(key) == [value], (key, unit.get(key))
+
     # python3-twisted's trigger rebuilt its plugin cache, with our plugin in it.
     caches = list(Path("/usr/lib/python3/dist-packages/twisted/plugins").glob("dropin.cache"))
     assert caches and b"mta_plugin" in caches[0].read_bytes()
@@ -347,12 +393,13 @@ def test_install_run_deliver_purge(deb, clean_machine, tmp_path):
     check = run(
         ["setpriv", "--reuid=mta", "--regid=mta", "--init-groups", "--",
          "mta-admin", "--config", str(CONF), "check-config"],
-        env=UNIT_ENV, cwd=DATADIR, check=False,
+        env=BASE_ENV, cwd=DATADIR, check=False,
     )  # fmt: skip
     assert check.returncode == 0, (check.stdout, check.stderr)
 
     # --- run as the unit does, on loopback ports, with the packaged config otherwise
-    smtp, submission, smtps, http = free_ports(4)
+    submission, smtps, http = free_ports(3)
+    smtp = free_privileged_port()
     test_dir = Path(tempfile.mkdtemp(prefix="mta-deb-test."))
     test_dir.chmod(0o755)  # the mta user reads the config from here
     test_config = test_dir / "mta.toml"
@@ -364,7 +411,7 @@ def test_install_run_deliver_purge(deb, clean_machine, tmp_path):
         )
     )  # fmt: skip
     test_config.chmod(0o644)
-    server = PackagedServer(test_config, smtp, tmp_path / "twistd3.log")
+    server = PackagedServer(unit, test_config, smtp, tmp_path / "twistd3.log")
     try:
         server.start()
         presented = send(smtp, f"postmaster@{domain}", "packaged")
