@@ -14,12 +14,13 @@ import sys
 import threading
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.threadpool import ThreadPool
 
 from mta.config import Config
+from mta.db import DatabaseHandle
 from mta.delivery.dkim import DKIMSigner
 from mta.delivery.local import LocalDelivery
 from mta.delivery.mx import MXResolver
@@ -29,11 +30,15 @@ from mta.delivery.smtpclient import Timeouts
 from mta.directory import UserDirectory
 from mta.dns import make_resolver
 from mta.observe.logging import make_observer
+from mta.policy.lockout import LockoutRules, LockoutTracker
+from mta.policy.ratelimit import RateLimiter
 from mta.policy.relay import RelayPolicy
+from mta.policy.sender import SenderPolicy
 from mta.queue.bounce import Bouncer
 from mta.queue.control import QueueControl
 from mta.queue.runner import QueueRunner
 from mta.queue.spool import Spool, ThreadPoolService
+from mta.smtp.auth import Argon2idChecker, AuditLog, Authenticator
 from mta.smtp.server import ConnectionTracker, ListenerService, SMTPFactory
 from mta.smtp.session import SessionContext
 from mta.smtp.tls import server_context
@@ -107,6 +112,33 @@ class MTAService(service.MultiService):
         log.info("mta stopped")
 
 
+class _Closing(service.Service):
+    """Runs `close` when the tree stops (placed early, so it stops late)."""
+
+    def __init__(self, close):
+        self._close = close
+
+    def stopService(self):
+        super().stopService()
+        self._close()
+
+
+def _submission(config: Config, reactor, root, database, db_pool, auth_pool):
+    """AUTH (Argon2id checker, lockouts, audit log) and the sender-ownership rule."""
+
+    def run_db(f, *args):
+        return threads.deferToThreadPool(reactor, db_pool, f, *args)
+
+    def run_auth(f, *args):
+        return threads.deferToThreadPool(reactor, auth_pool, f, *args)
+
+    lockouts = LockoutTracker(database, run_db, reactor, LockoutRules.from_config(config.auth))
+    lockouts.setServiceParent(root)
+    checker = Argon2idChecker.from_config(config.auth, database, run_auth)
+    authenticator = Authenticator(checker, lockouts, AuditLog(database, run_db), reactor)
+    return authenticator, SenderPolicy(database, run_db)
+
+
 def _pool(name: str, size: int) -> ThreadPool:
     pool = ThreadPool(minthreads=0, maxthreads=size, name=f"mta-{name}")
     return pool
@@ -129,8 +161,12 @@ def build_service(
     spool_pool = _pool("spool", 2)
     delivery_pool = _pool("delivery", 4)
     db_pool = _pool("db", 2)
-    for pool in (spool_pool, delivery_pool, db_pool):
+    # Argon2id verifies (~64 MB and ~0.2 s each) get their own bounded pool.
+    auth_pool = _pool("auth", config.auth.threads)
+    for pool in (spool_pool, delivery_pool, db_pool, auth_pool):
         ThreadPoolService(pool).setServiceParent(root)
+    database = DatabaseHandle(config.path("mta.db"))
+    _Closing(database.close).setServiceParent(root)  # stops after every user of it
 
     dkim_pool = _pool("dkim", 2)
     ThreadPoolService(dkim_pool).setServiceParent(root)
@@ -185,6 +221,9 @@ def build_service(
             config.tls.certificate, config.tls.key, config.datadir, config.hostname
         )
     policy = RelayPolicy(config.local_domains, config.relay_networks, directory)
+    authenticator, sender_policy = _submission(config, reactor, root, database, db_pool, auth_pool)
+    ip_limiter = RateLimiter(reactor, config.limits.messages_per_ip_per_minute)
+    user_limiter = RateLimiter(reactor, config.limits.messages_per_user_per_minute)
     tracker = ConnectionTracker(config.limits.max_connections, config.limits.max_connections_per_ip)
     listeners = []
     for listener in config.listeners:
@@ -195,6 +234,10 @@ def build_service(
             policy=policy,
             clock=reactor,
             tls=tls if listener.tls != "none" else None,
+            authenticator=authenticator if listener.auth != "none" else None,
+            sender_policy=sender_policy,
+            ip_limiter=ip_limiter if config.limits.messages_per_ip_per_minute else None,
+            user_limiter=user_limiter if config.limits.messages_per_user_per_minute else None,
         )
         factory = SMTPFactory(context, tracker)
         fd = (inherited or {}).get(listener.name)

@@ -129,6 +129,14 @@ class HTTPConfig:
 
 
 @attrs.frozen
+class ManholeConfig:
+    """The SSH console: off unless both are set; loopback only, public keys only."""
+
+    address: str | None = None
+    authorized_keys: str | None = None
+
+
+@attrs.frozen
 class LogConfig:
     format: str = "text"
     level: str = "info"
@@ -152,6 +160,7 @@ class Config:
     dns: DNSConfig = DNSConfig()
     dkim: DKIMConfig = DKIMConfig()
     http: HTTPConfig = HTTPConfig()
+    manhole: ManholeConfig = ManholeConfig()
     log: LogConfig = LogConfig()
     source: str = "<defaults>"
 
@@ -180,6 +189,7 @@ _SECTIONS: dict[str, type] = {
     "dns": DNSConfig,
     "dkim": DKIMConfig,
     "http": HTTPConfig,
+    "manhole": ManholeConfig,
     "log": LogConfig,
 }
 _CHOICES = {
@@ -191,7 +201,7 @@ _CHOICES = {
 }
 # Sections of the operator contract implemented by later stages: accepted so that one
 # config file serves every version, validated only as tables.
-_RESERVED_SECTIONS = ("checks", "manhole", "storage.s3")
+_RESERVED_SECTIONS = ("checks", "storage.s3")
 
 
 def load_config(path: str | None = None, *, datadir: str | None = None) -> Config:
@@ -280,6 +290,7 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
     http_addr = sections["http"].address
     if http_addr:
         _host_port(http_addr, "http.address", err)
+    sections["manhole"] = _manhole(sections["manhole"], source, err)
 
     return Config(
         hostname=hostname,
@@ -292,6 +303,27 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
         source=source,
         **sections,
     )
+
+
+def _manhole(section: ManholeConfig, source: str, err) -> ManholeConfig:
+    """Loopback only; `authorized_keys` required with an address (relative to the file)."""
+    if not section.address:
+        return ManholeConfig()
+    host, _ = _host_port(section.address, "manhole.address", err)
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise err("manhole.address", f"must be a loopback address, got {host!r}")
+    keys = section.authorized_keys
+    if not keys:
+        raise err("manhole.authorized_keys", "required when manhole.address is set")
+    if source != "<defaults>" and not os.path.isabs(keys):
+        keys = os.path.join(os.path.dirname(os.path.abspath(source)), keys)
+    if not os.path.isfile(keys):
+        raise err("manhole.authorized_keys", f"no such file: {keys}")
+    return ManholeConfig(section.address, os.path.abspath(keys))
 
 
 def _string(data: Mapping[str, Any], key: str, err) -> str | None:

@@ -676,3 +676,32 @@ def _audit(row: tuple[Any, ...]) -> AuditEntry:
     return AuditEntry(
         id_, timestamp, username, action, ip_address, user_agent, bool(success), parsed
     )
+
+
+class DatabaseHandle:
+    """A `Database` opened on first use, from whichever pool thread asks first.
+
+    Components that run their queries in a thread pool take this callable instead
+    of an open database, so nothing touches SQLite on the reactor thread and one
+    connection serves them all.  `close()` belongs to the service tree's shutdown.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._db: Database | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Database:
+        db = self._db
+        if db is None:
+            with self._lock:
+                if self._db is None:
+                    self._db = Database(self.path)
+                db = self._db
+        return db
+
+    def close(self) -> None:
+        with self._lock:
+            db, self._db = self._db, None
+        if db is not None:
+            db.close()

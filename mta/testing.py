@@ -140,3 +140,47 @@ class FakeDirectory:
         pending, self.pending = self.pending, []
         for d, result in pending:
             d.callback(result)
+
+
+class FakeAuthenticator:
+    """`authenticate()` against a dict of passwords; `hold=True` keeps answers
+    pending until `release()` (to test that pipelined commands wait)."""
+
+    def __init__(self, users: dict[str, bytes], hold: bool = False):
+        self.users = users
+        self.hold = hold
+        self.pending: list = []
+        self.attempts: list[tuple[str, str]] = []
+
+    def authenticate(self, username, password, client_ip, listener_name, *, mechanism=None):
+        from mta.smtp.auth import AUTH_INVALID, AUTH_SUCCESSFUL, AuthResult
+
+        self.attempts.append((username, mechanism))
+        if self.users.get(username) == password:
+            result = AuthResult(True, username, AUTH_SUCCESSFUL)
+        else:
+            result = AuthResult(False, None, AUTH_INVALID)
+        if not self.hold:
+            return defer.succeed(result)
+        d = defer.Deferred()
+        self.pending.append((d, result))
+        return d
+
+    def release(self) -> None:
+        pending, self.pending = self.pending, []
+        for d, result in pending:
+            d.callback(result)
+
+
+class FakeSenderPolicy:
+    """Users may send as the addresses listed for them (and the null sender)."""
+
+    def __init__(self, owned: dict[str, set[str]]):
+        self.owned = owned
+
+    def check(self, username, sender):
+        from mta.policy.sender import SENDER_NOT_OWNED
+
+        if sender.is_null or str(sender).lower() in self.owned.get(username, set()):
+            return defer.succeed(None)
+        return defer.succeed(SENDER_NOT_OWNED)

@@ -52,7 +52,7 @@ def adopt_orphaned_queues(queue_root: str, workers: int) -> int:
         if not (name.startswith("w") and name[1:].isdigit()) or int(name[1:]) < workers:
             continue
         os.makedirs(target, mode=0o700, exist_ok=True)
-        for sub in ("active", "dead"):
+        for sub in ("active", "dead", "hold"):
             src = os.path.join(queue_root, name, sub)
             dst = os.path.join(queue_root, sub)
             if not os.path.isdir(src):

@@ -112,6 +112,7 @@ def test_bench_config_loads(tmp_path):
     )
     text = text.replace("$((PORT + 1))", "20031")
     text = re.sub(r"\$\{?PORT\}?", "20030", text)
+    text = re.sub(r"\$\{WORKERS:-(\d+)\}", r"\1", text)
     path = tmp_path / "bench.toml"
     path.write_text(text)
     cfg = load_config(str(path))

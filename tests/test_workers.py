@@ -20,8 +20,11 @@ def test_entries_of_retired_workers_are_adopted(tmp_path):
         (d / (name + ".status")).write_bytes(b"{}\n")
     (root / "w3" / "dead").mkdir()
     (root / "w3" / "dead" / "ddd").write_bytes(b"y")
+    (root / "w2" / "hold").mkdir()
+    (root / "w2" / "hold" / "eee").write_bytes(b"held")
     moved = adopt_orphaned_queues(str(root), workers=2)
-    assert moved == 5
+    assert moved == 6
+    assert os.listdir(root / "hold") == ["eee"]
     assert sorted(os.listdir(root / "active")) == ["bbb", "bbb.status", "ccc", "ccc.status"]
     assert os.listdir(root / "dead") == ["ddd"]
     assert not (root / "w2").exists() and not (root / "w3").exists()

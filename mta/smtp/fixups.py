@@ -28,6 +28,7 @@ class HeaderScanner:
         self.done = False
         self.has_message_id = False
         self.has_date = False
+        self.received = 0  # Received fields, for loop detection (RFC 5321 6.3)
         self._line = b""  # start of the line in progress (at most _HEAD bytes)
         self._line_len = 0
 
@@ -76,6 +77,8 @@ class HeaderScanner:
             self.has_message_id = True
         elif name == b"date":
             self.has_date = True
+        elif name == b"received":
+            self.received += 1
 
 
 def rfc5322_date(now: float) -> str:

@@ -29,17 +29,19 @@ from twisted.mail import smtp
 
 from mta.config import Config, ListenerConfig
 from mta.envelope import AddressError, BodyType, Envelope, Reply, parse_path
+from mta.policy.ratelimit import RATE_LIMITED
 from mta.policy.relay import ClientInfo, RecipientVerdict, RelayPolicy
 from mta.smtp import replies as R
+from mta.smtp import sasl
 from mta.smtp.datastream import ChunkChecker, DotDecoder
-from mta.smtp.headers import HeaderScanner
+from mta.smtp.fixups import HeaderScanner, missing_headers
 from mta.smtp.parse import CommandError, split_path_argument, xtext_decode
 from mta.smtp.received import protocol_name, received_header
 from mta.smtp.tls import describe_tls
 
 log = Logger()
 
-COMMAND, DATA, BDAT = 0, 1, 2
+COMMAND, DATA, BDAT, SASL = 0, 1, 2, 3
 MAX_PENDING_INPUT = 64 * 1024
 MAX_ERRORS = 20
 _HTTP_VERBS = frozenset((b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS"))
@@ -56,6 +58,9 @@ class SessionContext:
     clock: IReactorTime
     tls: object | None = None  # ServerTLSContext
     authenticator: object | None = None  # mta.smtp.auth.Authenticator, when AUTH is on
+    sender_policy: object | None = None  # mta.policy.sender.SenderPolicy
+    ip_limiter: object | None = None  # mta.policy.ratelimit.RateLimiter per client address
+    user_limiter: object | None = None  # the same per authenticated user
     on_close: object | None = None  # callable(session) for connection accounting
 
     @property
@@ -159,7 +164,7 @@ class SMTPSession(smtp.ESMTP):
         try:
             while self._inbuf and not self._busy and not self._closing:
                 mode = self._mode
-                if mode == COMMAND:
+                if mode == COMMAND or mode == SASL:
                     if not self._consume_line():
                         break
                 elif mode == DATA:
@@ -175,6 +180,8 @@ class SMTPSession(smtp.ESMTP):
     def _consume_line(self) -> bool:
         buf = self._inbuf
         max_line = self._limits.max_line_length
+        if self._mode == SASL or buf[:5].upper() == b"AUTH ":
+            max_line = sasl.MAX_LINE  # RFC 4954 4
         i = buf.find(b"\n")
         if i < 0:
             if len(buf) > max_line:
@@ -190,7 +197,10 @@ class SMTPSession(smtp.ESMTP):
             return True
         if line.endswith(b"\r"):
             line = line[:-1]
-        self._dispatch(line)
+        if self._mode == SASL:
+            self._sasl_line(line)
+        else:
+            self._dispatch(line)
         return True
 
     def _dispatch(self, line: bytes) -> None:
@@ -254,6 +264,7 @@ class SMTPSession(smtp.ESMTP):
 
     def _clear_transaction(self) -> None:
         self._sender = None
+        self._sasl = None
         self._recipients: list = []
         self._originals: list = []
         self._notify: list[str] = []
@@ -310,7 +321,17 @@ class SMTPSession(smtp.ESMTP):
         ]
         if self._ctx.tls is not None and not self.tls_active:
             lines.append("STARTTLS")
+        if self._auth_offered():
+            lines.append("AUTH " + " ".join(sasl.MECHANISMS))
         return Reply(250, "", "\n".join(lines))
+
+    def _auth_offered(self) -> bool:
+        # Never before TLS, on any listener (RFC 4954 4, RFC 8314).
+        return (
+            self.tls_active
+            and self._ctx.authenticator is not None
+            and self._ctx.listener.auth != "none"
+        )
 
     def do_HELO(self, arg: str):
         if not arg:
@@ -371,6 +392,30 @@ class SMTPSession(smtp.ESMTP):
             return Reply(501, "5.1.7", f"Bad sender address syntax: {e}")
         if not sender.is_null and not sender.domain:
             return Reply(501, "5.1.7", "Bad sender address syntax: domain required")
+        ctx = self._ctx
+        user = self.authenticated_as
+        if ctx.ip_limiter is not None and not ctx.ip_limiter.allow(self.peer_ip):
+            return RATE_LIMITED
+        if user and ctx.user_limiter is not None and not ctx.user_limiter.allow(user):
+            return RATE_LIMITED
+        if user and ctx.sender_policy is not None:
+            d = ctx.sender_policy.check(user, sender)
+            return d.addCallback(self._sender_checked, sender, smtputf8, body, ret, envid)
+        return self._accept_sender(sender, smtputf8, body, ret, envid)
+
+    def _sender_checked(self, refusal: Reply | None, *args) -> Reply:
+        if refusal is not None:
+            log.info(
+                "sender <{sender}> refused for {user}",
+                event="sender_refused",
+                sender=str(args[0]),
+                user=self.authenticated_as,
+                client=self.peer_ip,
+            )
+            return refusal
+        return self._accept_sender(*args)
+
+    def _accept_sender(self, sender, smtputf8: bool, body, ret, envid) -> Reply:
         self._sender = sender
         self._smtputf8 = smtputf8
         self._body_type = body
@@ -522,7 +567,47 @@ class SMTPSession(smtp.ESMTP):
     def do_AUTH(self, arg: str):
         if not self.tls_active:
             return R.AUTH_NEEDS_TLS
-        return R.AUTH_UNAVAILABLE
+        if not self._auth_offered():
+            return R.AUTH_UNAVAILABLE
+        if self.helo_name is None or not self._esmtp:
+            return R.NEED_HELO
+        if self.authenticated_as:
+            return R.ALREADY_AUTHENTICATED
+        if self._sender is not None:
+            return R.AUTH_IN_TRANSACTION
+        try:
+            return self._sasl_progress(sasl.start(*sasl.parse_auth_argument(arg)))
+        except sasl.SASLError as e:
+            return e.reply
+
+    def _sasl_progress(self, step):
+        if isinstance(step, sasl.Challenge):
+            self._sasl = step
+            self._mode = SASL
+            return step.reply
+        self._sasl = None
+        ctx = self._ctx
+        d = ctx.authenticator.authenticate(
+            step.authcid, step.password, self.peer_ip, ctx.listener.name, mechanism=step.mechanism
+        )
+        return d.addCallback(self._authenticated)
+
+    def _authenticated(self, result) -> Reply:
+        if result.ok:
+            self.authenticated_as = result.username
+        return result.reply
+
+    def _sasl_line(self, line: bytes) -> None:
+        self._mode = COMMAND
+        step, self._sasl = self._sasl, None
+        try:
+            result = self._sasl_progress(step.step(line))
+        except sasl.SASLError as e:
+            result = e.reply
+        except Exception:
+            log.failure("unexpected error in SASL exchange")
+            result = R.INTERNAL_ERROR
+        self._settle(result)
 
     # -- message body ----------------------------------------------------------
 
@@ -644,6 +729,9 @@ class SMTPSession(smtp.ESMTP):
             tls=tls,
             now=now,
         )
+        if self.authenticated_as:
+            # RFC 6409 8: a submission server completes what the client left out.
+            trace += missing_headers(self._headers, queue_id=qid, hostname=ctx.hostname, now=now)
         spoolfile, size, started = self._spoolfile, self._size, self._started_at
         self._spoolfile = None
         self._clear_transaction()

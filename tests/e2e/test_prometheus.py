@@ -159,7 +159,12 @@ def test_prometheus_scrapes_the_series(mta_server, prometheus_factory):
 def test_readyz_turns_503_when_the_spool_is_not_a_directory(mta_server):
     base = f"http://127.0.0.1:{mta_server.http_port}"
     assert http_get(base + "/healthz") == (200, b'{"status":"ok"}\n')
+    # Ready shortly after start (the directory and queue load in threads): poll, bounded.
+    deadline = time.monotonic() + 30
     status, body = http_get(base + "/readyz")
+    while status != 200 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        status, body = http_get(base + "/readyz")
     assert status == 200, body
     # chmod does not stop root; a file where the directory was stops everyone.
     active = mta_server.datadir / "queue" / "active"

@@ -61,6 +61,7 @@ def make_harness(
     peer: str = "192.0.2.10",
     tls: object | None = None,
     tracker: ConnectionTracker | None = None,
+    **context_fields,
 ) -> Harness:
     data = {
         "hostname": "mx.example.test",
@@ -70,8 +71,8 @@ def make_harness(
     data.update(config or {})
     cfg = build_config(data)
     listener = listener or ListenerConfig("smtp", "127.0.0.1", 2525, "starttls", "optional")
-    clock = task.Clock()
-    clock.advance(1_800_000_000)
+    clock = context_fields.pop("clock", None) or task.Clock()
+    clock.advance(1_800_000_000 - clock.seconds())
     spool = spool or FakeSpool()
     directory = directory or FakeDirectory(
         {
@@ -82,7 +83,13 @@ def make_harness(
     )
     policy = RelayPolicy(cfg.local_domains, cfg.relay_networks, directory)
     ctx = SessionContext(
-        config=cfg, listener=listener, spool=spool, policy=policy, clock=clock, tls=tls
+        config=cfg,
+        listener=listener,
+        spool=spool,
+        policy=policy,
+        clock=clock,
+        tls=tls,
+        **context_fields,
     )
     tracker = tracker or ConnectionTracker(
         cfg.limits.max_connections, cfg.limits.max_connections_per_ip

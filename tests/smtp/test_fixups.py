@@ -99,3 +99,8 @@ def test_feeding_after_done_is_ignored():
     assert s.done
     s.feed(b"Date: late\r\n")
     assert not s.has_date
+
+
+def test_received_fields_are_counted_for_loop_detection():
+    s = scan(b"Received: a\r\nreceived: b\r\n\tfolded\r\nSubject: x\r\n\r\nReceived: body\r\n")
+    assert s.received == 2
