@@ -198,6 +198,7 @@ def build_service(
         connect_timeout=config.relay.connect_timeout,
         destination_concurrency=config.relay.destination_concurrency,
         idle_timeout=config.relay.idle_timeout,
+        signer=root.dkim,
         pool=delivery_pool,
     )
     relay.setServiceParent(root)

@@ -83,8 +83,10 @@ class RelayDelivery(Service):
         pool=None,
         tls_context=None,
         connect=None,
+        signer=None,
     ):
         self.mx = mx
+        self.signer = signer  # mta.delivery.dkim.DKIMSigner: signs just before sending
         self.reactor = reactor
         self.helo = helo
         self.tls = tls
@@ -138,6 +140,12 @@ class RelayDelivery(Service):
             state = RecipientState.FAILED if e.permanent else RecipientState.DEFERRED
             return [DeliveryResult(r, state, str(e.reply), e.reply) for r in rcpts]
         last = Reply(451, "4.4.1", f"no mail exchanger of {domain} could be reached")
+        signature = b""
+        if self.signer is not None:
+            try:
+                signature = await self.signer.sign_entry(entry)
+            except Exception:
+                log.failure("{qid}: DKIM signing failed; sending unsigned", qid=entry.qid)
         for target in targets:
             if self.mx.is_unreachable(target):
                 continue
@@ -150,9 +158,13 @@ class RelayDelivery(Service):
             message = Message(
                 sender=entry.envelope.sender,
                 recipients=tuple(rcpts),
-                size=entry.size,
+                size=entry.size + len(signature),
                 body_source=SpoolBody(
-                    entry.trace_headers, entry.path, entry.body_length, self.reactor, self._pool
+                    signature + entry.trace_headers,
+                    entry.path,
+                    entry.body_length,
+                    self.reactor,
+                    self._pool,
                 ),
                 body=entry.envelope.body,
                 smtputf8=entry.envelope.smtputf8,

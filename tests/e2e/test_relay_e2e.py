@@ -17,6 +17,7 @@ waits asynchronously (pytest_twisted), never with a blocking sleep.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import smtplib
 import socket
@@ -37,7 +38,8 @@ TIMEOUT = 60.0
 
 MESSAGE = (
     b"From: alice@example.test\r\n"
-    b"To: world\r\n"
+    b"To: bob@dest.test\r\n"
+    b"Date: Sat, 28 Nov 2026 12:00:00 +0000\r\n"
     b"Subject: relay e2e\r\n"
     b"Message-ID: <relay-e2e@example.test>\r\n"
     b"\r\n"
@@ -120,8 +122,18 @@ async def test_relay_to_postfix_tempfail_reject_and_tls(tmp_path, mta_server_fac
                 "dns": {"nameservers": [dns.address], "timeout": 5.0},
                 "relay": {"port": port, "idle_timeout": 1.0},
                 "queue": {"retry_schedule": [1.0]},
-            }
+                "dkim": {"selector": "s1", "domains": ["example.test"]},
+            },
+            start=False,
         )
+        # Outbound mail from example.test is DKIM-signed; publish the key in our DNS.
+        keygen = mta.admin("dkim", "keygen", "example.test", "--selector", "s1")
+        assert keygen.returncode == 0, keygen.stderr
+        value = "".join(re.findall(r'"([^"]*)"', keygen.stdout))
+        zone.txt(
+            "s1._domainkey.example.test", *[value[i : i + 255] for i in range(0, len(value), 255)]
+        )
+        mta.start()
         with smtplib.SMTP("127.0.0.1", mta.smtp_port, timeout=30) as client:
             refused = client.sendmail(
                 "alice@example.test",
@@ -135,6 +147,8 @@ async def test_relay_to_postfix_tempfail_reject_and_tls(tmp_path, mta_server_fac
         assert b"Subject: relay e2e" in stored
         assert b"\n.a line with a leading dot" in stored  # dot-stuffing undone by Postfix
         assert b"Received: from" in stored and b"by mx.example.test" in stored
+        assert b"DKIM-Signature: v=1; a=rsa-sha256; c=relaxed/relaxed; d=example.test;" in stored
+        await _verify_dkim(tmp_path, stored, dns.port)
 
         await wait_until(lambda: tls.messages, "the TLS peer to receive the message")
         assert tls.messages[0].tls and tls.messages[0].recipients == ["eve@tls.test"]
@@ -159,6 +173,23 @@ async def test_relay_to_postfix_tempfail_reject_and_tls(tmp_path, mta_server_fac
             p.stop()
         postfix.stop()
         await dns.stop()
+
+
+async def _verify_dkim(tmp_path, message: bytes, dns_port: int) -> None:
+    """Perl's Mail::DKIM, an independent verifier, checks the delivered message
+    against the key published in the loopback DNS server."""
+    from twisted.internet import utils
+
+    from tests.e2e.test_dkim_verify import VERIFY_PL
+
+    perl = require_tool("perl")
+    script, eml = tmp_path / "verify.pl", tmp_path / "delivered.eml"
+    script.write_text(VERIFY_PL)
+    eml.write_bytes(message)
+    out, err, code = await utils.getProcessOutputAndValue(
+        perl, [str(script), str(eml), str(dns_port)], reactor=reactor()
+    )
+    assert b"result=pass" in out, out + err
 
 
 def _failed(log: str) -> str:
