@@ -20,6 +20,7 @@ messages durable, and this module never imports the queue runner or delivery.
 from __future__ import annotations
 
 import errno
+import itertools
 
 import attrs
 from twisted.internet import defer, task
@@ -69,6 +70,7 @@ class SessionContext:
 
 
 _reply_cache: dict[Reply, bytes] = {}
+_session_ids = itertools.count(1)
 
 
 def _encode(reply: Reply) -> bytes:
@@ -88,6 +90,8 @@ class SMTPSession(smtp.ESMTP):
         self._ctx = context
         self._limits = context.config.limits
         self.peer_ip = peer_ip
+        # Ties a connection's connect/disconnect events to the messages it sent.
+        self.session_id = f"{next(_session_ids):x}"
         self.callLater = context.clock.callLater  # TimeoutMixin's clock
         self._inbuf = b""
         self._mode = COMMAND
@@ -116,6 +120,7 @@ class SMTPSession(smtp.ESMTP):
         log.debug(
             "connection from {client} on {listener}",
             event="connect",
+            session=self.session_id,
             client=self.peer_ip,
             listener=self._ctx.listener.name,
         )
@@ -127,6 +132,7 @@ class SMTPSession(smtp.ESMTP):
         log.debug(
             "connection from {client} on {listener} closed",
             event="disconnect",
+            session=self.session_id,
             client=self.peer_ip,
             listener=self._ctx.listener.name,
         )
@@ -755,6 +761,11 @@ class SMTPSession(smtp.ESMTP):
             nrcpt=len(envelope.recipients),
             size=size,
             client=self.peer_ip,
+            session=self.session_id,
+            helo=envelope.helo,
+            listener=envelope.listener,
+            tls=envelope.tls,
+            user=envelope.authenticated_as,
             duration=round(ctx.clock.seconds() - started, 6),
         )
         reply = Reply(250, "2.0.0", f"Ok: queued as {qid}")
