@@ -41,7 +41,7 @@ class PeerConfig:
     rcpt_reply: bytes = b"250 2.1.5 ok"
     rcpt_replies: dict = attrs.Factory(dict)  # address -> reply, overrides rcpt_reply
     data_reply: bytes = b"354 go ahead"
-    final_reply: bytes = b"250 2.0.0 queued"
+    final_reply: bytes | None = b"250 2.0.0 queued"  # None: never answer (a hung peer)
     close_after_data_bytes: int | None = None  # drop the connection mid-DATA
     tls_context: object = None  # offer STARTTLS with this server context
 
@@ -88,7 +88,8 @@ class PeerSMTP(LineReceiver):
                     Received(self.sender, list(self.rcpts), content, self.tls)
                 )
                 self._reset()
-                self.sendLine(self.config.final_reply)
+                if self.config.final_reply is not None:
+                    self.sendLine(self.config.final_reply)
                 return
             self._data.append(line[1:] if line.startswith(b".") else line)
             return
