@@ -15,6 +15,14 @@ After each attempt: all recipients finished -> the file is deleted (or moved to
 per-recipient status is persisted and the next attempt scheduled by
 `mta.queue.backoff.next_delay`, never later than `created + max_age`, when the
 remaining recipients fail permanently.  One log event per state change, keyed by qid.
+
+Delivery status notifications follow the sender's DSN request (RFC 3461, see
+`mta.queue.bounce`): recipients delivered by an attempt that asked for
+NOTIFY=SUCCESS are reported right after it; a recipient still deferred once the
+entry is `delay_warning` seconds old and that asked for NOTIFY=DELAY explicitly
+gets one delay notice; failures are reported when the entry is finished, unless
+every failed recipient declined (NOTIFY=NEVER, or a list without FAILURE): then
+the entry simply leaves the queue.  Nothing is ever sent for a null sender.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ from twisted.logger import Logger
 
 from mta.envelope import DeliveryResult, RecipientState, Reply
 from mta.queue.backoff import next_delay
+from mta.queue.bounce import delay_reports, failure_reports, success_reports
 from mta.queue.entry import QueueEntry
 
 log = Logger()
@@ -52,6 +61,7 @@ class QueueRunner(Service):
         random=None,
         window: int = 10000,
         bouncer=None,
+        delay_warning: float = 4 * 3600.0,
     ):
         self.spool = spool
         self.agent = agent
@@ -61,6 +71,11 @@ class QueueRunner(Service):
         self.concurrency = max(1, concurrency)
         self.window = window
         self.bouncer = bouncer  # mta.queue.bounce.Bouncer, or None: failures go to dead/
+        # Age (s) after which NOTIFY=DELAY recipients get one delay notice; 0 = never.
+        self.delay_warning = delay_warning
+        # Entries that got their delay notice (in memory: after a restart a second
+        # notice is possible; at most one per entry per process).
+        self._delay_warned: set[str] = set()
         self._jitter = jitter
         self._random = random
         self._fresh: deque[QueueEntry] = deque()
@@ -227,6 +242,7 @@ class QueueRunner(Service):
     def forget(self, qid: str) -> None:
         """End a withdrawal whose entry left the active queue."""
         self._withdrawn.discard(qid)
+        self._delay_warned.discard(qid)
 
     def retry(self, qid: str) -> str:
         """Make a deferred `qid` due now: "scheduled", "busy" (being tried or already
@@ -296,6 +312,7 @@ class QueueRunner(Service):
     async def _attempt(self, entry: QueueEntry) -> None:
         qid = entry.qid
         pending = entry.pending_recipients()
+        successes = []
         if pending:
             try:
                 results = await maybeDeferred(self.agent.deliver, entry, pending)
@@ -314,6 +331,9 @@ class QueueRunner(Service):
             ]
             changed = entry.apply(results)
             self._log_changes(entry, changed)
+            if changed.get(RecipientState.DELIVERED):
+                newly = set(changed[RecipientState.DELIVERED])
+                successes = success_reports(entry, [r for r in results if r.recipient in newly])
         now = self.reactor.seconds()
         expires = entry.created + self.max_age
         if not entry.is_finished:
@@ -346,9 +366,22 @@ class QueueRunner(Service):
                     event="deferred",
                 )
                 self._arm()
+                await self._notify(entry, successes + self._delays(entry, now, expires))
                 return
+        self._delay_warned.discard(qid)
         if entry.has_failures:
-            if await self._bounce(entry):
+            failures = failure_reports(entry)
+            if self._sends_dsn(entry) and not failures:
+                # Every failed recipient declined a failure notice (NOTIFY).
+                await self._notify(entry, successes)
+                await self.spool.finish(entry)
+                log.info(
+                    "{qid} completed; failures not reported as NOTIFY asked",
+                    qid=qid,
+                    event="done_unreported",
+                )
+                return
+            if await self._bounce(entry, successes + failures):
                 await self.spool.finish(entry)
                 log.info("{qid} completed with a bounce", qid=qid, event="done_bounced")
                 return
@@ -356,19 +389,46 @@ class QueueRunner(Service):
             await self.spool.bury(entry, reason)
             log.warn("{qid} moved to dead letters: {reason}", qid=qid, reason=reason, event="dead")
         else:
+            await self._notify(entry, successes)
             await self.spool.finish(entry)
             log.info("{qid} completed", qid=qid, attempts=entry.attempts, event="done")
 
-    async def _bounce(self, entry: QueueEntry) -> bool:
-        """True when a DSN now carries the news, so the entry itself may go.  A null
-        sender is never bounced (no loops): its failures become dead letters."""
-        if self.bouncer is None or entry.envelope.sender.is_null:
+    def _sends_dsn(self, entry: QueueEntry) -> bool:
+        """A null sender never gets a DSN (no loops): its failures become dead letters."""
+        return self.bouncer is not None and not entry.envelope.sender.is_null
+
+    def _delays(self, entry: QueueEntry, now: float, expires: float) -> list:
+        """The delay notice due now, if any: once per entry, past `delay_warning`."""
+        if (
+            not self.delay_warning
+            or entry.qid in self._delay_warned
+            or now - entry.created < self.delay_warning
+            or not self._sends_dsn(entry)
+        ):
+            return []
+        reports = delay_reports(entry, expires)
+        if reports:
+            self._delay_warned.add(entry.qid)
+        return reports
+
+    async def _bounce(self, entry: QueueEntry, reports: list) -> bool:
+        """True when a DSN now carries the news, so the entry itself may go."""
+        if not self._sends_dsn(entry):
             return False
         try:
-            return bool(await self.bouncer.bounce(entry))
+            return bool(await self.bouncer.notify(entry, reports))
         except Exception:
             log.failure("cannot queue a bounce for {qid}", qid=entry.qid, event="bounce_failed")
             return False
+
+    async def _notify(self, entry: QueueEntry, reports: list) -> None:
+        """Queue a success or delay notice; a failure to do so is logged, not fatal."""
+        if not reports or not self._sends_dsn(entry):
+            return
+        try:
+            await self.bouncer.notify(entry, reports)
+        except Exception:
+            log.failure("cannot queue a DSN for {qid}", qid=entry.qid, event="dsn_failed")
 
     @staticmethod
     def _log_changes(entry: QueueEntry, changed: dict) -> None:

@@ -170,10 +170,10 @@ def test_bounce_that_cannot_be_queued_dead_letters_the_original(tmp_path, clock)
     agent = Agent(bad={"bob@example.test"})
     spool, runner = make(tmp_path, clock, agent)
 
-    async def broken(entry):
+    async def broken(entry, reports):
         raise OSError(28, "No space left on device")
 
-    runner.bouncer.bounce = broken
+    runner.bouncer.notify = broken
     qid = submit(spool, envelope("bob@example.test"))
     assert queued(spool, "dead") == [qid]
 
