@@ -12,6 +12,11 @@ until one carries the transaction, Postfix-like:
 - a permanent DNS answer (NXDOMAIN, null MX) fails the domain's recipients, every
   other DNS problem and "all targets failed" defers them.
 
+The sender's DSN request (RFC 3461) travels with the message to a server that
+offers DSN; each result is a `RelayResult` whose `dsn_passed` tells the queue
+runner whether that server now owns success notices (True) or whether it must
+report a requested success itself as "relayed" (False; RFC 3461 5.2.3).
+
 At most `destination_concurrency` transactions run per domain at once.  After a
 transaction the connection goes into a small idle pool for its (address, port) and is
 reused (after RSET) by the next message for that target, or closed with QUIT after
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints, ssl
 from twisted.logger import Logger
@@ -50,13 +56,35 @@ def client_tls_context():
     return ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
 
 
-def result_for(recipient: Address, reply: Reply, target: str) -> DeliveryResult:
+@attrs.frozen
+class RelayResult(DeliveryResult):
+    """A relay outcome; `dsn_passed`: the next server took the DSN request on."""
+
+    dsn_passed: bool = False
+
+
+def result_for(
+    recipient: Address, reply: Reply, target: str, dsn_passed: bool = False
+) -> DeliveryResult:
     detail = f"{target} said: {reply}"
     if reply.is_success:
-        return DeliveryResult(recipient, RecipientState.DELIVERED, detail, reply)
-    if reply.is_transient:
-        return DeliveryResult(recipient, RecipientState.DEFERRED, detail, reply)
-    return DeliveryResult(recipient, RecipientState.FAILED, detail, reply)
+        state = RecipientState.DELIVERED
+    elif reply.is_transient:
+        state = RecipientState.DEFERRED
+    else:
+        state = RecipientState.FAILED
+    return RelayResult(recipient, state, detail, reply, dsn_passed)
+
+
+def dsn_request(envelope, rcpts) -> dict:
+    """The Message fields carrying `envelope`'s DSN request for `rcpts`."""
+    fields: dict = {"dsn_ret": envelope.dsn_ret, "dsn_envid": envelope.dsn_envid}
+    n = len(envelope.recipients)
+    for name in ("dsn_notify", "dsn_orcpt"):
+        values = getattr(envelope, name)
+        if len(values) == n:
+            fields[name] = tuple(values[envelope.recipients.index(r)] for r in rcpts)
+    return fields
 
 
 @implementer(IDeliveryAgent)
@@ -168,6 +196,7 @@ class RelayDelivery(Service):
                 ),
                 body=entry.envelope.body,
                 smtputf8=entry.envelope.smtputf8,
+                **dsn_request(entry.envelope, rcpts),
             )
             try:
                 outcome = await proto.send(message)
@@ -185,7 +214,8 @@ class RelayDelivery(Service):
                 last = outcome.mail
                 self._log(entry, rcpts, str(target), outcome.mail)
                 continue  # 4xx to MAIL FROM: the next MX may take it
-            results = [result_for(r, outcome.replies[r], str(target)) for r in rcpts]
+            passed = "DSN" in proto.extensions
+            results = [result_for(r, outcome.replies[r], str(target), passed) for r in rcpts]
             replies = "; ".join(dict.fromkeys(str(outcome.replies[r]) for r in rcpts))
             self._log(entry, rcpts, str(target), replies, results, proto)
             return results

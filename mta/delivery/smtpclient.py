@@ -25,6 +25,9 @@ recipient.
   as Postfix does with MIME conversion off).  SMTPUTF8: requested when offered; a
   message whose envelope has a non-ASCII address fails 553 5.6.7 when the server
   lacks it (RFC 6531 3.7.5).
+- DSN (RFC 3461): when the server offers it, the sender's request travels on:
+  RET and ENVID on MAIL, NOTIFY and ORCPT on each RCPT (xtext-encoded); the relay
+  then leaves success notices to that server.  Without it nothing is added.
 - PIPELINING: MAIL, every RCPT and DATA go out in one write; replies are matched in
   order.  If every RCPT failed but DATA got 354, an empty body is ended at once.
 - The body is the stored trace headers followed by the queue file's first
@@ -85,6 +88,28 @@ class Message:
     body_source: object  # has read() -> Deferred[bytes] (b"" at the end)
     body: BodyType = BodyType.SEVEN_BIT
     smtputf8: bool = False
+    # DSN request (RFC 3461), sent only to a server offering DSN: RET and ENVID for
+    # MAIL; NOTIFY and ORCPT (`type;address`, decoded) parallel to `recipients`,
+    # "" where none, or empty tuples.
+    dsn_ret: str | None = None
+    dsn_envid: str | None = None
+    dsn_notify: tuple[str, ...] = ()
+    dsn_orcpt: tuple[str, ...] = ()
+
+
+def xtext_encode(value: str) -> str:
+    """RFC 3461 section 4 xtext: `+XX` for "+", "=", controls and space.  A non-ASCII
+    character becomes `\\x{HEX}` (RFC 6533 utf-8-addr-xtext; "\\" itself is escaped
+    as `+5C` so it cannot be mistaken for one)."""
+    out = []
+    for ch in value:
+        if ch in "+=\\" or ("\x00" <= ch <= " ") or ch == "\x7f":
+            out.append(f"+{ord(ch):02X}")
+        elif ch.isascii():
+            out.append(ch)
+        else:
+            out.append(f"\\x{{{ord(ch):X}}}")
+    return "".join(out)
 
 
 @attrs.frozen
@@ -411,7 +436,25 @@ class SMTPClientProtocol(LineReceiver):
             params.append("BODY=8BITMIME")
         if message.smtputf8 and "SMTPUTF8" in self.extensions:
             params.append("SMTPUTF8")
+        if "DSN" in self.extensions:
+            if message.dsn_ret:
+                params.append(f"RET={message.dsn_ret}")
+            if message.dsn_envid:
+                params.append(f"ENVID={xtext_encode(message.dsn_envid)}")
         return " ".join([f"MAIL FROM:{message.sender.path}", *params])
+
+    def _rcpt_commands(self, message: Message) -> list[str]:
+        dsn = "DSN" in self.extensions
+        lines = []
+        for i, rcpt in enumerate(message.recipients):
+            params = [f"RCPT TO:{rcpt.path}"]
+            if dsn and i < len(message.dsn_notify) and message.dsn_notify[i]:
+                params.append(f"NOTIFY={message.dsn_notify[i]}")
+            if dsn and i < len(message.dsn_orcpt) and message.dsn_orcpt[i]:
+                addr_type, _, address = message.dsn_orcpt[i].partition(";")
+                params.append(f"ORCPT={addr_type};{xtext_encode(address)}")
+            lines.append(" ".join(params))
+        return lines
 
     async def send(self, message: Message) -> TransactionOutcome:
         """One transaction.  SessionError when the connection fails before the
@@ -422,7 +465,7 @@ class SMTPClientProtocol(LineReceiver):
         self.transactions += 1
         self.needs_reset = True
         mail_line = self._mail_command(message)
-        rcpt_lines = [f"RCPT TO:{r.path}" for r in message.recipients]
+        rcpt_lines = self._rcpt_commands(message)
         if "PIPELINING" in self.extensions:
             self._send(mail_line, *rcpt_lines, "DATA")
             mail = await self.reply("mail")

@@ -16,8 +16,10 @@ from mta.delivery.smtpclient import (
     SpoolBody,
     Timeouts,
     parse_reply,
+    xtext_encode,
 )
 from mta.envelope import Address, BodyType, Reply
+from mta.smtp.parse import xtext_decode
 
 SENDER = Address("alice", "example.test")
 BOB = Address("bob", "dest.test")
@@ -314,3 +316,58 @@ def self_failure(d):
     assert failures, f"expected a failure, got {d.result!r}"
     assert failures[0].check(SessionError), failures[0]
     return failures[0].value
+
+
+DSN_FIELDS = dict(
+    dsn_ret="HDRS",
+    dsn_envid="env 1+x=y",
+    dsn_notify=("SUCCESS,FAILURE", ""),
+    dsn_orcpt=("rfc822;info+tag@example.test", ""),
+)
+
+
+def test_dsn_request_passed_on_when_offered():
+    proto, transport, _ = connect()
+    establish(proto, transport, exts=(b"PIPELINING", b"DSN"))
+    sd = defer.Deferred.fromCoroutine(proto.send(message(BOB, CAROL, **DSN_FIELDS)))
+    assert take(transport) == (
+        b"MAIL FROM:<alice@example.test> RET=HDRS ENVID=env+201+2Bx+3Dy\r\n"
+        b"RCPT TO:<bob@dest.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;info+2Btag@example.test\r\n"
+        b"RCPT TO:<carol@dest.test>\r\n"
+        b"DATA\r\n"
+    )
+    proto.dataReceived(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    take(transport)
+    proto.dataReceived(b"250 2.0.0 ok\r\n")
+    assert sd.result.sent
+
+
+def test_dsn_request_not_sent_without_the_extension():
+    proto, transport, _ = connect()
+    establish(proto, transport, exts=(b"PIPELINING", b"8BITMIME"))
+    sd = defer.Deferred.fromCoroutine(proto.send(message(BOB, CAROL, **DSN_FIELDS)))
+    assert take(transport) == (
+        b"MAIL FROM:<alice@example.test>\r\n"
+        b"RCPT TO:<bob@dest.test>\r\n"
+        b"RCPT TO:<carol@dest.test>\r\n"
+        b"DATA\r\n"
+    )
+    proto.dataReceived(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+    take(transport)
+    proto.dataReceived(b"250 2.0.0 ok\r\n")
+    assert sd.result.sent
+
+
+def test_dsn_without_a_request_adds_nothing_unpipelined():
+    proto, transport, _ = connect()
+    establish(proto, transport, exts=(b"DSN",))
+    defer.Deferred.fromCoroutine(proto.send(message(BOB)))
+    assert take(transport) == b"MAIL FROM:<alice@example.test>\r\n"
+    proto.dataReceived(b"250 ok\r\n")
+    assert take(transport) == b"RCPT TO:<bob@dest.test>\r\n"
+
+
+def test_xtext_encode():
+    assert xtext_encode("a+b=c d\\e") == "a+2Bb+3Dc+20d+5Ce"
+    assert xtext_decode(xtext_encode("plain@x.test")) == "plain@x.test"
+    assert xtext_encode("jörg@x") == "j\\x{F6}rg@x"
