@@ -89,7 +89,8 @@ def make_body(size, sender, rcpt, n):
     return bytes(body[:size - 2]).rstrip(b"\r\n") + b"\r\n.\r\n"
 
 
-async def session(a, host, port, ctx, lat, errors, counter, no_auth):
+async def session(a, host, port, ctx, lat, errors, counter, no_auth, setup):
+    t0 = time.perf_counter()
     try:
         reader, writer, ehlo = await open_tls(host, port, ctx, a.timeout, a.helo.encode())
     except Exception as e:  # noqa: BLE001 - counted
@@ -101,6 +102,7 @@ async def session(a, host, port, ctx, lat, errors, counter, no_auth):
                 raise SMTPError("AUTH PLAIN not offered after STARTTLS")
             token = base64.b64encode(b"\0" + a.user.encode() + b"\0" + a.password.encode())
             await cmd(reader, writer, b"AUTH PLAIN " + token, a.timeout, 235)
+        setup.append(time.perf_counter() - t0)
         for _ in range(a.m):
             n = counter[0]
             counter[0] += 1
@@ -137,13 +139,14 @@ def pct(sorted_vals, p):
 async def load(a):
     host, _, port = a.addr.rpartition(":")
     ctx = tls_context()
-    lat, errors, counter = [], [], [0]
+    lat, errors, counter, setup = [], [], [0], []
     ru0 = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
-    await asyncio.gather(*(session(a, host, int(port), ctx, lat, errors, counter, a.no_auth) for _ in range(a.c)))
+    await asyncio.gather(*(session(a, host, int(port), ctx, lat, errors, counter, a.no_auth, setup) for _ in range(a.c)))
     wall = time.perf_counter() - t0
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     lat.sort()
+    setup.sort()
     ms = lambda v: None if v is None else round(v * 1000, 2)  # noqa: E731
     out = {
         "mode": "load", "sessions": a.c, "per_session": a.m, "size": a.l, "auth": not a.no_auth,
@@ -151,6 +154,8 @@ async def load(a):
         "wall_s": round(wall, 3), "msgs_per_s": round(len(lat) / wall, 1) if wall else None,
         "p50_ms": ms(pct(lat, 50)), "p95_ms": ms(pct(lat, 95)), "p99_ms": ms(pct(lat, 99)),
         "max_ms": ms(lat[-1] if lat else None),
+        # connect + EHLO + STARTTLS + EHLO + AUTH, per session
+        "setup_p50_ms": ms(pct(setup, 50)), "setup_max_ms": ms(setup[-1] if setup else None),
         "client_cpu_s": round(ru1.ru_utime + ru1.ru_stime - ru0.ru_utime - ru0.ru_stime, 2),
     }
     print(json.dumps(out), flush=True)
