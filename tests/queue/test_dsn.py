@@ -252,6 +252,15 @@ def test_one_delay_notice_when_notify_delay_after_delay_warning(tmp_path, clock)
     assert len(agent.calls) == 5
 
 
+def test_no_delay_notice_for_a_null_sender(tmp_path, clock):
+    agent = Agent(slow={"a@x.test"})
+    spool, _ = make(tmp_path, clock, agent, delay_warning=60.0)
+    submit(spool, "a@x.test", notify=("DELAY",), sender=Address("", ""))
+    for _ in range(4):
+        clock.advance(60)
+    assert len(agent.calls) == 5 and agent.dsns == []
+
+
 def test_no_delay_notice_by_default_or_when_off(tmp_path, clock):
     agent = Agent(slow={"a@x.test", "b@x.test"})
     spool, _ = make(tmp_path, clock, agent, delay_warning=0.0)
