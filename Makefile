@@ -18,6 +18,7 @@ SHELL := /bin/bash
 comma := ,
 .DEFAULT_GOAL := help
 .PHONY: help run test test-latest test-debian lint format bench clean venv debian-venv deb
+.PHONY: bench-submission bench-outbound
 
 help:
 	@sed -n 's/^#   make /  make /p; s/^# Also/Also/p' Makefile
@@ -96,6 +97,14 @@ format: $(VENV)/.ruff
 
 bench: $(VENV)/.installed
 	bash bench/run_mta.sh
+
+# AUTH + TLS submission (issue #3) and outbound relay (issue #4), mta next to Postfix;
+# SCALE=0.1 for a smoke run.  See bench/README.md.
+bench-submission: $(VENV)/.installed
+	bash bench/run_submission.sh
+
+bench-outbound: $(VENV)/.installed
+	bash bench/run_outbound.sh
 
 # ---------------------------------------------------------------- Debian package
 
