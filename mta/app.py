@@ -211,6 +211,7 @@ def build_service(
         max_age=config.queue.max_age,
         concurrency=config.queue.delivery_concurrency,
         bouncer=Bouncer(spool, config.hostname, reactor, spool_pool),
+        delay_warning=config.queue.delay_warning,
     )
     # Takes the spool's owner lock before the runner recovers it (mta.queue.control).
     QueueControl(spool, runner, reactor, spool_pool).setServiceParent(root)

@@ -93,6 +93,7 @@ class QueueConfig:
     in_flow_limit: int = 2000
     in_flow_delay: float = 1.0
     delivery_concurrency: int = 20
+    delay_warning: float = 4 * 3600.0
 
 
 @attrs.frozen
@@ -198,6 +199,12 @@ _CHOICES = {
     "relay.tls": ("opportunistic", "required", "none"),
     "log.format": ("json", "text"),
     "log.level": ("debug", "info", "warn", "error", "critical"),
+}
+# Values of the operator contract that this version validates but cannot serve yet:
+# refusing them at start is better than silently running something else.
+_NOT_YET = {
+    "storage.backend": ("maildir",),
+    "queue.backend": ("local",),
 }
 # Sections of the operator contract implemented by later stages: accepted so that one
 # config file serves every version, validated only as tables.
@@ -410,6 +417,13 @@ def _section(raw: Any, name: str, cls: type, err) -> Any:
         sec, _, field = key.partition(".")
         if sec == name and getattr(section, field) not in choices:
             raise err(key, f"must be one of {', '.join(choices)}")
+        if sec == name and key in _NOT_YET and getattr(section, field) not in _NOT_YET[key]:
+            raise err(
+                key,
+                f"{getattr(section, field)!r} is not available in this version (use {', '.join(_NOT_YET[key])})",
+            )
+    if name == "storage" and section.encrypt:
+        raise err("storage.encrypt", "encryption at rest is not available in this version")
     for field in fields:
         value = getattr(section, field)
         if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:

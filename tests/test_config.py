@@ -59,3 +59,17 @@ def test_relative_datadir_resolves_against_the_file(tmp_path):
     cfg = load_config(str(p))
     assert cfg.datadir == str(tmp_path / "var")
     assert load_config(str(p), datadir=str(tmp_path / "x")).datadir == str(tmp_path / "x")
+
+
+@pytest.mark.parametrize(
+    "data,key",
+    [
+        ({"storage": {"backend": "s3"}}, "storage.backend"),
+        ({"queue": {"backend": "postgresql"}}, "queue.backend"),
+        ({"storage": {"encrypt": True}}, "storage.encrypt"),
+    ],
+)
+def test_contract_values_this_version_cannot_serve_are_refused(data, key):
+    with pytest.raises(ConfigError) as e:
+        build_config(data, source="mta.toml")
+    assert e.value.key == key and "not available in this version" in str(e.value)
