@@ -136,7 +136,6 @@ class MetricsObserver:
             "rcpt_rejected": self._rcpt_rejected,
             "connect": self._connected,
             "connected": self._connected,
-            "connect": self._connected,
             "conn_refused": lambda e: self.metrics.connections_refused.inc(),
             "auth": self._auth,
             "queued": lambda e: self.metrics.queued.inc(),
