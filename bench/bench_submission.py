@@ -73,8 +73,9 @@ def run_idle(tgt):
     tgt.stop()
     time.sleep(0.5)
     tgt.start()
-    time.sleep(1.0)
+    time.sleep(2.0)
     before = bt.mem_of(tgt.pids())
+    before_priv = ec.private_kb(tgt.pids())
     cmd = [PY, CLIENT, "idle", tgt.a.addr, "-n", str(IDLE_N), "--hold", "300", "--timeout", "30"]
     p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     info = {}
@@ -88,6 +89,7 @@ def run_idle(tgt):
                 info = json.loads(line)
         time.sleep(2.0)  # let the server settle (Postfix forks, Python frees handshake buffers)
         after = bt.mem_of(tgt.pids())
+        after_priv = ec.private_kb(tgt.pids())
     finally:
         p.stdin.close()
         try:
@@ -103,6 +105,7 @@ def run_idle(tgt):
     if ok:
         res["rss_kb_conn"] = round((after["rss_kb"] - before["rss_kb"]) / ok, 1)
         res["pss_kb_conn"] = round((after["pss_kb"] - before["pss_kb"]) / ok, 1)
+        res["priv_kb_conn"] = round((after_priv - before_priv) / ok, 1)
     return res
 
 
@@ -131,7 +134,8 @@ def main():
              "production cost) included; at SCALE < 1 the setup weighs more",
              "session setup = connect, EHLO, STARTTLS, EHLO, AUTH PLAIN (all 20 sessions start at once)",
              "idle: a fresh server, connections held after handshake + EHLO; RSS summed over the process "
-             "tree counts shared pages once per process (Postfix forks one smtpd per connection): PSS is the fair figure"]
+             "tree counts shared pages once per process (Postfix forks one smtpd per connection): compare PSS, or "
+             "private (Private_Clean + Private_Dirty), which other processes on this shared machine cannot move"]
     for name in TARGETS:
         if name == "mta":
             cfg = ec.mta_setup(DATADIR, """\
@@ -199,6 +203,7 @@ level = "warn"
         ("idle TLS conns held", "idle_ok"),
         ("idle RSS KB/conn", "rss_kb_conn"),
         ("idle PSS KB/conn", "pss_kb_conn"),
+        ("idle private KB/conn", "priv_kb_conn"),
         ("RSS before idle MB", "rss_before_mb"),
         ("processes while idle", "procs_idle"),
     ], columns, notes)

@@ -85,6 +85,21 @@ class PeakSampler:
         self._t.join(5)
 
 
+def private_kb(pids):
+    """Private_Clean + Private_Dirty (KB) summed over pids: memory no other process shares,
+    so unlike PSS it does not move when unrelated processes map the same libraries."""
+    total = 0
+    for p in pids:
+        try:
+            with open("/proc/%d/smaps_rollup" % p) as f:
+                for line in f:
+                    if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                        total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
 def wait_for(pred, timeout, poll=0.05):
     """Poll pred() until true or timeout; return the time it became true (monotonic) or None."""
     deadline = time.monotonic() + timeout
