@@ -19,6 +19,7 @@ from twisted.logger import ILogObserver, Logger
 from twisted.python.components import Componentized
 from twisted.python.threadpool import ThreadPool
 
+from mta.balance import Balancer
 from mta.config import Config
 from mta.db import DatabaseHandle
 from mta.delivery.dkim import DKIMSigner
@@ -110,6 +111,23 @@ class MTAService(service.MultiService):
             except Exception:
                 log.failure("stopping {name} failed", name=child.name)
         log.info("mta stopped")
+
+
+class _BalancerService(service.Service):
+    """Adopts connections other workers hand over while the listeners run."""
+
+    name = "balancer"
+
+    def __init__(self, balancer):
+        self.balancer = balancer
+
+    def startService(self):
+        super().startService()
+        self.balancer.start()
+
+    def stopService(self):
+        super().stopService()
+        self.balancer.close()
 
 
 class _Closing(service.Service):
@@ -227,6 +245,11 @@ def build_service(
     ip_limiter = RateLimiter(reactor, config.limits.messages_per_ip_per_minute)
     user_limiter = RateLimiter(reactor, config.limits.messages_per_user_per_minute)
     tracker = ConnectionTracker(config.limits.max_connections, config.limits.max_connections_per_ip)
+    balancer = None
+    if config.workers > 1:
+        balancer = Balancer(config.datadir, config.workers, worker_index, reactor)
+        tracker.on_change = balancer.set_load
+        _BalancerService(balancer).setServiceParent(root)
     listeners = []
     for listener in config.listeners:
         context = SessionContext(
@@ -249,7 +272,13 @@ def build_service(
             )
         listeners.append(
             ListenerService(
-                listener, factory, reactor, tls, inherited_fd=fd, shared=config.workers > 1
+                listener,
+                factory,
+                reactor,
+                tls,
+                inherited_fd=fd,
+                shared=config.workers > 1,
+                balancer=balancer,
             )
         )
         listeners[-1].setServiceParent(root)

@@ -19,6 +19,7 @@ from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
+from mta.balance import BalancingFactory
 from mta.config import ListenerConfig
 from mta.smtp import replies as R
 from mta.smtp.session import SessionContext, SMTPSession
@@ -37,6 +38,7 @@ class ConnectionTracker:
         self.total = 0
         self.per_ip: Counter[str] = Counter()
         self.sessions: set = set()
+        self.on_change = None  # callable(total): publishes this process's load
 
     def admit(self, ip: str):
         """None when admitted, else the refusal reply."""
@@ -46,6 +48,8 @@ class ConnectionTracker:
             return R.TOO_MANY_FROM_IP
         self.total += 1
         self.per_ip[ip] += 1
+        if self.on_change is not None:
+            self.on_change(self.total)
         return None
 
     def release(self, session) -> None:
@@ -57,6 +61,8 @@ class ConnectionTracker:
         self.per_ip[ip] -= 1
         if self.per_ip[ip] <= 0:
             del self.per_ip[ip]
+        if self.on_change is not None:
+            self.on_change(self.total)
 
 
 class _Refusal(protocol.Protocol):
@@ -110,6 +116,7 @@ class ListenerService(service.Service):
         tls_context=None,
         inherited_fd: int | None = None,
         shared: bool = False,
+        balancer=None,
     ):
         self.listener = listener
         self.setName(f"listener-{listener.name}")
@@ -121,6 +128,9 @@ class ListenerService(service.Service):
             if tls_context is None:
                 raise ValueError(f"listener {listener.name}: implicit TLS needs a certificate")
             factory = TLSMemoryBIOFactory(tls_context, False, factory)
+        if balancer is not None:
+            index = balancer.register(factory, self._family())
+            factory = BalancingFactory(factory, balancer, index)
         self.factory = factory
 
     def privilegedStartService(self):

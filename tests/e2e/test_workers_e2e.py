@@ -67,3 +67,41 @@ def test_workers_exit_when_the_parent_is_killed(mta_server_factory):
     server.start()  # the ports are free again
     with smtplib.SMTP(server.host, server.smtp_port, timeout=30) as client:
         assert client.noop()[0] == 250
+
+
+def test_long_lived_connections_are_spread_evenly(mta_server_factory):
+    """20 persistent connections end up 10/10 (within one) whatever SO_REUSEPORT's
+    hash did, and every one of them still works, TLS included."""
+    import ssl
+
+    from mta.balance import LoadTable
+
+    server = mta_server_factory({"workers": 2})
+    _wait_both_started(server)
+    clients = []
+    try:
+        for _ in range(20):
+            client = smtplib.SMTP(server.host, server.smtp_port, timeout=30)
+            client.ehlo("c.test")
+            clients.append(client)
+        table = LoadTable(str(server.datadir / "run" / "load"), 2, 0)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            loads = table.loads()
+            if sum(loads) == 20 and max(loads) - min(loads) <= 2:
+                break
+            time.sleep(0.05)
+        assert sum(loads) == 20 and max(loads) - min(loads) <= 2, loads
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        for i, client in enumerate(clients):
+            if i % 5 == 0:
+                client.starttls(context=ctx)
+                client.ehlo("c.test")
+            client.sendmail(
+                "s@remote.test", ["postmaster@localhost"], f"Subject: {i}\r\n\r\nx\r\n".encode()
+            )
+    finally:
+        for client in clients:
+            client.close()
+    wait_for_files(server.maildir("postmaster@localhost") / "new", 20)
