@@ -93,3 +93,37 @@ def xtext_decode(value: str) -> str:
             out.append(ch)
             i += 1
     return "".join(out)
+
+
+_NOTIFY_WORDS = frozenset(("SUCCESS", "FAILURE", "DELAY"))
+
+
+def xtext_param(value: str | None, limit: int) -> str | None:
+    if not value:
+        return None
+    try:
+        decoded = xtext_decode(value)
+    except ValueError:
+        return None
+    if len(decoded) > limit or not decoded.isprintable():
+        return None
+    return decoded
+
+
+def notify_param(value: str | None) -> str:
+    """The normalised NOTIFY value, or "" when invalid (RFC 3461 4.1)."""
+    words = [w.upper() for w in (value or "").split(",")]
+    if words == ["NEVER"]:
+        return "NEVER"
+    if not words or not set(words) <= _NOTIFY_WORDS or len(set(words)) != len(words):
+        return ""
+    return ",".join(words)
+
+
+def orcpt_param(value: str | None) -> str:
+    """`type;address` with the xtext decoded, or "" when invalid (RFC 3461 4.2)."""
+    addr_type, sep, xtext = (value or "").partition(";")
+    if not sep or not addr_type or not addr_type.replace("-", "").isalnum():
+        return ""
+    address = xtext_param(xtext, 500)
+    return f"{addr_type.lower()};{address}" if address else ""

@@ -36,7 +36,13 @@ from mta.smtp import replies as R
 from mta.smtp import sasl
 from mta.smtp.datastream import ChunkChecker, DotDecoder
 from mta.smtp.fixups import HeaderScanner, missing_headers
-from mta.smtp.parse import CommandError, split_path_argument, xtext_decode
+from mta.smtp.parse import (
+    CommandError,
+    notify_param,
+    orcpt_param,
+    split_path_argument,
+    xtext_param,
+)
 from mta.smtp.received import protocol_name, received_header
 from mta.smtp.tls import describe_tls
 
@@ -383,7 +389,7 @@ class SMTPSession(smtp.ESMTP):
                     return Reply(501, "5.5.4", "RET must be FULL or HDRS")
                 ret = value.upper()
             elif name == "ENVID":
-                envid = _xtext_param(value, 100)
+                envid = xtext_param(value, 100)
                 if envid is None:
                     return Reply(501, "5.5.4", "Bad ENVID parameter")
             elif name == "AUTH" and self._ctx.authenticator is not None:
@@ -441,7 +447,7 @@ class SMTPSession(smtp.ESMTP):
                 return R.PARAMS_NEED_EHLO
             for name, value in pa.params.items():
                 if name == "NOTIFY":
-                    notify = _notify_param(value)
+                    notify = notify_param(value)
                     if not notify:
                         return Reply(
                             501,
@@ -449,7 +455,7 @@ class SMTPSession(smtp.ESMTP):
                             "NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY",
                         )
                 elif name == "ORCPT":
-                    orcpt = _orcpt_param(value)
+                    orcpt = orcpt_param(value)
                     if not orcpt:
                         return Reply(501, "5.5.4", "Bad ORCPT parameter")
                 else:
@@ -783,40 +789,6 @@ class SMTPSession(smtp.ESMTP):
             return R.NO_SPACE
         log.failure("{qid}: spool commit failed", failure=failure, qid=qid)
         return R.QUEUE_WRITE_ERROR
-
-
-_NOTIFY_WORDS = frozenset(("SUCCESS", "FAILURE", "DELAY"))
-
-
-def _xtext_param(value: str | None, limit: int) -> str | None:
-    if not value:
-        return None
-    try:
-        decoded = xtext_decode(value)
-    except ValueError:
-        return None
-    if len(decoded) > limit or not decoded.isprintable():
-        return None
-    return decoded
-
-
-def _notify_param(value: str | None) -> str:
-    """The normalised NOTIFY value, or "" when invalid (RFC 3461 4.1)."""
-    words = [w.upper() for w in (value or "").split(",")]
-    if words == ["NEVER"]:
-        return "NEVER"
-    if not words or not set(words) <= _NOTIFY_WORDS or len(set(words)) != len(words):
-        return ""
-    return ",".join(words)
-
-
-def _orcpt_param(value: str | None) -> str:
-    """`type;address` with the xtext decoded, or "" when invalid (RFC 3461 4.2)."""
-    addr_type, sep, xtext = (value or "").partition(";")
-    if not sep or not addr_type or not addr_type.replace("-", "").isalnum():
-        return ""
-    address = _xtext_param(xtext, 500)
-    return f"{addr_type.lower()};{address}" if address else ""
 
 
 _COMMANDS = {
