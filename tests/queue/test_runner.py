@@ -249,3 +249,22 @@ def test_recovered_status_is_respected(tmp_path, queue_dir, clock):
     assert mailbox(tmp_path, "bob") == []  # recorded as delivered: not repeated
     assert len(mailbox(tmp_path, "carol")) == 1
     assert files(queue_dir) == []
+
+
+def test_a_backlog_beyond_the_window_is_held_as_ids_and_still_delivered(queue_dir, clock):
+    """The active window: with deliveries stalled, only `window` entries are kept whole;
+    the rest of a large backlog is remembered by queue id and read back from disk when
+    its turn comes, so memory does not grow with the queue."""
+    agent = ScriptedAgent(clock, hold=True)
+    spool = Spool(queue_dir, clock, InlinePool(), fsync=lambda fd: None)
+    runner = QueueRunner(spool, agent, clock, (10.0,), 1000.0, 5, window=20)
+    runner.startService()
+    qids = [submit(spool, "bob@example.test") for _ in range(300)]
+    depth = runner.depth()
+    assert depth["incoming"] == 20 and depth["active"] == 5
+    assert depth["ready"] == 300 - 20 - 5  # ids only
+    assert len(runner._fresh) <= runner.window
+    while agent.held:
+        agent.release()
+    assert agent.calls and sorted({c[1] for c in agent.calls}) == sorted(qids)
+    assert files(queue_dir) == []
