@@ -171,3 +171,48 @@ def test_openssl_s_client_sees_tls12_or_better_on_both_tls_listeners(server):
             timeout=30,
         )
         assert "Protocol version: TLSv1.1" not in refused.stdout + refused.stderr
+
+
+def test_reactor_keeps_answering_while_ten_argon2id_verifies_run(mta_server_factory):
+    """Ten logins at a real Argon2id cost run on the bounded auth pool; meanwhile
+    another session's NOOPs keep being answered. Counted, not timed: the NOOP loop
+    runs until every login has its answer, and must have been answered many times."""
+    import threading
+
+    server = mta_server_factory(
+        {
+            "auth": {
+                "time_cost": 2,
+                "memory_cost": 65536,
+                "parallelism": 1,
+                "threads": 2,
+                "max_failures": 100,
+            }
+        }
+    )
+    out = server.admin(
+        "user", "add", "alice@example.test", "--password-stdin", input=PASSWORD + "\n"
+    )
+    assert out.returncode == 0, out.stderr
+    clients = [submission(server) for _ in range(10)]
+    watcher = smtplib.SMTP(server.host, server.smtp_port, timeout=30)
+    watcher.ehlo("w.test")
+    answers: list[int] = []
+
+    def login(client):
+        answers.append(auth_plain(client, "alice@example.test", PASSWORD))
+
+    threads = [threading.Thread(target=login, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    noops = 0
+    deadline = time.monotonic() + 120  # a bound on the loop, not a timing assertion
+    while len(answers) < 10 and any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+        assert watcher.noop()[0] == 250
+        noops += 1
+    for t in threads:
+        t.join(60)
+    assert answers == [235] * 10
+    assert noops >= 20, f"only {noops} NOOPs answered while ten verifies ran"
+    for c in [*clients, watcher]:
+        c.close()
