@@ -176,8 +176,9 @@ def build_service(
     if worker_index == 0:
         adopt_orphaned_queues(config.path("queue"), config.workers)
 
-    spool_pool = _pool("spool", 2)
-    delivery_pool = _pool("delivery", 4)
+    # Group-commit batches run `io_lanes` at a time (spool, status, removal) per worker.
+    spool_pool = _pool("spool", 2 + max(1, config.queue.io_lanes))
+    delivery_pool = _pool("delivery", 2 + 2 * max(1, config.queue.io_lanes))
     db_pool = _pool("db", 2)
     # Argon2id verifies (~64 MB and ~0.2 s each) get their own bounded pool.
     auth_pool = _pool("auth", config.auth.threads)
@@ -194,9 +195,10 @@ def build_service(
     directory = UserDirectory(config, config.path("mta.db"), reactor, db_pool)
     directory.setServiceParent(root)
 
-    spool = Spool(queue_dir(config.path("queue"), worker_index), reactor, spool_pool)
+    lanes = max(1, config.queue.io_lanes)
+    spool = Spool(queue_dir(config.path("queue"), worker_index), reactor, spool_pool, lanes=lanes)
     store = MaildirStore(config.path("mail"))
-    local = LocalDelivery(store, config.hostname, delivery_pool, reactor)
+    local = LocalDelivery(store, config.hostname, delivery_pool, reactor, lanes=lanes)
     relay = RelayDelivery(
         MXResolver(
             make_resolver(config.dns, reactor),

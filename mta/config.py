@@ -94,6 +94,7 @@ class QueueConfig:
     in_flow_delay: float = 1.0
     delivery_concurrency: int = 20
     delay_warning: float = 4 * 3600.0
+    io_lanes: int = 1
 
 
 @attrs.frozen
