@@ -40,6 +40,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from mta.envelope import RecipientState
+from mta.fileio import fsync_dir
 from mta.queue import entry as fmt
 from mta.queue.entry import FINAL_STATES, STATUS_SUFFIX
 
@@ -111,14 +112,6 @@ class OwnerLock:
 # -- file operations (blocking; the server runs them on its pool) -------------------
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _move(root: str, qid: str, src: str, dst: str) -> bool:
     """Move an entry and its status between places; False when it is not in `src`."""
     src_dir, dst_dir = os.path.join(root, src), os.path.join(root, dst)
@@ -133,8 +126,8 @@ def _move(root: str, qid: str, src: str, dst: str) -> bool:
         )
     except FileNotFoundError:
         pass
-    _fsync_dir(dst_dir)
-    _fsync_dir(src_dir)
+    fsync_dir(dst_dir)
+    fsync_dir(src_dir)
     return True
 
 
@@ -158,7 +151,7 @@ def delete_files(root: str, qid: str) -> str | None:
             os.unlink(path + STATUS_SUFFIX)
         except FileNotFoundError:
             pass
-        _fsync_dir(os.path.join(root, place))
+        fsync_dir(os.path.join(root, place))
         return place
     return None
 

@@ -35,6 +35,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mta.fileio import fsync_dir, write_all
 from mta.interfaces import ISpool, ISpoolFile
 from mta.queue import entry as fmt
 from mta.queue.entry import STATUS_SUFFIX, QueueEntry
@@ -76,22 +77,6 @@ def _pid_of(qid: str) -> int | None:
         return int(qid[13:19], 16)
     except ValueError:
         return None
-
-
-def _write_all(fd: int, buffers: list) -> int:
-    """Write every buffer; returns the number of bytes written."""
-    buffers = [memoryview(b) for b in buffers if len(b)]
-    total = sum(len(b) for b in buffers)
-    while buffers:
-        n = os.writev(fd, buffers[:1024])
-        while n and buffers:
-            if n >= len(buffers[0]):
-                n -= len(buffers[0])
-                buffers.pop(0)
-            else:
-                buffers[0] = buffers[0][n:]
-                n = 0
-    return total
 
 
 class ThreadPoolService(Service):
@@ -242,7 +227,7 @@ class SpoolFile:
         self._chunks.append(data)
         chunks, self._chunks, self.buffered = self._chunks, [], 0
         try:
-            _write_all(self._fd, chunks)
+            write_all(self._fd, chunks)
         except OSError:
             self.abort()
             raise
@@ -418,7 +403,7 @@ class Spool:
                         fd = os.open(job.tmp_path, _OPEN_FLAGS, 0o600)
                 job.fd = None
                 try:
-                    written = _write_all(fd, [*job.chunks, trailer])
+                    written = write_all(fd, [*job.chunks, trailer])
                     if reused:
                         os.ftruncate(fd, written)
                     job.chunks = []
@@ -474,11 +459,7 @@ class Spool:
             _unlink_quietly(path)
 
     def _fsync_dir(self, path: str) -> None:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            self._fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(path, self._fsync)
 
     # -- status, finish, dead letters (used by the runner) --------------------------
 
@@ -508,7 +489,7 @@ class Spool:
             fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             created = True
         try:
-            _write_all(fd, [line])
+            write_all(fd, [line])
             self._fsync(fd)
         finally:
             os.close(fd)

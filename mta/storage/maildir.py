@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 import attrs
 from zope.interface import implementer
 
+from mta.fileio import fsync_dir, write_all
 from mta.interfaces import IMailStore
 
 _SMALL = 256 * 1024
@@ -124,11 +125,7 @@ class MaildirStore:
         self._known.add(box)
 
     def _fsync_dir(self, path: str) -> None:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-        try:
-            self._fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(path, self._fsync)
 
     # -- IMailStore -----------------------------------------------------------------
 
@@ -231,28 +228,15 @@ class MaildirStore:
         return final
 
 
-def _write_all(fd: int, buffers: list) -> None:
-    views = [memoryview(b) for b in buffers if len(b)]
-    while views:
-        n = os.writev(fd, views)
-        while n and views:
-            if n >= len(views[0]):
-                n -= len(views[0])
-                views.pop(0)
-            else:
-                views[0] = views[0][n:]
-                n = 0
-
-
 def _copy(dst: int, src: int, prefix: bytes, length: int) -> None:
     """Write `prefix` then bytes [0, length) of `src` into `dst`, in bounded memory."""
     if length <= _SMALL:
         data = os.pread(src, length, 0)
         if len(data) != length:
             raise OSError(errno.EIO, "queued message is shorter than recorded")
-        _write_all(dst, [prefix, data])
+        write_all(dst, [prefix, data])
         return
-    _write_all(dst, [prefix])
+    write_all(dst, [prefix])
     offset = 0
     fast = True
     while offset < length:
@@ -273,7 +257,7 @@ def _copy(dst: int, src: int, prefix: bytes, length: int) -> None:
             data = os.pread(src, min(_COPY_CHUNK, count), offset)
             n = len(data)
             if n:
-                _write_all(dst, [data])
+                write_all(dst, [data])
         if n == 0:
             raise OSError(errno.EIO, "queued message is shorter than recorded")
         offset += n

@@ -1,0 +1,36 @@
+"""Blocking helpers for durable file work, shared by the spool and the mail stores.
+
+They run on thread pools, never on the reactor.  `fsync` is a parameter so tests can
+count calls or make them fail.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+
+def write_all(fd: int, buffers: list) -> int:
+    """Write every buffer with as few writev calls as the kernel allows; returns
+    the number of bytes written."""
+    views = [memoryview(b) for b in buffers if len(b)]
+    total = sum(len(v) for v in views)
+    while views:
+        n = os.writev(fd, views[:1024])
+        while n and views:
+            if n >= len(views[0]):
+                n -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][n:]
+                n = 0
+    return total
+
+
+def fsync_dir(path: str, fsync: Callable[[int], None] = os.fsync) -> None:
+    """Make the entries of directory `path` (creations, renames) durable."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        fsync(fd)
+    finally:
+        os.close(fd)
