@@ -38,13 +38,13 @@ from mta.policy.sender import SenderPolicy
 from mta.queue.bounce import Bouncer
 from mta.queue.control import QueueControl
 from mta.queue.runner import QueueRunner
-from mta.queue.spool import Spool, ThreadPoolService
+from mta.queue.spool import Spool, ThreadPoolService, spool_dir
 from mta.smtp.auth import Argon2idChecker, AuditLog, Authenticator
 from mta.smtp.server import ConnectionTracker, ListenerService, SMTPFactory
 from mta.smtp.session import SessionContext
 from mta.smtp.tls import server_context
 from mta.storage.maildir import MaildirStore
-from mta.workers import WorkerSupervisor, adopt_orphaned_queues, queue_dir
+from mta.workers import WorkerSupervisor, adopt_orphaned_queues
 
 log = Logger()
 
@@ -196,7 +196,7 @@ def build_service(
     directory.setServiceParent(root)
 
     lanes = max(1, config.queue.io_lanes)
-    spool = Spool(queue_dir(config.path("queue"), worker_index), reactor, spool_pool, lanes=lanes)
+    spool = Spool(spool_dir(config.path("queue"), worker_index), reactor, spool_pool, lanes=lanes)
     store = MaildirStore(config.path("mail"))
     local = LocalDelivery(store, config.hostname, delivery_pool, reactor, lanes=lanes)
     relay = RelayDelivery(

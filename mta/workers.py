@@ -25,15 +25,12 @@ from twisted.application import service
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
+from mta.queue.spool import worker_of
+
 log = Logger()
 
 RESPAWN_DELAY = 1.0
 STOP_TIMEOUT = 30.0
-
-
-def queue_dir(queue_root: str, index: int) -> str:
-    """The spool directory owned by worker `index` (0 is the twistd process)."""
-    return queue_root if index == 0 else os.path.join(queue_root, f"w{index}")
 
 
 def adopt_orphaned_queues(queue_root: str, workers: int) -> int:
@@ -49,7 +46,8 @@ def adopt_orphaned_queues(queue_root: str, workers: int) -> int:
         return 0
     target = os.path.join(queue_root, "active")
     for name in names:
-        if not (name.startswith("w") and name[1:].isdigit()) or int(name[1:]) < workers:
+        index = worker_of(name)
+        if index is None or index < workers:
             continue
         os.makedirs(target, mode=0o700, exist_ok=True)
         for sub in ("active", "dead", "hold"):

@@ -2,7 +2,8 @@
 
 import os
 
-from mta.workers import adopt_orphaned_queues, queue_dir
+from mta.queue.spool import spool_dir as queue_dir
+from mta.workers import adopt_orphaned_queues
 
 
 def test_queue_dir_per_worker(tmp_path):

@@ -43,6 +43,7 @@ from mta.envelope import RecipientState
 from mta.fileio import fsync_dir
 from mta.queue import entry as fmt
 from mta.queue.entry import FINAL_STATES, STATUS_SUFFIX
+from mta.queue.spool import spool_dirs
 
 log = Logger()
 
@@ -57,18 +58,8 @@ class ControlError(Exception):
     """A queue command that cannot be carried out; the message says why."""
 
 
-def spool_roots(queue_root: str) -> list[str]:
-    """Every spool directory under the queue root: its own and each worker's."""
-    roots = [queue_root]
-    try:
-        roots += sorted(
-            os.path.join(queue_root, n)
-            for n in os.listdir(queue_root)
-            if n[:1] == "w" and n[1:].isdigit()
-        )
-    except FileNotFoundError:
-        pass
-    return roots
+# Every spool under the queue root (kept under this name for the CLI).
+spool_roots = spool_dirs
 
 
 def locate(queue_root: str, qid: str) -> tuple[str, str]:

@@ -13,6 +13,7 @@ import time
 import attrs
 
 from mta.queue.entry import STATUS_SUFFIX, CorruptEntry, is_queue_id, read_entry, read_status
+from mta.queue.spool import spool_dirs
 
 
 @attrs.frozen
@@ -40,16 +41,7 @@ def list_entries(queue_dir: str, *, dead: bool | None = None) -> list[EntrySumma
     entries, True = only dead letters, False = only live ones."""
     out: list[EntrySummary] = []
     places = []
-    # Each worker process owns a spool under queue/w<k>/ besides the first one's.
-    roots = [queue_dir]
-    try:
-        roots += sorted(
-            os.path.join(queue_dir, n)
-            for n in os.listdir(queue_dir)
-            if n[:1] == "w" and n[1:].isdigit()
-        )
-    except FileNotFoundError:
-        pass
+    roots = spool_dirs(queue_dir)  # each worker process owns one
     for root in roots:
         if dead is not True:
             places.append(("active", os.path.join(root, "active")))
