@@ -275,16 +275,22 @@ class Authenticator:
                 AuditEntry(action, shown, success, client_ip, {**details, **extra})
             )
 
+        async def temporary(reason: str = "temporary") -> AuthResult:
+            await audit("auth.failure", False, reason=reason)
+            return AuthResult(False, None, AUTH_TEMPORARY)
+
+        async def locked(lockout) -> AuthResult:
+            event("refused", reason="locked", locked=lockout.kind)
+            await audit("auth.failure", False, reason="locked", locked=lockout.kind)
+            return AuthResult(False, None, AUTH_LOCKED)
+
         try:
             lockout = await self._lockouts.check(shown, client_ip)
         except Exception:
             log.failure("AUTH lockout check failed for {user}", user=shown)
-            await audit("auth.failure", False, reason="temporary")
-            return AuthResult(False, None, AUTH_TEMPORARY)
+            return await temporary()
         if lockout is not None:
-            event("refused", reason="locked", locked=lockout.kind)
-            await audit("auth.failure", False, reason="locked", locked=lockout.kind)
-            return AuthResult(False, None, AUTH_LOCKED)
+            return await locked(lockout)
 
         try:
             avatar = await self._checker.requestAvatarId(
@@ -294,23 +300,18 @@ class Authenticator:
             return await self._failed(shown, client_ip, event, audit)
         except AuthBusy:
             event("busy")
-            await audit("auth.failure", False, reason="busy")
-            return AuthResult(False, None, AUTH_TEMPORARY)
+            return await temporary("busy")
         except Exception:
             log.failure("AUTH verification failed for {user}", user=shown)
-            await audit("auth.failure", False, reason="temporary")
-            return AuthResult(False, None, AUTH_TEMPORARY)
+            return await temporary()
 
         try:
             lockout = await self._lockouts.record_success(avatar, client_ip)
         except Exception:
             log.failure("AUTH success could not be recorded for {user}", user=avatar)
-            await audit("auth.failure", False, reason="temporary")
-            return AuthResult(False, None, AUTH_TEMPORARY)
+            return await temporary()
         if lockout is not None:
-            event("refused", reason="locked", locked=lockout.kind)
-            await audit("auth.failure", False, reason="locked", locked=lockout.kind)
-            return AuthResult(False, None, AUTH_LOCKED)
+            return await locked(lockout)
         event("success")
         await audit("auth.success", True)
         return AuthResult(True, avatar, AUTH_SUCCESSFUL)
