@@ -135,7 +135,6 @@ class MetricsObserver:
             "rejected": self._rejected,
             "rcpt_rejected": self._rcpt_rejected,
             "connect": self._connected,
-            "connected": self._connected,
             "conn_refused": lambda e: self.metrics.connections_refused.inc(),
             "auth": self._auth,
             "queued": lambda e: self.metrics.queued.inc(),
@@ -191,14 +190,7 @@ class MetricsObserver:
     def _auth(self, e: Mapping[str, Any]) -> None:
         result = e.get("result")
         if result not in ("success", "failure", "locked"):
-            # mta.smtp.auth logs `outcome`: success, failure, refused (locked), busy.
-            outcome = e.get("outcome")
-            if outcome == "success" or e.get("success") is True:
-                result = "success"
-            elif outcome == "refused" and e.get("reason") == "locked":
-                result = "locked"
-            else:
-                result = "failure"
+            result = "failure"
         self.metrics.auth.labels(result=result).inc()
 
     def _recipients(self, result: str) -> Callable[[Mapping[str, Any]], None]:

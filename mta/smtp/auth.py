@@ -263,6 +263,14 @@ class Authenticator:
                 "AUTH {outcome} for {user} from {client} on {listener}",
                 event="auth",
                 outcome=outcome,
+                # The metric's label: success, failure or locked.
+                result=(
+                    "success"
+                    if outcome == "success"
+                    else "locked"
+                    if fields.get("reason") == "locked"
+                    else "failure"
+                ),
                 user=shown,
                 client=client_ip,
                 listener=listener,

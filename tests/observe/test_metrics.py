@@ -91,7 +91,7 @@ def test_rejections_auth_connections_and_checks(wired):
     log.info("message rejected: too big", event="rejected", qid="q")
     log.info("x", event="rcpt_rejected", code=550)
     log.info("x", event="conn_refused", client="1.2.3.4")
-    log.info("x", event="connected", listener="smtp")
+    log.info("x", event="connect", listener="smtp")
     log.info("x", event="auth", result="failure")
     log.info("x", event="auth", result="success")
     log.info("x", event="auth", result="locked")
