@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 import attrs
 from twisted.internet import task
 from twisted.internet.testing import StringTransport
@@ -101,7 +99,3 @@ def make_harness(
     transport = TLSStringTransport(peerAddress=IPv4Address("TCP", peer, 40000))
     session.makeConnection(transport)
     return Harness(session, transport, spool, directory, clock, factory)
-
-
-def relay_networks(*cidrs: str) -> list:
-    return [str(ipaddress.ip_network(c)) for c in cidrs]
