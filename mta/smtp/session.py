@@ -33,7 +33,7 @@ from mta.envelope import AddressError, BodyType, Envelope, Reply, parse_path
 from mta.policy.ratelimit import RATE_LIMITED
 from mta.policy.relay import ClientInfo, RecipientVerdict, RelayPolicy
 from mta.smtp import replies as R
-from mta.smtp import sasl
+from mta.smtp import sasl, wire
 from mta.smtp.datastream import ChunkChecker, DotDecoder
 from mta.smtp.fixups import HeaderScanner, missing_headers
 from mta.smtp.parse import (
@@ -100,6 +100,9 @@ class SMTPSession(smtp.ESMTP):
         self.session_id = f"{next(_session_ids):x}"
         self.callLater = context.clock.callLater  # TimeoutMixin's clock
         self._inbuf = b""
+        # Replies produced while draining input go out together (one write for a
+        # pipelined group, RFC 2920 4), see _flush.
+        self._out: list[bytes] = []
         self._mode = COMMAND
         self._busy = False
         self._draining = False
@@ -121,7 +124,7 @@ class SMTPSession(smtp.ESMTP):
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             set_nodelay(True)
-        self.transport.write(f"220 {self._ctx.hostname} ESMTP mta\r\n".encode())
+        wire.send(self.transport, f"220 {self._ctx.hostname} ESMTP mta\r\n".encode())
         self.setTimeout(self._limits.idle_timeout or None)
         log.debug(
             "connection from {client} on {listener}",
@@ -154,7 +157,8 @@ class SMTPSession(smtp.ESMTP):
     def _close_with(self, reply: Reply) -> None:
         self._closing = True
         self._inbuf = b""
-        self.transport.write(_encode(reply))
+        self._out.append(_encode(reply))
+        self._flush()
         self.transport.loseConnection()
 
     # -- input -----------------------------------------------------------------
@@ -185,6 +189,7 @@ class SMTPSession(smtp.ESMTP):
                     self._consume_bdat()
         finally:
             self._draining = False
+        self._flush()
         if self._paused and not self._busy and not self._closing:
             self._paused = False
             self.transport.resumeProducing()
@@ -260,17 +265,25 @@ class SMTPSession(smtp.ESMTP):
         self._busy = False
         if reply is not None:
             self._respond(reply)
-        if not self._draining and not self._closing:
-            self._drain()
+        if not self._draining:
+            if self._closing:
+                self._flush()
+            else:
+                self._drain()
 
     def _respond(self, reply: Reply) -> None:
         if self._closing:
             return
-        self.transport.write(_encode(reply))
+        self._out.append(_encode(reply))
         if reply.code >= 500:
             self._errors += 1
             if self._errors >= MAX_ERRORS:
                 self._close_with(R.TOO_MANY_ERRORS)
+
+    def _flush(self) -> None:
+        if self._out:
+            out, self._out = self._out, []
+            wire.send(self.transport, out[0] if len(out) == 1 else b"".join(out))
 
     # -- transaction state -----------------------------------------------------
 
@@ -566,6 +579,7 @@ class SMTPSession(smtp.ESMTP):
         if self._ctx.tls is None:
             return R.TLS_UNAVAILABLE
         self._respond(R.START_TLS)
+        self._flush()  # in plaintext, before the handshake starts
         # CVE-2011-0411: whatever followed STARTTLS in plaintext is an injection.
         self._inbuf = b""
         self._discarding = False

@@ -14,12 +14,20 @@ from mta.testing import FakeDirectory, FakeSpool
 
 
 class TLSStringTransport(StringTransport):
-    """A StringTransport that records STARTTLS instead of doing a handshake."""
+    """A StringTransport that records STARTTLS instead of doing a handshake, what was
+    written before it, and how many writes there were."""
 
     tls_started_with = None
+    written_before_tls = None
+    write_calls = 0
+
+    def write(self, data):
+        self.write_calls += 1
+        super().write(data)
 
     def startTLS(self, ctx, normal=True):
         self.tls_started_with = ctx
+        self.written_before_tls = self.value()
 
 
 @attrs.define

@@ -105,6 +105,18 @@ def test_pipelined_commands_wait_for_a_slow_recipient_check():
     assert h.spool.committed[0].body == b"hello\r\n"
 
 
+def test_a_pipelined_group_is_answered_in_one_write():
+    h = make_harness()
+    h.ehlo()
+    before = h.transport.write_calls
+    h.send("MAIL FROM:<s@remote.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    assert h.transport.write_calls == before + 1
+    assert h.codes() == ["250", "250", "354"]
+    h.send("x\r\n.\r\nNOOP\r\nNOOP\r\n")
+    assert h.transport.write_calls == before + 2
+    assert h.codes() == ["250", "250", "250"]
+
+
 def test_250_only_after_the_spool_commit_and_later_commands_wait():
     spool = FakeSpool(hold=True)
     h = make_harness(spool=spool)
@@ -160,6 +172,8 @@ def test_starttls_discards_injected_plaintext_and_resets_state():
     h.send("MAIL FROM:<a@remote.test>\r\nSTARTTLS\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
     assert h.replies() == ["250 2.1.0 Ok", "220 2.0.0 Ready to start TLS"]
     assert h.transport.tls_started_with is ctx
+    # The 220 went out in plaintext, before the handshake began.
+    assert h.transport.written_before_tls.endswith(b"220 2.0.0 Ready to start TLS\r\n")
     # After the handshake the session starts over: no HELO, no transaction.
     h.send("MAIL FROM:<a@remote.test>\r\n")
     assert h.replies() == ["503 5.5.1 Error: send HELO/EHLO first"]
