@@ -2,7 +2,8 @@
 
 Recipients arrive as final mailboxes (aliases were expanded before queueing).  Each
 copy gets ``Return-Path:`` and ``Delivered-To:`` prepended, then the message's trace
-headers, then the body, copied by the store from the queue file.
+headers, then the body, copied by the store from the queue file (or, for a small
+message right after it was queued, written from the copy still in memory).
 
 Throughput comes from batching: calls made while a batch runs in the thread pool
 are gathered into the next batch, and a store with ``deliver_batch`` (Maildir)
@@ -103,6 +104,7 @@ class LocalDelivery:
                 entry.path,
                 entry.body_length,
                 check,
+                None if check else entry.body,
             )
             for rcpt in recipients
         ]

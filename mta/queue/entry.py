@@ -72,6 +72,14 @@ class QueueEntry:
     last_error: str = ""
     recovered: bool = False
     has_status: bool = False  # a .status file exists next to the queue file
+    # Size of the queue file (body + trailer) when known, else 0: lets the spool reuse
+    # the file for another message without a truncate when that one is as long.
+    file_size: int = 0
+    # The body itself, for a small message on its first attempt right after commit:
+    # delivery writes it from memory instead of reading the queue file back.  None
+    # means read `path`.  The queue runner drops it for entries that have to wait, so
+    # only messages being delivered right now hold one.
+    body: list[bytes] | None = attrs.field(default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
         n = len(self.envelope.recipients)
@@ -257,6 +265,7 @@ def read_entry(path: str, status_path: str | None = None) -> QueueEntry:
     entry = decode_metadata(meta, path)
     if entry.body_length != body_length:
         raise CorruptEntry(f"{path}: body length mismatch")
+    entry.file_size = size
     status = read_status(status_path if status_path is not None else path + STATUS_SUFFIX)
     if status is not None:
         apply_status(entry, status)

@@ -132,6 +132,8 @@ class QueueRunner(Service):
 
     def enqueue(self, entry: QueueEntry) -> None:
         """A freshly committed entry (the spool's on_commit hook)."""
+        if len(self._fresh) >= self._slots():
+            entry.body = None  # it waits: keep the metadata only, delivery reads the file
         if len(self._fresh) < self.window:
             self._fresh.append(entry)
         else:
@@ -323,6 +325,7 @@ class QueueRunner(Service):
                     for r in pending
                 ]
             entry.attempts += 1
+            entry.body = None  # a later attempt reads the queue file
             answered = {r.recipient for r in results}
             results = list(results) + [
                 DeliveryResult.deferred(r, "no result from delivery agent")

@@ -197,6 +197,8 @@ class _CommitJob:
         "trace_headers",
         "length",
         "created",
+        "in_memory",
+        "file_size",
     )
 
     def __init__(self, qid, tmp_path, fd, chunks, envelope, trace_headers, length, created):
@@ -208,6 +210,8 @@ class _CommitJob:
         self.trace_headers = trace_headers
         self.length = length
         self.created = created
+        self.in_memory = fd is None  # `chunks` is the whole body (never spilled)
+        self.file_size = 0
 
 
 @implementer(ISpoolFile)
@@ -318,9 +322,10 @@ class Spool:
         # qids being received or committed: their tmp/ files are not leftovers.
         self._live: set[str] = set()
         self._scan_seen: set[str] | None = None
-        # Names in free/: finished queue files kept for reuse (see _recycle).  A deque
-        # because the commit and remove batches use it from pool threads.
-        self._free: collections.deque[str] = collections.deque()
+        # (name, size or 0 if unknown) of the files in free/: finished queue files kept
+        # for reuse (see _recycle).  A deque because the commit and remove batches use
+        # it from pool threads.
+        self._free: collections.deque[tuple[str, int]] = collections.deque()
         self._committer = _BatchWorker(reactor, threadpool, self._commit_batch, lanes)
         self._recorder = _BatchWorker(reactor, threadpool, self._record_batch, lanes)
         self._remover = _BatchWorker(reactor, threadpool, self._remove_batch)
@@ -389,7 +394,10 @@ class Spool:
             body_length=job.length,
             trace_headers=job.trace_headers,
             created=job.created,
+            file_size=job.file_size,
+            body=job.chunks if job.in_memory else None,
         )
+        job.chunks = []
         log.info(
             "queued {qid} from {sender} to {count} recipient(s), {size} bytes",
             qid=job.qid,
@@ -416,18 +424,21 @@ class Spool:
                 )
                 trailer = fmt.encode_trailer(meta, job.length)
                 fd = job.fd
-                reused = False
+                old_size = -1  # -1: a new file; 0: a reused file of unknown size
                 if fd is None:
-                    fd = self._reuse(job.tmp_path)
-                    reused = fd is not None
+                    fd, old_size = self._reuse(job.tmp_path)
                     if fd is None:
                         fd = os.open(job.tmp_path, _OPEN_FLAGS, 0o600)
                 job.fd = None
                 try:
-                    written = write_all(fd, [*job.chunks, trailer])
-                    if reused:
-                        os.ftruncate(fd, written)
-                    job.chunks = []
+                    write_all(fd, [*job.chunks, trailer])
+                    size = job.length + len(trailer)
+                    if old_size == 0 or old_size > size:
+                        # A reused file longer than this message (or of unknown size).
+                        os.ftruncate(fd, size)
+                    if not job.in_memory:
+                        job.chunks = []
+                    job.file_size = size
                     self._fsync(fd)
                 finally:
                     os.close(fd)
@@ -448,8 +459,9 @@ class Spool:
                 results = [(False, e)] * len(jobs)
         return results
 
-    def _reuse(self, tmp_path: str) -> int | None:
-        """Thread: an fd for `tmp_path` made from a recycled file, or None.
+    def _reuse(self, tmp_path: str) -> tuple[int | None, int]:
+        """Thread: (fd, size) for `tmp_path` made from a recycled file of that size (0
+        when unknown), or (None, -1) when there is none.
 
         Creating and deleting a file per message is what an ext4 file system
         without a journal handles worst: every inode allocation scans past the
@@ -459,23 +471,24 @@ class Spool:
         for a message no larger than the last, no blocks either."""
         while True:
             try:
-                name = self._free.pop()
+                name, size = self._free.pop()
             except IndexError:
-                return None
+                return None, -1
             try:
                 os.rename(os.path.join(self.free_dir, name), tmp_path)
-                return os.open(tmp_path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0))
+                return os.open(tmp_path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)), size
             except OSError:
                 continue
 
-    def _recycle(self, path: str, qid: str, length: int) -> None:
-        """Thread: retire a finished queue file into free/ (or delete it)."""
+    def _recycle(self, path: str, qid: str, length: int, size: int) -> None:
+        """Thread: retire a finished queue file (`size` bytes, 0 if unknown) into
+        free/, or delete it."""
         if length <= _RECYCLE_MAX_SIZE and len(self._free) < _RECYCLE_MAX_FILES:
             try:
                 os.rename(path, os.path.join(self.free_dir, qid))
             except FileNotFoundError:
                 return
-            self._free.append(qid)
+            self._free.append((qid, size))
         else:
             _unlink_quietly(path)
 
@@ -519,11 +532,15 @@ class Spool:
     def finish(self, entry: QueueEntry) -> Deferred:
         """Delete an entry whose recipients are all delivered."""
         self._backlog -= 1
-        return self._remover.submit(("finish", entry.qid, (entry.body_length, entry.has_status)))
+        entry.body = None
+        return self._remover.submit(
+            ("finish", entry.qid, (entry.body_length, entry.file_size, entry.has_status))
+        )
 
     def bury(self, entry: QueueEntry, reason: str) -> Deferred:
         """Move an entry with permanently failed recipients to ``queue/dead/``."""
         self._backlog -= 1
+        entry.body = None
         return self._remover.submit(("bury", entry.qid, fmt.encode_status(entry, reason)))
 
     def _remove_batch(self, items: list) -> list:
@@ -533,10 +550,10 @@ class Spool:
             path = self.active_path(qid)
             try:
                 if action == "finish":
-                    length, has_status = line
+                    length, size, has_status = line
                     if has_status:
                         _unlink_quietly(path + STATUS_SUFFIX)
-                    self._recycle(path, qid, length)
+                    self._recycle(path, qid, length, size)
                 else:
                     self._append_status(path + STATUS_SUFFIX, line)
                     os.rename(path, os.path.join(self.dead_dir, qid))
@@ -625,7 +642,7 @@ class Spool:
             _unlink_quietly(os.path.join(self.tmp_dir, name))
         for name in os.listdir(self.free_dir):
             if len(self._free) < _RECYCLE_MAX_FILES:
-                self._free.append(name)
+                self._free.append((name, 0))
             else:
                 _unlink_quietly(os.path.join(self.free_dir, name))
         names = set(os.listdir(self.active_dir))

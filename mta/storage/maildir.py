@@ -63,6 +63,9 @@ class DeliveryItem:
     source_path: str
     length: int
     check_existing: bool = False
+    # The body bytes, when the caller still holds them: written as they are instead of
+    # being read from `source_path` (which holds the same `length` bytes).
+    body: Sequence[bytes] | None = None
 
 
 def _safe_component(value: str, what: str) -> str:
@@ -173,11 +176,13 @@ class MaildirStore:
                         if found is not None:
                             results[i] = found
                             continue
-                    src = sources.get(item.source_path)
-                    if src is None:
-                        src = sources[item.source_path] = os.open(
-                            item.source_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-                        )
+                    src = None
+                    if item.body is None:
+                        src = sources.get(item.source_path)
+                        if src is None:
+                            src = sources[item.source_path] = os.open(
+                                item.source_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
+                            )
                     results[i] = self._write_one(box, item, src)
                     dirs.setdefault(os.path.join(box, "new"), []).append(i)
                 except Exception as e:
@@ -193,7 +198,7 @@ class MaildirStore:
                     results[i] = e
         return results
 
-    def _write_one(self, box: str, item: DeliveryItem, src: int) -> str:
+    def _write_one(self, box: str, item: DeliveryItem, src: int | None) -> str:
         self._ensure(box)
         size = len(item.prefix) + item.length
         while True:
@@ -213,7 +218,11 @@ class MaildirStore:
                 break
         try:
             try:
-                _copy(fd, src, item.prefix, item.length)
+                if src is None:
+                    if write_all(fd, [item.prefix, *item.body]) != size:
+                        raise OSError(errno.EIO, "message body is not as long as recorded")
+                else:
+                    _copy(fd, src, item.prefix, item.length)
                 self._fsync(fd)
             finally:
                 os.close(fd)

@@ -162,3 +162,22 @@ def test_store_without_batches(make_entry):
     assert [r.state for r in results] == [RecipientState.DELIVERED] * 2
     # a's copy is already there (has_delivered), so only b is stored
     assert store.calls == [(Address("b", "example.test"), f"{entry.qid}-1")]
+
+
+def test_the_body_in_memory_is_used_on_a_first_attempt_only(tmp_path, make_entry):
+    seen = []
+
+    class Recording(MaildirStore):
+        def deliver_batch(self, items):
+            seen.extend(item.body for item in items)
+            return super().deliver_batch(items)
+
+    agent = LocalDelivery(Recording(str(tmp_path)), "mx", InlinePool(), ThreadClock())
+    entry = make_entry("bob@example.test")
+    entry.body = [BODY]
+    deliver(agent, entry)
+    entry.attempts = 1  # a retry reads the queue file (and checks for a copy first)
+    deliver(agent, entry)
+    assert seen == [[BODY], None]
+    for name in os.listdir(tmp_path / "example.test/bob/new"):
+        assert (tmp_path / "example.test/bob/new" / name).read_bytes().endswith(BODY)

@@ -268,3 +268,28 @@ def test_a_backlog_beyond_the_window_is_held_as_ids_and_still_delivered(queue_di
         agent.release()
     assert agent.calls and sorted({c[1] for c in agent.calls}) == sorted(qids)
     assert files(queue_dir) == []
+
+
+def test_only_entries_starting_now_keep_their_body_in_memory(queue_dir, clock):
+    bodies = []
+
+    class Recording(ScriptedAgent):
+        def deliver(self, entry, recipients):
+            bodies.append((entry.qid, entry.body is not None))
+            return super().deliver(entry, recipients)
+
+    agent = Recording(clock, hold=True)
+    spool, runner = make(queue_dir, clock, agent, concurrency=1)
+    seen = []
+    runner.startService()
+    hook = spool.on_commit
+    spool.on_commit = lambda entry: (seen.append(entry), hook(entry))
+    first = submit(spool, "a@example.test")
+    second = submit(spool, "b@example.test")  # the only slot is taken: it waits
+    assert bodies == [(first, True)]
+    assert seen[1].body is None, "a waiting entry holds no body"
+    agent.release()
+    assert seen[0].body is None, "an attempt lets go of the body"
+    assert bodies == [(first, True), (second, False)]
+    agent.release()
+    assert files(queue_dir) == []

@@ -307,3 +307,54 @@ def test_dsn_fields_survive_the_queue_file(tmp_path, clock):
     )
     qid, _ = commit(spool, env=env)
     assert fmt.read_entry(spool.active_path(qid)).envelope == env
+
+
+def test_a_small_body_is_handed_on_in_memory_a_spilled_one_is_not(tmp_path, clock):
+    spool = make_spool(tmp_path, clock)
+    entries = []
+    spool.on_commit = entries.append
+    body = b"Subject: hi\r\n\r\nhello\r\n"
+    commit(spool, body=body)
+    small = entries[-1]
+    assert b"".join(small.body) == body
+    assert small.file_size == os.stat(small.path).st_size
+    qid = spool.new_queue_id()
+    f = spool.open(qid)
+    for _ in range(5):
+        f.write(b"x" * MEMORY_LIMIT)
+    f.commit(envelope("bob@example.test"))
+    big = entries[-1]
+    assert big.body is None and big.file_size == os.stat(big.path).st_size
+    spool.finish(small)
+    assert small.body is None, "a finished entry lets go of its body"
+
+
+def test_reusing_a_file_truncates_only_when_it_is_longer(tmp_path, clock, monkeypatch):
+    truncates = []
+    real = os.ftruncate
+    monkeypatch.setattr(os, "ftruncate", lambda fd, n: (truncates.append(n), real(fd, n)))
+    spool = make_spool(tmp_path, clock)
+    entries = []
+    spool.on_commit = entries.append
+
+    def cycle(body):
+        qid, _ = commit(spool, body=body)
+        loaded = fmt.read_entry(spool.active_path(qid))  # the footer must end the file
+        with open(spool.active_path(qid), "rb") as f:
+            assert f.read(loaded.body_length) == body
+        spool.finish(entries[-1])
+
+    cycle(b"Subject: a\r\n\r\n" + b"a" * 500 + b"\r\n")
+    cycle(b"Subject: b\r\n\r\n" + b"b" * 500 + b"\r\n")  # same size: overwritten in place
+    assert truncates == []
+    cycle(b"Subject: c\r\n\r\n" + b"c" * 900 + b"\r\n")  # longer: no truncate needed
+    assert truncates == []
+    cycle(b"Subject: d\r\n\r\nd\r\n")  # shorter: cut to size
+    assert len(truncates) == 1
+    # After a restart the sizes of free files are unknown: always cut to size.
+    again = make_spool(tmp_path, clock)
+    again.recover()
+    again.on_commit = entries.append
+    spool = again
+    cycle(b"Subject: e\r\n\r\ne\r\n")
+    assert len(truncates) == 2

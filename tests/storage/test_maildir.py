@@ -141,3 +141,24 @@ def test_parent_is_a_file(tmp_path, source):
     with pytest.raises(OSError) as e:
         store.deliver(Address("a", "example.test"), "00aa-0", b"", source, BODY_LEN)
     assert not isinstance(e.value, ValueError)  # storage trouble, not a bad name
+
+
+def test_a_body_in_memory_is_written_without_reading_the_source(tmp_path):
+    store = MaildirStore(str(tmp_path / "mail"), "mx.example.test")
+    box = Address("bob", "example.test")
+    body = [b"Subject: x\r\n", b"\r\n", b"body\r\n"]
+    missing = str(tmp_path / "no-such-queue-file")
+    item = DeliveryItem(box, "00ab-0", b"Delivered-To: bob\r\n", missing, BODY_LEN, body=body)
+    [location] = store.deliver_batch([item])
+    with open(location, "rb") as f:
+        assert f.read() == b"Delivered-To: bob\r\nSubject: x\r\n\r\nbody\r\n"
+
+
+def test_a_body_in_memory_of_the_wrong_length_is_not_delivered(tmp_path):
+    store = MaildirStore(str(tmp_path / "mail"), "mx.example.test")
+    box = Address("bob", "example.test")
+    item = DeliveryItem(box, "00ac-0", b"", "unused", BODY_LEN + 1, body=[b"short\r\n"])
+    [outcome] = store.deliver_batch([item])
+    assert isinstance(outcome, OSError) and outcome.errno == errno.EIO
+    maildir = tmp_path / "mail" / "example.test" / "bob"
+    assert os.listdir(maildir / "new") == [] and os.listdir(maildir / "tmp") == []
