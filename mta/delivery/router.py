@@ -46,6 +46,9 @@ class Router:
                 calls.append((remote, succeed(results)))
             else:
                 calls.append((remote, self._call(self.remote_agent, entry, remote)))
+        if len(calls) == 1:  # the usual case: no need to gather
+            [(rcpts, d)] = calls
+            return d.addErrback(self._failed, entry, rcpts)
         d = DeferredList([c for _, c in calls], consumeErrors=True)
         return d.addCallback(self._combine, entry, [rcpts for rcpts, _ in calls])
 
@@ -53,19 +56,20 @@ class Router:
     def _call(agent, entry, recipients):
         return maybeDeferred(agent.deliver, entry, recipients)
 
-    @staticmethod
-    def _combine(outcomes, entry, groups) -> list[DeliveryResult]:
+    @classmethod
+    def _combine(cls, outcomes, entry, groups) -> list[DeliveryResult]:
         results: list[DeliveryResult] = []
         for (ok, value), rcpts in zip(outcomes, groups):
-            if ok:
-                results.extend(value)
-                continue
-            log.failure("delivery agent failed for {qid}", failure=value, qid=entry.qid)
-            reply = Reply(451, "4.3.0", "internal delivery error")
-            results.extend(
-                DeliveryResult(
-                    r, RecipientState.DEFERRED, f"{reply}: {value.getErrorMessage()}", reply
-                )
-                for r in rcpts
-            )
+            results.extend(value if ok else cls._failed(value, entry, rcpts))
         return results
+
+    @staticmethod
+    def _failed(failure, entry, rcpts) -> list[DeliveryResult]:
+        log.failure("delivery agent failed for {qid}", failure=failure, qid=entry.qid)
+        reply = Reply(451, "4.3.0", "internal delivery error")
+        return [
+            DeliveryResult(
+                r, RecipientState.DEFERRED, f"{reply}: {failure.getErrorMessage()}", reply
+            )
+            for r in rcpts
+        ]

@@ -150,6 +150,9 @@ class QueueEntry:
 # -- encoding ------------------------------------------------------------------
 
 
+_COMPACT = json.JSONEncoder(separators=(",", ":"))
+
+
 def _addr(a: Address) -> list[str]:
     return [a.local, a.domain]
 
@@ -189,7 +192,7 @@ def encode_metadata(
             "notify": list(e.dsn_notify),
             "orcpt": list(e.dsn_orcpt),
         }
-    return json.dumps(meta, separators=(",", ":")).encode("ascii")
+    return _COMPACT.encode(meta).encode("ascii")
 
 
 def encode_trailer(meta: bytes, body_length: int) -> bytes:

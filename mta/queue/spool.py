@@ -351,10 +351,10 @@ class Spool:
     # -- paths --------------------------------------------------------------------
 
     def tmp_path(self, qid: str) -> str:
-        return os.path.join(self.tmp_dir, qid)
+        return f"{self.tmp_dir}/{qid}"  # (not os.path.join: called per message)
 
     def active_path(self, qid: str) -> str:
-        return os.path.join(self.active_dir, qid)
+        return f"{self.active_dir}/{qid}"
 
     @property
     def commit_batches(self) -> int:
@@ -475,7 +475,7 @@ class Spool:
             except IndexError:
                 return None, -1
             try:
-                os.rename(os.path.join(self.free_dir, name), tmp_path)
+                os.rename(f"{self.free_dir}/{name}", tmp_path)
                 return os.open(tmp_path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)), size
             except OSError:
                 continue
@@ -485,7 +485,7 @@ class Spool:
         free/, or delete it."""
         if length <= _RECYCLE_MAX_SIZE and len(self._free) < _RECYCLE_MAX_FILES:
             try:
-                os.rename(path, os.path.join(self.free_dir, qid))
+                os.rename(path, f"{self.free_dir}/{qid}")
             except FileNotFoundError:
                 return
             self._free.append((qid, size))

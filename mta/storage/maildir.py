@@ -184,7 +184,7 @@ class MaildirStore:
                                 item.source_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
                             )
                     results[i] = self._write_one(box, item, src)
-                    dirs.setdefault(os.path.join(box, "new"), []).append(i)
+                    dirs.setdefault(f"{box}/new", []).append(i)
                 except Exception as e:
                     results[i] = e
         finally:
@@ -205,7 +205,7 @@ class MaildirStore:
             now = time.time()
             sec = int(now)
             name = f"{sec}.M{int((now - sec) * 1e6)}P{_pid}Q{item.message_tag}.{self._host}"
-            tmp = os.path.join(box, "tmp", name)
+            tmp = f"{box}/tmp/{name}"  # (not os.path.join: called per message)
             try:
                 fd = os.open(tmp, _OPEN_FLAGS, 0o600)
                 break
@@ -226,7 +226,7 @@ class MaildirStore:
                 self._fsync(fd)
             finally:
                 os.close(fd)
-            final = os.path.join(box, "new", f"{name},S={size}")
+            final = f"{box}/new/{name},S={size}"
             os.rename(tmp, final)
         except BaseException:
             try:

@@ -62,3 +62,20 @@ def test_failing_agent_defers_its_recipients():
     )
     assert results["a@example.test"].state is RecipientState.DEFERRED
     assert results["b@far.test"].state is RecipientState.DELIVERED
+
+
+def test_a_failing_agent_with_all_the_recipients_defers_them():
+    local = Recorder(fail(RuntimeError("boom")))
+    results = run(Router(["example.test"], local), entry("a@example.test", "b@example.test"))
+    assert [r.state for r in results.values()] == [RecipientState.DEFERRED] * 2
+    assert all("internal delivery error: boom" in r.detail for r in results.values())
+
+
+def test_an_agent_raising_synchronously_defers_its_recipients():
+    class Raising:
+        def deliver(self, entry, recipients):
+            raise RuntimeError("sync boom")
+
+    results = run(Router(["example.test"], Raising()), entry("a@example.test"))
+    assert results["a@example.test"].state is RecipientState.DEFERRED
+    assert "sync boom" in results["a@example.test"].detail
