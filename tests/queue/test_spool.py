@@ -358,3 +358,23 @@ def test_reusing_a_file_truncates_only_when_it_is_longer(tmp_path, clock, monkey
     spool = again
     cycle(b"Subject: e\r\n\r\ne\r\n")
     assert len(truncates) == 2
+
+
+def test_removals_ride_along_with_the_next_commits(tmp_path, clock):
+    pool = ManualPool()
+    spool = make_spool(tmp_path, clock, pool=pool, lanes=1)
+    entries = []
+    spool.on_commit = entries.append
+    commit(spool)
+    pool.run_one()
+    [first] = entries
+    commit(spool)  # a batch is running ...
+    commit(spool)
+    spool.finish(first)  # ... so this removal joins the commit waiting for the next
+    assert len(pool.queue) == 1
+    pool.run_one()
+    assert len(pool.queue) == 1, "one batch holds the third commit and the removal"
+    pool.run_one()
+    assert pool.queue == []
+    assert sorted(os.listdir(spool.active_dir)) == sorted(e.qid for e in entries[1:])
+    assert spool.commit_batches == 3
