@@ -16,7 +16,7 @@ import threading
 
 from twisted.application import service
 from twisted.internet import defer, threads
-from twisted.logger import ILogObserver, Logger
+from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 from twisted.python.threadpool import ThreadPool
 
@@ -31,7 +31,7 @@ from mta.delivery.router import Router
 from mta.delivery.smtpclient import Timeouts
 from mta.directory import UserDirectory
 from mta.dns import make_resolver
-from mta.observe.logging import make_observer
+from mta.observe.logging import Logger, make_observer
 from mta.policy.lockout import LockoutRules, LockoutTracker
 from mta.policy.ratelimit import RateLimiter
 from mta.policy.relay import RelayPolicy

@@ -22,7 +22,8 @@ import socket
 import struct
 
 from twisted.internet import protocol
-from twisted.logger import Logger
+
+from mta.observe.logging import Logger
 
 log = Logger()
 

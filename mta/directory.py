@@ -28,13 +28,13 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, task, threads
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from mta.config import Config
 from mta.db import Database, Snapshot, address_key, mailbox_address
 from mta.envelope import Address, AddressError, parse_mailbox
 from mta.interfaces import IUserDirectory
+from mta.observe.logging import Logger
 
 log = Logger()
 

@@ -23,8 +23,8 @@ import sys
 
 from twisted.application import service
 from twisted.internet import defer, protocol
-from twisted.logger import Logger
 
+from mta.observe.logging import Logger
 from mta.queue.spool import worker_of
 
 log = Logger()

@@ -17,8 +17,9 @@ import queue
 import threading
 from collections.abc import Callable
 
-from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+from mta.observe.logging import Logger
 
 log = Logger()
 _STOP = object()

@@ -44,10 +44,11 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
 from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.logger import Logger
 from twisted.python import components
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from mta.observe.logging import Logger
 
 log = Logger()
 

@@ -28,9 +28,9 @@ import threading
 import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 
 from mta.config import ConfigError, DKIMConfig, load_config
+from mta.observe.logging import Logger
 
 log = Logger()
 

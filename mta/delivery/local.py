@@ -22,11 +22,11 @@ import errno
 
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from mta.envelope import DeliveryResult, RecipientState, Reply
 from mta.interfaces import IDeliveryAgent
+from mta.observe.logging import Logger
 from mta.storage.maildir import DeliveryItem, UnsafeMailboxName
 
 log = Logger()

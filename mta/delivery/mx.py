@@ -27,11 +27,11 @@ import random as _random
 
 import attrs
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.names import dns as tdns
 
 from mta import dns as mtadns
 from mta.envelope import Reply
+from mta.observe.logging import Logger
 
 log = Logger()
 

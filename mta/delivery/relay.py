@@ -30,7 +30,6 @@ from collections import defaultdict
 import attrs
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints, ssl
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from mta.delivery.mx import MXResolver, RouteError, Target
@@ -43,6 +42,7 @@ from mta.delivery.smtpclient import (
 )
 from mta.envelope import Address, DeliveryResult, RecipientState, Reply
 from mta.interfaces import IDeliveryAgent
+from mta.observe.logging import Logger
 
 log = Logger()
 

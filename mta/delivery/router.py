@@ -10,11 +10,11 @@ defers its recipients (a bug defers, never bounces).
 from __future__ import annotations
 
 from twisted.internet.defer import DeferredList, maybeDeferred, succeed
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from mta.envelope import DeliveryResult, RecipientState, Reply
 from mta.interfaces import IDeliveryAgent
+from mta.observe.logging import Logger
 
 log = Logger()
 

@@ -44,12 +44,12 @@ import attrs
 from twisted.internet import defer, interfaces
 from twisted.internet.error import ConnectionDone
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mta.envelope import Address, BodyType, Reply
+from mta.observe.logging import Logger
 
 log = Logger()
 

@@ -19,7 +19,8 @@ from typing import Any
 
 import attrs
 from twisted.internet import defer, task, threads
-from twisted.logger import Logger
+
+from mta.observe.logging import Logger
 
 log = Logger()
 

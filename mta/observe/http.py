@@ -12,10 +12,10 @@ import json
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from twisted.application import service
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.web import resource, server
 
 from mta.observe.health import Health, Report
+from mta.observe.logging import Logger
 
 log = Logger()
 

@@ -18,20 +18,17 @@ import ipaddress
 import json
 import string
 import sys
+import time
 from collections.abc import Mapping
 from typing import IO, Any
 
-from twisted.logger import (
-    FilteringLogObserver,
-    ILogObserver,
-    LogLevel,
-    LogLevelFilterPredicate,
-    formatEvent,
-)
+import twisted.logger
+from twisted.logger import ILogObserver, LogLevel, formatEvent
 from zope.interface import implementer
 
 __all__ = [
     "LEVELS",
+    "Logger",
     "SENSITIVE",
     "event_fields",
     "format_json",
@@ -279,8 +276,52 @@ def make_observer(
         raise ValueError(f"log level must be one of {', '.join(LEVELS)}, not {level!r}") from None
     out = sys.stdout if stream is None else stream
     inner = _LineObserver(format_json if format == "json" else format_text, out)
-    predicate = LogLevelFilterPredicate(defaultLogLevel=min_level)
-    return FilteringLogObserver(inner, [predicate])
+    return _AtLeast(inner, min_level)
+
+
+_ORDER = (LogLevel.debug, LogLevel.info, LogLevel.warn, LogLevel.error, LogLevel.critical)
+_KNOWN_LEVELS = frozenset(_ORDER)
+
+
+@implementer(ILogObserver)
+class _AtLeast:
+    """Passes events of `level` or above on to `observer`.  One set lookup per
+    event; FilteringLogObserver with LogLevelFilterPredicate (per-namespace levels,
+    which we do not use) walks the event's namespace every time."""
+
+    def __init__(self, observer: ILogObserver, level: LogLevel):
+        self._levels = frozenset(_ORDER[_ORDER.index(level) :])
+        self._observer = observer
+
+    def __call__(self, event: Mapping[str, Any]) -> None:
+        if event.get("log_level") in self._levels:
+            self._observer(event)
+
+
+class Logger(twisted.logger.Logger):
+    """`twisted.logger.Logger` with a cheaper `emit`.
+
+    Twisted's emit validates the level with ``level not in LogLevel.iterconstants()``,
+    which builds and sorts the list of levels on every event; at four events per
+    message that was over 1% of the reactor's time.  This one checks a frozenset and
+    otherwise does exactly what Twisted's does (an unknown level still goes to
+    Twisted's emit, which reports it)."""
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: object) -> None:
+        if level not in _KNOWN_LEVELS:
+            super().emit(level, format, **kwargs)
+            return
+        kwargs.update(
+            log_logger=self,
+            log_level=level,
+            log_namespace=self.namespace,
+            log_source=self.source,
+            log_format=format,
+            log_time=time.time(),
+        )
+        if "log_trace" in kwargs:
+            kwargs["log_trace"].append((self, self.observer))  # type: ignore[attr-defined]
+        self.observer(kwargs)
 
 
 def json_observer() -> ILogObserver:

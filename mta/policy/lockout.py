@@ -38,9 +38,9 @@ from typing import Any
 import attrs
 from twisted.application import service
 from twisted.internet import defer, task
-from twisted.logger import Logger
 
 from mta.db import AuthFailure, Database
+from mta.observe.logging import Logger
 
 log = Logger()
 

@@ -40,9 +40,9 @@ from collections.abc import Sequence
 
 import attrs
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 
 from mta.envelope import NULL_ADDRESS, Address, BodyType, Envelope, RecipientState
+from mta.observe.logging import Logger
 from mta.queue.entry import QueueEntry
 
 log = Logger()

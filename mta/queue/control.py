@@ -37,10 +37,10 @@ from twisted.application.service import Service
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 
 from mta.envelope import RecipientState
 from mta.fileio import fsync_dir
+from mta.observe.logging import Logger
 from mta.queue import entry as fmt
 from mta.queue.entry import FINAL_STATES, STATUS_SUFFIX
 from mta.queue.spool import spool_dirs

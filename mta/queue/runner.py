@@ -33,9 +33,9 @@ from collections import deque
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
-from twisted.logger import Logger
 
 from mta.envelope import DeliveryResult, RecipientState, Reply
+from mta.observe.logging import Logger
 from mta.queue.backoff import next_delay
 from mta.queue.bounce import delay_reports, failure_reports, success_reports
 from mta.queue.entry import QueueEntry

@@ -31,13 +31,13 @@ from collections.abc import Callable
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mta.fileio import fsync_dir, write_all
 from mta.interfaces import ISpool, ISpoolFile
+from mta.observe.logging import Logger
 from mta.queue import entry as fmt
 from mta.queue.entry import STATUS_SUFFIX, QueueEntry
 

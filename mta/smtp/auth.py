@@ -32,11 +32,11 @@ from twisted.cred import credentials as cred_credentials
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from mta.db import Database
 from mta.envelope import Reply
+from mta.observe.logging import Logger
 from mta.policy.lockout import LockoutTracker
 
 log = Logger()

@@ -13,6 +13,18 @@ def _clean(text: str, limit: int = 255) -> str:
     return _UNSAFE.sub("?", text)[:limit] or "unknown"
 
 
+_last_date: tuple[int, str] = (-1, "")
+
+
+def _date(now: float) -> str:
+    """The RFC 5322 date of `now` (whole seconds), formatted once per second."""
+    global _last_date
+    second = int(now)
+    if _last_date[0] != second:
+        _last_date = (second, email.utils.formatdate(second, localtime=False))
+    return _last_date[1]
+
+
 def protocol_name(*, esmtp: bool, tls: bool, auth: bool, utf8: bool) -> str:
     if utf8:
         base = "UTF8SMTP"
@@ -41,7 +53,7 @@ def received_header(
     if tls:
         by += f" ({_clean(tls, 100)})"
     lines.append(f"{by} id {queue_id}")
-    date = email.utils.formatdate(now, localtime=False)
+    date = _date(now)
     if recipient:
         lines.append(f"\tfor <{recipient}>; {date}")
     else:

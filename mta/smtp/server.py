@@ -16,11 +16,11 @@ from collections import Counter
 from twisted.application import service
 from twisted.internet import protocol
 from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
 from mta.balance import BalancingFactory
 from mta.config import ListenerConfig
+from mta.observe.logging import Logger
 from mta.smtp import replies as R
 from mta.smtp.session import SessionContext, SMTPSession
 

@@ -25,11 +25,11 @@ import itertools
 import attrs
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
 from twisted.mail import smtp
 
 from mta.config import Config, ListenerConfig
 from mta.envelope import AddressError, BodyType, Envelope, Reply, parse_path
+from mta.observe.logging import Logger
 from mta.policy.ratelimit import RATE_LIMITED
 from mta.policy.relay import ClientInfo, RecipientVerdict, RelayPolicy
 from mta.smtp import replies as R

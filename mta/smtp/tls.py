@@ -18,8 +18,9 @@ from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLContextFactory
-from twisted.logger import Logger
 from zope.interface import implementer
+
+from mta.observe.logging import Logger
 
 log = Logger()
 

@@ -245,3 +245,37 @@ def test_non_ascii_stream_does_not_lose_events():
     observer = make_observer("text", "info", stream)
     observer(event(event="rcpt", rcpt="jörg@example.test"))
     assert b"rcpt=j" in raw.getvalue()
+
+
+def test_our_logger_emits_what_twisteds_does():
+    import twisted.logger
+
+    from mta.observe.logging import Logger as FastLogger
+
+    seen = []
+
+    class Source:
+        log = FastLogger()
+
+    fast = Source().log
+    fast.observer = seen.append
+    plain = twisted.logger.Logger(namespace=fast.namespace, source=fast.source)
+    plain.observer = seen.append
+    fast.info("hello {who}", who="world", event="greet")
+    plain.info("hello {who}", who="world", event="greet")
+    mine, theirs = seen
+    assert set(mine) == set(theirs)
+    for key in set(mine) - {"log_logger", "log_time"}:
+        assert mine[key] == theirs[key], key
+    assert isinstance(mine["log_source"], Source) and mine["log_namespace"].endswith("Source")
+
+
+def test_our_logger_still_reports_an_unknown_level():
+    from mta.observe.logging import Logger as FastLogger
+
+    seen = []
+    log = FastLogger(namespace="test", observer=seen.append)
+    log.emit("not-a-level", "x")
+    [report] = seen
+    assert report["log_level"] is LogLevel.critical
+    assert "invalid log level" in report["log_format"].lower()
