@@ -662,17 +662,23 @@ class Spool:
         # `live` is read (membership only) while the reactor updates it: a qid leaves
         # it only after its file was renamed out of tmp/ or deleted.
         mypid = os.getpid()
-        for name in os.listdir(self.tmp_dir):
+        queued = self._queued_inodes()
+        for entry in os.scandir(self.tmp_dir):
+            name = entry.name
             pid = _pid_of(name)
             if name in live or (pid is not None and pid != mypid and _alive(pid)):
                 continue  # being received right now, here or in a sibling process
+            if self._also_queued(entry, queued):
+                continue
             log.info("removing incomplete spool file {name}", name=name, event="tmp_removed")
-            _unlink_quietly(os.path.join(self.tmp_dir, name))
-        for name in os.listdir(self.free_dir):
+            _unlink_quietly(entry.path)
+        for entry in os.scandir(self.free_dir):
+            if self._also_queued(entry, queued):
+                continue
             if len(self._free) < _RECYCLE_MAX_FILES:
-                self._free.append((name, 0))
+                self._free.append((entry.name, 0))
             else:
-                _unlink_quietly(os.path.join(self.free_dir, name))
+                _unlink_quietly(entry.path)
         names = set(os.listdir(self.active_dir))
         found = []
         for name in names:
@@ -691,6 +697,33 @@ class Spool:
                 found.append((due, name))
         found.sort(key=lambda t: t[1])
         return found
+
+    def _queued_inodes(self) -> set[int]:
+        """Inode numbers of every queued message (active, on hold, dead)."""
+        inodes = set()
+        for d in (self.active_dir, self.hold_dir, self.dead_dir):
+            with os.scandir(d) as it:
+                inodes.update(e.inode() for e in it)
+        return inodes
+
+    @staticmethod
+    def _also_queued(entry: os.DirEntry, queued: set[int]) -> bool:
+        """True for a tmp/ or free/ name that is a second name of a queued message.
+
+        A rename writes two directories; after a power cut on a file system without a
+        journal only the one that was fsynced (the destination) is sure to be on disk,
+        so the old name can come back next to the new one (fsck counts both links).
+        Deleting that name is harmless only if fsck ran, and reusing it would
+        overwrite a message we acknowledged: leave it alone and say so."""
+        if entry.inode() not in queued:
+            return False
+        log.warn(
+            "{path} is a second name of a queued message (a rename cut short by a crash);"
+            " left alone, remove it by hand once the message is delivered",
+            path=entry.path,
+            event="spool_alias",
+        )
+        return True
 
     def wait_idle(self) -> Deferred:
         """Fires when no spool batch is running (for an orderly shutdown)."""

@@ -378,3 +378,24 @@ def test_removals_ride_along_with_the_next_commits(tmp_path, clock):
     assert pool.queue == []
     assert sorted(os.listdir(spool.active_dir)) == sorted(e.qid for e in entries[1:])
     assert spool.commit_batches == 3
+
+
+@pytest.mark.parametrize("where", ["free", "tmp"])
+def test_recovery_never_reuses_or_deletes_a_second_name_of_a_queued_message(tmp_path, clock, where):
+    # After a power cut without a journal, a rename's source name can survive next to
+    # its destination: both names then lead to the same (acknowledged) message.
+    spool = make_spool(tmp_path, clock)
+    body = b"Subject: keep me\r\n\r\nacknowledged\r\n"
+    qid, _ = commit(spool, body=body)
+    alias = os.path.join(spool.free_dir if where == "free" else spool.tmp_dir, "ghost")
+    os.link(spool.active_path(qid), alias)
+    again = make_spool(tmp_path, clock)
+    found = []
+    again.recover().addCallback(found.extend)
+    assert [q for _, q in found] == [qid]
+    assert os.path.exists(alias), "deleting it could free the message's inode"
+    # A new message must not be written over the queued one.
+    commit(again, body=b"Subject: other\r\n\r\nnew\r\n")
+    with open(again.active_path(qid), "rb") as f:
+        assert f.read(len(body)) == body
+    assert fmt.read_entry(again.active_path(qid)).qid == qid
