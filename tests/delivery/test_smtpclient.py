@@ -326,32 +326,32 @@ DSN_FIELDS = dict(
 )
 
 
-def test_dsn_request_passed_on_when_offered():
+@pytest.mark.parametrize(
+    "exts, commands",
+    [
+        pytest.param(
+            (b"PIPELINING", b"DSN"),
+            b"MAIL FROM:<alice@example.test> RET=HDRS ENVID=env+201+2Bx+3Dy\r\n"
+            b"RCPT TO:<bob@dest.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;info+2Btag@example.test\r\n"
+            b"RCPT TO:<carol@dest.test>\r\n"
+            b"DATA\r\n",
+            id="passed-on-when-offered",
+        ),
+        pytest.param(
+            (b"PIPELINING", b"8BITMIME"),
+            b"MAIL FROM:<alice@example.test>\r\n"
+            b"RCPT TO:<bob@dest.test>\r\n"
+            b"RCPT TO:<carol@dest.test>\r\n"
+            b"DATA\r\n",
+            id="not-sent-without-the-extension",
+        ),
+    ],
+)
+def test_dsn_request(exts, commands):
     proto, transport, _ = connect()
-    establish(proto, transport, exts=(b"PIPELINING", b"DSN"))
+    establish(proto, transport, exts=exts)
     sd = defer.Deferred.fromCoroutine(proto.send(message(BOB, CAROL, **DSN_FIELDS)))
-    assert take(transport) == (
-        b"MAIL FROM:<alice@example.test> RET=HDRS ENVID=env+201+2Bx+3Dy\r\n"
-        b"RCPT TO:<bob@dest.test> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;info+2Btag@example.test\r\n"
-        b"RCPT TO:<carol@dest.test>\r\n"
-        b"DATA\r\n"
-    )
-    proto.dataReceived(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
-    take(transport)
-    proto.dataReceived(b"250 2.0.0 ok\r\n")
-    assert sd.result.sent
-
-
-def test_dsn_request_not_sent_without_the_extension():
-    proto, transport, _ = connect()
-    establish(proto, transport, exts=(b"PIPELINING", b"8BITMIME"))
-    sd = defer.Deferred.fromCoroutine(proto.send(message(BOB, CAROL, **DSN_FIELDS)))
-    assert take(transport) == (
-        b"MAIL FROM:<alice@example.test>\r\n"
-        b"RCPT TO:<bob@dest.test>\r\n"
-        b"RCPT TO:<carol@dest.test>\r\n"
-        b"DATA\r\n"
-    )
+    assert take(transport) == commands
     proto.dataReceived(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
     take(transport)
     proto.dataReceived(b"250 2.0.0 ok\r\n")
