@@ -447,16 +447,16 @@ class Spool:
                 )
                 trailer = fmt.encode_trailer(meta, job.length)
                 fd = job.fd
-                old_size = -1  # -1: a new file; 0: a reused file of unknown size
-                if fd is None:
-                    fd, old_size = self._reuse(job.tmp_path)
-                    if fd is None:
-                        fd = os.open(job.tmp_path, _OPEN_FLAGS, 0o600)
+                reused = None if fd is not None else self._reuse(job.tmp_path)
+                if reused is not None:
+                    fd, old_size = reused
+                elif fd is None:
+                    fd = os.open(job.tmp_path, _OPEN_FLAGS, 0o600)
                 job.fd = None
                 try:
                     write_all(fd, [*job.chunks, trailer])
                     size = job.length + len(trailer)
-                    if old_size == 0 or old_size > size:
+                    if reused is not None and (old_size == 0 or old_size > size):
                         # A reused file longer than this message (or of unknown size).
                         os.ftruncate(fd, size)
                     if not job.in_memory:
@@ -482,9 +482,9 @@ class Spool:
                 results = [(False, e)] * len(jobs)
         return results
 
-    def _reuse(self, tmp_path: str) -> tuple[int | None, int]:
+    def _reuse(self, tmp_path: str) -> tuple[int, int] | None:
         """Thread: (fd, size) for `tmp_path` made from a recycled file of that size (0
-        when unknown), or (None, -1) when there is none.
+        when unknown), or None when there is none.
 
         Creating and deleting a file per message is what an ext4 file system
         without a journal handles worst: every inode allocation scans past the
@@ -496,7 +496,7 @@ class Spool:
             try:
                 name, size = self._free.pop()
             except IndexError:
-                return None, -1
+                return None
             try:
                 os.rename(f"{self.free_dir}/{name}", tmp_path)
                 return os.open(tmp_path, os.O_WRONLY | getattr(os, "O_CLOEXEC", 0)), size
