@@ -251,6 +251,10 @@ class DeliveryResult:
     state: RecipientState
     detail: str = ""
     reply: Reply | None = None
+    # What DSNs need from the outbound relay (RFC 3461): None for a final delivery
+    # (a local mailbox), True when the next server took the DSN request on (it now
+    # owns success notices), False when it does not speak DSN ("relayed").
+    dsn_passed: bool | None = None
 
     @classmethod
     def delivered(cls, recipient: Address, detail: str = "") -> DeliveryResult:
@@ -263,3 +267,29 @@ class DeliveryResult:
     @classmethod
     def failed(cls, recipient: Address, detail: str) -> DeliveryResult:
         return cls(recipient, RecipientState.FAILED, detail)
+
+
+@attrs.frozen
+class DeliveryJob:
+    """One delivery attempt of a queued message, as delivery sees it: immutable.
+
+    `body` is the queue's `IMessageBody` (the only way to read the message);
+    `states` runs parallel to `envelope.recipients`.  `may_be_delivered` is true when
+    an earlier attempt (or a process that died) may have stored a copy without the
+    queue recording it, so stores check `message_tag` before storing again.
+    """
+
+    qid: str
+    envelope: Envelope
+    body: object  # IMessageBody
+    states: tuple[RecipientState, ...] = ()
+    attempts: int = 0
+    may_be_delivered: bool = False
+
+    @property
+    def size(self) -> int:
+        return self.body.size
+
+    def message_tag(self, recipient: Address) -> str:
+        """Unique per (queue id, recipient): how a store recognises a copy it has."""
+        return f"{self.qid}-{self.envelope.recipients.index(recipient)}"

@@ -39,6 +39,7 @@ from mta.fileio import fsync_dir, write_all
 from mta.interfaces import ISpool, ISpoolFile
 from mta.observe.logging import Logger
 from mta.queue import entry as fmt
+from mta.queue.body import FileBody
 from mta.queue.entry import STATUS_SUFFIX, QueueEntry
 
 log = Logger()
@@ -257,6 +258,21 @@ class SpoolFile:
         except OSError:
             self.abort()
             raise
+
+    def body(self) -> FileBody:
+        """The bytes written so far, for end-of-message checks (see ISpoolFile)."""
+        if self._closed:
+            raise ValueError(f"spool file {self.qid} already committed or aborted")
+        if self._fd is None:
+            return FileBody(b"", None, self.size, list(self._chunks))
+        if self._chunks:
+            chunks, self._chunks, self.buffered = self._chunks, [], 0
+            try:
+                write_all(self._fd, chunks)
+            except OSError:
+                self.abort()
+                raise
+        return FileBody(b"", self._spool.tmp_path(self.qid), self.size)
 
     def commit(self, envelope, trace_headers: bytes = b"") -> Deferred:
         if self._closed:

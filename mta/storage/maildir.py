@@ -30,11 +30,12 @@ from zope.interface import implementer
 
 from mta.fileio import fsync_dir, write_all
 from mta.interfaces import IMailStore
+from mta.storage.names import UnsafeMailboxName
+from mta.storage.names import safe_component as _safe_component
 
 _SMALL = 256 * 1024
 _COPY_CHUNK = 1024 * 1024
 _TAG_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
-_UNSAFE_RE = re.compile(r"[/\x00-\x1f\x7f]")
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -47,10 +48,6 @@ def _after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork)
-
-
-class UnsafeMailboxName(ValueError):
-    """A domain or local part that cannot safely name a directory (permanent)."""
 
 
 @attrs.frozen
@@ -66,18 +63,6 @@ class DeliveryItem:
     # The body bytes, when the caller still holds them: written as they are instead of
     # being read from `source_path` (which holds the same `length` bytes).
     body: Sequence[bytes] | None = None
-
-
-def _safe_component(value: str, what: str) -> str:
-    value = value.lower()
-    if (
-        not value
-        or value.startswith(".")
-        or _UNSAFE_RE.search(value)
-        or len(value.encode("utf-8", "surrogateescape")) > 255
-    ):
-        raise UnsafeMailboxName(f"unsafe {what} for a mailbox path: {value!r}")
-    return value
 
 
 def _maildir_host(hostname: str) -> str:

@@ -1,0 +1,27 @@
+"""Mailbox names that become path components, made safe (every file-based store)."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+_UNSAFE_RE = re.compile(r"[/\x00-\x1f\x7f]")
+
+
+class UnsafeMailboxName(ValueError):
+    """A domain or local part that cannot safely name a file or directory (permanent)."""
+
+
+def safe_component(value: str, what: str) -> str:
+    """`value` lower-cased and NFC-normalised, or UnsafeMailboxName: no ``/``, NUL or
+    control characters, not empty, no leading ``.`` (so never ``.`` or ``..``), at
+    most 255 bytes."""
+    value = unicodedata.normalize("NFC", value).lower()
+    if (
+        not value
+        or value.startswith(".")
+        or _UNSAFE_RE.search(value)
+        or len(value.encode("utf-8", "surrogateescape")) > 255
+    ):
+        raise UnsafeMailboxName(f"unsafe {what} for a mailbox path: {value!r}")
+    return value
