@@ -15,13 +15,13 @@ import sys
 import threading
 
 from twisted.application import service
-from twisted.internet import defer, threads
+from twisted.internet import defer, task, threads
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 from twisted.python.threadpool import ThreadPool
 
 from mta.balance import Balancer
-from mta.config import Config
+from mta.config import Config, ConfigError, load_config
 from mta.db import DatabaseHandle
 from mta.delivery.dkim import DKIMSigner
 from mta.delivery.local import LocalDelivery
@@ -36,17 +36,17 @@ from mta.policy.lockout import LockoutRules, LockoutTracker
 from mta.policy.ratelimit import RateLimiter
 from mta.policy.relay import RelayPolicy
 from mta.policy.sender import SenderPolicy
+from mta.queue import adopt_orphaned_queues, open_queue_control, open_queue_store
 from mta.queue.bounce import Bouncer
 from mta.queue.control import QueueControl
 from mta.queue.runner import QueueRunner
-from mta.queue.spool import Spool, ThreadPoolService, spool_dir
 from mta.smtp.auth import Argon2idChecker, AuditLog, Authenticator
 from mta.smtp.server import ConnectionTracker, ListenerService, SMTPFactory
 from mta.smtp.session import SessionContext
 from mta.smtp.tls import server_context
-from mta.storage.maildir import MaildirStore
-from mta.workers import WorkerSupervisor, adopt_orphaned_queues
-from mta.workthreads import WorkThreads
+from mta.storage import open_store
+from mta.workers import WorkerSupervisor
+from mta.workthreads import ThreadPoolService, WorkThreads
 
 log = Logger()
 
@@ -58,8 +58,10 @@ class MTAService(service.MultiService):
         super().__init__()
         self.config = config
         self.reactor = reactor
-        self.spool = None
+        self.spool = None  # the IQueueStore (its receiving side is what sessions use)
         self.runner = None
+        self.store = None  # the IMailStore
+        self.queue_control = None  # the IQueueControl (manhole)
         self.dkim = None
         self.directory = None
         self.tracker = None
@@ -98,6 +100,9 @@ class MTAService(service.MultiService):
             self.tls.reload()
         if self.dkim is not None:
             self.dkim.reload()
+        watcher = self.namedServices.get("config-watcher")
+        if watcher is not None:
+            watcher.check(force=True)
         supervisor = self.namedServices.get("workers")
         if supervisor is not None:
             supervisor.signal_all("HUP")
@@ -146,6 +151,74 @@ class _Closing(service.Service):
         self._close()
 
 
+class ConfigWatcher(service.Service):
+    """Pushes settings that may change without a restart (``[dkim]``) to the stages
+    that use them: the config file is checked once a second (a stat on the reactor;
+    a changed file is parsed on `pool`), and at once on SIGHUP (`check(force=True)`).
+    A file that no longer validates keeps the current settings, with one error."""
+
+    name = "config-watcher"
+
+    def __init__(self, config: Config, reactor, pool, signer, *, interval: float = 1.0):
+        self.source = config.source if os.path.isfile(config.source) else None
+        self.datadir = config.datadir
+        self.reactor = reactor
+        self.pool = pool
+        self.signer = signer
+        self.interval = interval
+        self._mtime: int | None = None
+        self._loop = None
+
+    def startService(self):
+        super().startService()
+        if self.source is None:
+            return
+        self._mtime = self._stat()
+        self._loop = task.LoopingCall(self.check)
+        self._loop.clock = self.reactor
+        self._loop.start(self.interval, now=False).addErrback(
+            lambda f: log.failure("config watcher stopped", failure=f)
+        )
+
+    def stopService(self):
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def _stat(self) -> int | None:
+        try:
+            return os.stat(self.source).st_mtime_ns
+        except OSError as e:
+            log.warn("cannot stat {path}: {error}", path=self.source, error=str(e))
+            return None
+
+    def check(self, force: bool = False):
+        if self.source is None:
+            return None
+        mtime = self._stat()
+        if mtime is None or (mtime == self._mtime and not force):
+            return None
+        self._mtime = mtime
+        d = threads.deferToThreadPool(
+            self.reactor, self.pool, load_config, self.source, datadir=self.datadir
+        )
+        d.addCallbacks(self._loaded, self._invalid)
+        return d
+
+    def _loaded(self, config: Config) -> None:
+        self.signer.update(config.dkim)
+
+    def _invalid(self, failure) -> None:
+        if failure.check(ConfigError):
+            log.error(
+                "keeping the current [dkim] settings: {error}",
+                error=failure.getErrorMessage(),
+                event="dkim_reload",
+            )
+        else:
+            log.failure("re-reading the configuration failed", failure=failure)
+
+
 def _submission(config: Config, reactor, root, database, db_pool, auth_pool):
     """AUTH (Argon2id checker, lockouts, audit log) and the sender-ownership rule."""
 
@@ -167,45 +240,46 @@ def _pool(name: str, size: int) -> ThreadPool:
     return pool
 
 
-def build_service(
-    config: Config, reactor, *, worker_index: int = 0, inherited: dict[str, int] | None = None
-) -> MTAService:
-    """Build (but do not start) the service tree for `config`.
+def _thread_pools(root: MTAService, config: Config) -> dict:
+    """Every thread pool, started first and stopped last with the tree.
 
-    `worker_index` 0 is the twistd process: it binds the listeners and, with
-    `workers` > 1, supervises the other worker processes, which pass the sockets
-    they inherited as `inherited` (listener name -> file descriptor).
-    """
-    root = MTAService(config, reactor)
-    os.makedirs(config.datadir, mode=0o750, exist_ok=True)
-    if worker_index == 0:
-        adopt_orphaned_queues(config.path("queue"), config.workers)
-
-    # Group-commit batches run `io_lanes` at a time (spool, status, removal) per worker.
-    # These two hop to a thread several times per message: lean threads (see
-    # mta.workthreads) rather than Twisted's ThreadPool.
-    spool_pool = WorkThreads("mta-spool", 2 + max(1, config.queue.io_lanes))
-    delivery_pool = WorkThreads("mta-delivery", 2 + 2 * max(1, config.queue.io_lanes))
-    db_pool = _pool("db", 2)
-    # Argon2id verifies (~64 MB and ~0.2 s each) get their own bounded pool.
-    auth_pool = _pool("auth", config.auth.threads)
-    for pool in (spool_pool, delivery_pool, db_pool, auth_pool):
-        ThreadPoolService(pool).setServiceParent(root)
-    database = DatabaseHandle(config.path("mta.db"))
-    _Closing(database.close).setServiceParent(root)  # stops after every user of it
-
-    dkim_pool = _pool("dkim", 2)
-    ThreadPoolService(dkim_pool).setServiceParent(root)
-    # The outbound relay calls root.dkim.sign_entry(entry) just before sending.
-    root.dkim = DKIMSigner(config, dkim_pool, reactor)
-
-    directory = UserDirectory(config, config.path("mta.db"), reactor, db_pool)
-    directory.setServiceParent(root)
-
+    Group-commit batches run `io_lanes` at a time (spool, status, removal) per
+    worker.  The spool and delivery pools hop to a thread several times per message:
+    lean threads (see mta.workthreads) rather than Twisted's ThreadPool.  Argon2id
+    verifies (~64 MB and ~0.2 s each) get their own bounded pool."""
     lanes = max(1, config.queue.io_lanes)
-    spool = Spool(spool_dir(config.path("queue"), worker_index), reactor, spool_pool, lanes=lanes)
-    store = MaildirStore(config.path("mail"))
-    local = LocalDelivery(store, config.hostname, delivery_pool, reactor, lanes=lanes)
+    pools = {
+        "spool": WorkThreads("mta-spool", 2 + lanes),
+        "delivery": WorkThreads("mta-delivery", 2 + 2 * lanes),
+        "db": _pool("db", 2),
+        "auth": _pool("auth", config.auth.threads),
+        "dkim": _pool("dkim", 2),
+    }
+    for pool in pools.values():
+        ThreadPoolService(pool).setServiceParent(root)
+    return pools
+
+
+def _queue_and_delivery(root: MTAService, config: Config, reactor, pools, worker_index: int):
+    """The queue store, its runner and control channel, and the delivery agents
+    behind them: local delivery into the configured mail store, and the outbound
+    relay with DKIM signing."""
+    lanes = max(1, config.queue.io_lanes)
+    spool_pool, delivery_pool = pools["spool"], pools["delivery"]
+    # The outbound relay calls root.dkim.sign_job(job) just before sending; the
+    # watcher pushes a changed [dkim] table to it.
+    root.dkim = DKIMSigner(config.dkim, config.path("dkim"), pools["dkim"], reactor)
+    ConfigWatcher(config, reactor, pools["db"], root.dkim).setServiceParent(root)
+
+    store = open_queue_store(
+        config,
+        reactor,
+        spool_pool,
+        worker=worker_index,
+        lanes=lanes,
+    )
+    root.store = open_store(config)
+    local = LocalDelivery(root.store, config.hostname, delivery_pool, reactor, lanes=lanes)
     relay = RelayDelivery(
         MXResolver(
             make_resolver(config.dns, reactor),
@@ -229,20 +303,45 @@ def build_service(
         pool=delivery_pool,
     )
     relay.setServiceParent(root)
-    router = Router(config.local_domains, local, remote_agent=relay)
     runner = QueueRunner(
-        spool,
-        router,
+        store,
+        Router(config.local_domains, local, remote_agent=relay),
         reactor,
         retry_schedule=config.queue.retry_schedule,
         max_age=config.queue.max_age,
         concurrency=config.queue.delivery_concurrency,
-        bouncer=Bouncer(spool, config.hostname, reactor, spool_pool),
+        bouncer=Bouncer(store, config.hostname, reactor, spool_pool),
         delay_warning=config.queue.delay_warning,
     )
     # Takes the spool's owner lock before the runner recovers it (mta.queue.control).
-    QueueControl(spool, runner, reactor, spool_pool).setServiceParent(root)
+    QueueControl(store, reactor, spool_pool).setServiceParent(root)
     runner.setServiceParent(root)
+    root.spool, root.runner = store, runner
+    root.queue_control = open_queue_control(config)
+    return store, runner
+
+
+def build_service(
+    config: Config, reactor, *, worker_index: int = 0, inherited: dict[str, int] | None = None
+) -> MTAService:
+    """Build (but do not start) the service tree for `config`.
+
+    `worker_index` 0 is the twistd process: it binds the listeners and, with
+    `workers` > 1, supervises the other worker processes, which pass the sockets
+    they inherited as `inherited` (listener name -> file descriptor).
+    """
+    root = MTAService(config, reactor)
+    os.makedirs(config.datadir, mode=0o750, exist_ok=True)
+    if worker_index == 0:
+        adopt_orphaned_queues(config)
+    pools = _thread_pools(root, config)
+    db_pool, auth_pool = pools["db"], pools["auth"]
+    database = DatabaseHandle(config.path("mta.db"))
+    _Closing(database.close).setServiceParent(root)  # stops after every user of it
+
+    directory = UserDirectory(config, config.path("mta.db"), reactor, db_pool)
+    directory.setServiceParent(root)
+    spool, runner = _queue_and_delivery(root, config, reactor, pools, worker_index)
 
     tls = None
     if any(lst.tls != "none" for lst in config.listeners):
@@ -294,13 +393,7 @@ def build_service(
     if worker_index == 0 and config.workers > 1:
         WorkerSupervisor(config, listeners, reactor, config.workers).setServiceParent(root)
 
-    root.spool, root.runner, root.directory, root.tracker, root.tls = (
-        spool,
-        runner,
-        directory,
-        tracker,
-        tls,
-    )
+    root.directory, root.tracker, root.tls = directory, tracker, tls
     if worker_index == 0:
         add_operations(root, config, reactor)
     return root
@@ -331,9 +424,7 @@ def add_operations(root: MTAService, config: Config, reactor, registry=None) -> 
         health = Health(
             reactor,
             pool,
-            probes=service_probes(
-                root, database=config.path("mta.db"), mail_root=config.path("mail")
-            ),
+            probes=service_probes(root, database=config.path("mta.db")),
             checks=service_checks(root),
         )
         root.http = HTTPService(

@@ -87,11 +87,11 @@ class IMessageBody(Interface):
         """An iterator over the whole message in chunks of at most `chunk_size` bytes.
         Closing the iterator releases what it holds open."""
 
-    def copy_into(fd: int) -> int:
-        """Write the whole message at the current offset of file descriptor `fd`, the
-        cheapest way this body can (from memory, or copy_file_range); returns the
-        number of bytes written.  Raises OSError when the stored message is shorter
-        than recorded."""
+    def copy_into(fd: int, prefix: bytes = b"") -> int:
+        """Write `prefix` (a store's own headers) then the whole message at the current
+        offset of file descriptor `fd`, the cheapest way this body can (one writev
+        from memory, or copy_file_range); returns the number of bytes written.  Raises
+        OSError when the stored message is shorter than recorded."""
 
 
 class IQueueStore(ISpool):
@@ -101,7 +101,7 @@ class IQueueStore(ISpool):
     happens to a message (retry schedule, bounces, dead letters), the store decides
     *where* that is kept and *which* message is due.  An entry the store hands out by
     `claim` is leased to this process until `defer`, `finish` or `bury` returns it.
-    Entries are `mta.queue.record.QueuedMessage` objects: the runner's working copy.
+    Entries are `mta.queue.entry.QueueEntry` objects: the runner's working copy.
     """
 
     on_ready = Attribute(

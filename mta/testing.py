@@ -8,7 +8,15 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mta.envelope import Address, Envelope
-from mta.interfaces import ISpool, ISpoolFile, IUserDirectory
+from mta.interfaces import (
+    IMailStore,
+    IMessageBody,
+    IQueueControl,
+    IQueueStore,
+    ISpool,
+    ISpoolFile,
+    IUserDirectory,
+)
 
 
 @attrs.define
@@ -38,6 +46,10 @@ class FakeSpoolFile:
         self._chunks.append(data)
         self.size += len(data)
         self.largest_write = max(self.largest_write, len(data))
+
+    def body(self) -> MemoryBody:
+        """The bytes written so far (for end-of-message checks)."""
+        return MemoryBody(b"".join(self._chunks))
 
     def commit(self, envelope, trace_headers: bytes):
         message = CommittedMessage(self.queue_id, envelope, trace_headers, b"".join(self._chunks))
@@ -184,3 +196,226 @@ class FakeSenderPolicy:
         if sender.is_null or str(sender).lower() in self.owned.get(username, set()):
             return defer.succeed(None)
         return defer.succeed(SENDER_NOT_OWNED)
+
+
+# -- the queue, delivery and storage seams -------------------------------------------
+
+
+@implementer(IMessageBody)
+class MemoryBody:
+    """An `IMessageBody` over bytes held in memory (a queued message, in tests)."""
+
+    def __init__(self, data: bytes):
+        self.data = bytes(data)
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def header_block(self, limit: int = 65536) -> bytes:
+        head = self.data[:limit]
+        end = head.find(b"\r\n\r\n")
+        if end >= 0:
+            return head[: end + 2]
+        cut = head.rfind(b"\r\n")
+        return head[: cut + 2] if cut >= 0 else b""
+
+    def chunks(self, chunk_size: int = 262144):
+        for i in range(0, len(self.data), chunk_size):
+            yield self.data[i : i + chunk_size]
+
+    def copy_into(self, fd: int, prefix: bytes = b"") -> int:
+        import os
+
+        data = prefix + self.data
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        return len(data)
+
+
+@implementer(IMailStore)
+class MemoryMailStore:
+    """An `IMailStore` in memory: mailboxes are lists of (tag, bytes).
+
+    `fail_with` makes every delivery fail with that exception (a full disk, say);
+    `stored` records each delivery as (mailbox, message_tag, data)."""
+
+    name = "memory"
+
+    def __init__(self, fail_with: Exception | None = None):
+        self.fail_with = fail_with
+        self.boxes: dict[Address, list[tuple[str, bytes, float]]] = {}
+        self.stored: list[tuple[Address, str, bytes]] = []
+        self.batches = 0
+
+    def deliver_batch(self, items) -> list:
+        import time
+
+        self.batches += 1
+        out: list = []
+        for item in items:
+            if self.fail_with is not None:
+                out.append(self.fail_with)
+                continue
+            box = self.boxes.setdefault(item.mailbox, [])
+            if item.check_existing and any(tag == item.message_tag for tag, _, _ in box):
+                out.append(f"memory:{item.mailbox}/{item.message_tag}")
+                continue
+            data = item.prefix + b"".join(item.body.chunks())
+            box.append((item.message_tag, data, time.time()))
+            self.stored.append((item.mailbox, item.message_tag, data))
+            out.append(f"memory:{item.mailbox}/{item.message_tag}")
+        return out
+
+    def has_delivered(self, mailbox, message_tag: str) -> bool:
+        return any(tag == message_tag for tag, _, _ in self.boxes.get(mailbox, ()))
+
+    def create_mailbox(self, mailbox) -> str | None:
+        self.boxes.setdefault(mailbox, [])
+        return None
+
+    def remove_mailbox(self, mailbox) -> bool:
+        return self.boxes.pop(mailbox, None) is not None
+
+    def probe(self) -> str:
+        if self.fail_with is not None:
+            raise self.fail_with
+        return "in memory"
+
+    def list_messages(self, mailbox) -> list:
+        from mta.storage import StoredMessage
+
+        return [
+            StoredMessage(tag, len(data), when) for tag, data, when in self.boxes.get(mailbox, ())
+        ]
+
+    def read_message(self, mailbox, message_id: str) -> bytes:
+        for tag, data, _ in self.boxes.get(mailbox, ()):
+            if tag == message_id:
+                return data
+        raise KeyError(message_id)
+
+    def delete_message(self, mailbox, message_id: str) -> None:
+        box = self.boxes.get(mailbox, [])
+        for i, (tag, _, _) in enumerate(box):
+            if tag == message_id:
+                del box[i]
+                return
+        raise KeyError(message_id)
+
+
+@implementer(IQueueStore)
+class MemoryQueueStore(FakeSpool):
+    """An `IQueueStore` that keeps everything in memory (nothing survives a restart):
+    the queue runner runs on it unchanged, which is what keeps the runner honest
+    about using nothing but the interface.  `clock` provides ``seconds``/``callLater``.
+    Finished entries are listed in `finished`, dead letters in `dead`."""
+
+    def __init__(self, clock):
+        super().__init__()
+        self.clock = clock
+        self.on_ready = None
+        self.fresh: list = []
+        self.waiting: list = []  # (due, entry)
+        self.leased: set[str] = set()
+        self.finished: list = []
+        self.dead: list = []
+        self._timer = None
+
+    def _commit(self, message: CommittedMessage) -> defer.Deferred:
+        from mta.queue.entry import QueueEntry
+
+        d = super()._commit(message)
+        if self.fail_with is None:
+            entry = QueueEntry(
+                message.queue_id,
+                message.envelope,
+                "",
+                len(message.body),
+                message.trace_headers,
+                created=self.clock.seconds(),
+                body=MemoryBody(message.trace_headers + message.body),
+            )
+            self.fresh.append(entry)
+            self.backlog_value += 1
+            if self.on_ready is not None:
+                self.on_ready()
+        return d
+
+    def recover(self):
+        return defer.succeed(0)
+
+    def claim(self, limit: int):
+        now = self.clock.seconds()
+        due = [e for t, e in self.waiting if t <= now]
+        self.waiting = [(t, e) for t, e in self.waiting if t > now]
+        ready = self.fresh + due
+        out, rest = ready[:limit], ready[limit:]
+        self.fresh = rest
+        self.leased.update(e.qid for e in out)
+        return defer.succeed(out)
+
+    def defer(self, entry, next_attempt: float):
+        self.leased.discard(entry.qid)
+        self.waiting.append((next_attempt, entry))
+        if self._timer is None or not self._timer.active():
+            self._timer = self.clock.callLater(
+                max(0.0, next_attempt - self.clock.seconds()), self._wake
+            )
+        return defer.succeed(None)
+
+    def _wake(self) -> None:
+        self._timer = None
+        if self.on_ready is not None:
+            self.on_ready()
+        if self.waiting and (self._timer is None or not self._timer.active()):
+            due = min(t for t, _ in self.waiting)
+            self._timer = self.clock.callLater(max(0.0, due - self.clock.seconds()), self._wake)
+
+    def finish(self, entry):
+        self.leased.discard(entry.qid)
+        self.finished.append(entry)
+        self.backlog_value -= 1
+        return defer.succeed(None)
+
+    def bury(self, entry, reason: str):
+        self.leased.discard(entry.qid)
+        self.dead.append((entry, reason))
+        self.backlog_value -= 1
+        return defer.succeed(None)
+
+    def depth(self) -> dict:
+        return {
+            "incoming": len(self.fresh),
+            "active": len(self.leased),
+            "ready": 0,
+            "deferred": len(self.waiting),
+        }
+
+    def wait_idle(self):
+        return defer.succeed(None)
+
+
+@implementer(IQueueControl)
+class FakeQueueControl:
+    """An `IQueueControl` that answers from `entries` (qid -> EntrySummary-like) and
+    records each action in `actions`."""
+
+    def __init__(self, entries: dict | None = None):
+        self.entries = dict(entries or {})
+        self.actions: list[tuple[str, str | None]] = []
+
+    def list(self, dead=None) -> list:
+        return list(self.entries.values())
+
+    def show(self, qid: str) -> str:
+        from mta.queue.control import ControlError
+
+        if qid not in self.entries:
+            raise ControlError(f"{qid}: no such message in the queue")
+        return f"Queue ID:   {qid}\n"
+
+    def act(self, action: str, qid=None) -> str:
+        self.actions.append((action, qid))
+        return f"{qid or 'queue'} {action}"

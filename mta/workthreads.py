@@ -17,6 +17,7 @@ import queue
 import threading
 from collections.abc import Callable
 
+from twisted.application.service import Service
 from twisted.python.failure import Failure
 
 from mta.observe.logging import Logger
@@ -86,3 +87,19 @@ class WorkThreads:
             except BaseException:
                 log.failure("unhandled error in a result callback on {thread}", thread=self.name)
             del on_result, result
+
+
+class ThreadPoolService(Service):
+    """Starts and stops a thread pool (`ThreadPool` or `WorkThreads`) with the
+    service tree; added before its users, so it stops after them."""
+
+    def __init__(self, pool):
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self):
+        super().stopService()
+        self.pool.stop()

@@ -372,6 +372,9 @@ def make_namespace(root: Any, registry: Any, reactor, stats: Callable[[], Any]) 
         "root": root,
         "config": root.config,
         "spool": root.spool,
+        # IQueueControl: list(), show(qid), act("hold", qid) ... (blocking, quick)
+        "queue_control": getattr(root, "queue_control", None),
+        "store": getattr(root, "store", None),
         "runner": root.runner,
         "tracker": root.tracker,
         "directory": root.directory,

@@ -10,10 +10,10 @@ milliseconds, so every signature runs on the thread pool the composition root ow
 
 Keys are ``<datadir>/dkim/<domain>.<selector>.key`` (PKCS#1 PEM, written by
 ``mta-admin dkim keygen``), read when first needed and re-read when the file
-changes.  Rotation without downtime: the signer re-reads ``[dkim]`` from the config
-file when the file changed (checked at most once a second, on the signing thread)
-and at once on SIGHUP (`reload`), so switching ``selector`` takes effect in every
-worker without a restart.  A listed domain whose key is missing or unreadable is
+changes.  Rotation without downtime: the composition root watches the config file
+(`mta.app.ConfigWatcher`) and pushes a changed ``[dkim]`` table with `update`, and
+SIGHUP (`reload`) drops the cached keys, so switching ``selector`` takes effect in
+every worker without a restart.  The signer itself never reads the config.  A listed domain whose key is missing or unreadable is
 sent unsigned with one error logged: refusing to send would turn a key mistake
 into a mail outage.
 """
@@ -29,7 +29,7 @@ import attrs
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 
-from mta.config import ConfigError, DKIMConfig, load_config
+from mta.config import DKIMConfig
 from mta.observe.logging import Logger
 
 log = Logger()
@@ -62,6 +62,7 @@ SIGN_HEADERS = (
     "list-unsubscribe-post",
 )
 _HEAD_READ = 64 * 1024  # enough to find From: before reading a whole body
+_READ_CHUNK = 256 * 1024
 _HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
 
 
@@ -123,22 +124,15 @@ class _Key:
 class DKIMSigner:
     """Signs outbound messages; see the module docstring.
 
-    `config` is the validated `Config` (its ``dkim``, ``datadir`` and ``source``),
-    `threadpool` a bounded pool started by the service tree, `reactor` provides
-    ``seconds()`` (the config re-check interval) and the thread hop.
+    `settings` is the validated ``[dkim]`` table, `key_dir` where the keys are,
+    `threadpool` a bounded pool started by the service tree, `reactor` the thread hop.
     """
 
-    def __init__(self, config, threadpool, reactor, *, check_interval: float = 1.0):
+    def __init__(self, settings: DKIMConfig, key_dir: str, threadpool, reactor):
         self.threadpool = threadpool
         self.reactor = reactor
-        self.key_dir = config.path("dkim")
-        self.check_interval = check_interval
-        self._settings: DKIMConfig = config.dkim
-        self._source = config.source if os.path.isfile(config.source) else None
-        self._datadir = config.datadir
-        self._source_mtime: int | None = None
-        self._next_check = 0.0
-        self._force_check = False
+        self.key_dir = key_dir
+        self._settings = settings
         self._keys: dict[tuple[str, str], _Key] = {}
         self._reported: set[str] = set()
         self._lock = threading.Lock()
@@ -147,45 +141,55 @@ class DKIMSigner:
     def settings(self) -> DKIMConfig:
         return self._settings
 
+    def update(self, settings: DKIMConfig) -> None:
+        """New ``[dkim]`` settings (the config file changed); used from the next
+        signature on."""
+        if settings == self._settings:
+            return
+        log.info(
+            "DKIM now signs {domains} with selector {selector}",
+            domains=list(settings.domains),
+            selector=settings.selector,
+            event="dkim_reload",
+        )
+        self._settings = settings
+        self.reload()
+
     def reload(self) -> None:
-        """SIGHUP: re-read ``[dkim]`` and the keys before the next signature."""
+        """SIGHUP: re-read the keys before the next signature."""
         with self._lock:
-            self._force_check = True
             self._keys.clear()
             self._reported.clear()
 
     def sign(self, sender_domain: str, message: bytes) -> Deferred:
         """Deferred with the DKIM-Signature header to prepend, or ``b""``."""
-        now = self.reactor.seconds()
-        check = self._source is not None and now >= self._next_check
-        if check:
-            self._next_check = now + self.check_interval
-        if not self._settings.domains and not check and not self._force_check:
+        settings = self._settings
+        if not settings.domains:
             return succeed(b"")  # signing is off: no thread hop per message
         d = deferToThreadPool(
-            self.reactor, self.threadpool, self._sign, (sender_domain or "").lower(), message, check
+            self.reactor,
+            self.threadpool,
+            self._sign,
+            settings,
+            (sender_domain or "").lower(),
+            message,
         )
         return d.addErrback(self._failed)
 
-    def sign_entry(self, entry) -> Deferred:
-        """Like `sign`, for a queued `QueueEntry`: the message is its trace headers plus
-        the body read from its queue file (on the thread pool, and only in full when
-        a listed domain signs it).  The relay prepends the result to what it sends."""
-        now = self.reactor.seconds()
-        check = self._source is not None and now >= self._next_check
-        if check:
-            self._next_check = now + self.check_interval
-        if not self._settings.domains and not check and not self._force_check:
+    def sign_job(self, job) -> Deferred:
+        """Like `sign`, for a queued message (an `mta.envelope.DeliveryJob`): the
+        message is read through its `IMessageBody` on the thread pool, and only in
+        full when a listed domain signs it.  The relay prepends the result."""
+        settings = self._settings
+        if not settings.domains:
             return succeed(b"")
         d = deferToThreadPool(
             self.reactor,
             self.threadpool,
-            self._sign_file,
-            entry.envelope.sender.domain.lower(),
-            entry.trace_headers,
-            entry.path,
-            entry.body_length,
-            check,
+            self._sign_body,
+            settings,
+            job.envelope.sender.domain.lower(),
+            job.body,
         )
         return d.addErrback(self._failed)
 
@@ -195,8 +199,8 @@ class DKIMSigner:
 
     # -- on the thread pool --------------------------------------------------------
 
-    def _sign(self, sender_domain: str, message: bytes, check: bool) -> bytes:
-        settings, domain = self._choose(sender_domain, message, check)
+    def _sign(self, settings: DKIMConfig, sender_domain: str, message: bytes) -> bytes:
+        domain = self._choose(settings, sender_domain, message)
         if domain is None:
             return b""
         key = self._key(domain, settings.selector)
@@ -204,63 +208,25 @@ class DKIMSigner:
             return b""
         return sign_message(message, domain, settings.selector, key)
 
-    def _sign_file(
-        self, sender_domain: str, prefix: bytes, path: str, length: int, check: bool
-    ) -> bytes:
-        with open(path, "rb") as f:
-            head = f.read(min(length, _HEAD_READ))
-            settings, domain = self._choose(sender_domain, prefix + head, check)
-            if domain is None:
-                return b""
-            key = self._key(domain, settings.selector)
-            if key is None:
-                return b""
-            rest = f.read(length - len(head)) if length > len(head) else b""
-        return sign_message(prefix + head + rest, domain, settings.selector, key)
+    def _sign_body(self, settings: DKIMConfig, sender_domain: str, body) -> bytes:
+        domain = self._choose(settings, sender_domain, body.header_block(_HEAD_READ))
+        if domain is None:
+            return b""
+        key = self._key(domain, settings.selector)
+        if key is None:
+            return b""
+        message = b"".join(body.chunks(_READ_CHUNK))
+        return sign_message(message, domain, settings.selector, key)
 
-    def _choose(self, sender_domain: str, message: bytes, check: bool):
-        """(settings, signing domain or None) for `message`."""
-        if check or self._force_check:
-            self._check_config()
-        settings = self._settings
+    @staticmethod
+    def _choose(settings: DKIMConfig, sender_domain: str, message: bytes) -> str | None:
+        """The signing domain for `message`, or None."""
         if not settings.domains:
-            return settings, None
+            return None
         domain = from_domain(message)
         if domain not in settings.domains:
             domain = sender_domain if sender_domain in settings.domains else None
-        return settings, domain
-
-    def _check_config(self) -> None:
-        with self._lock:
-            forced, self._force_check = self._force_check, False
-        if self._source is None:
-            return
-        try:
-            mtime = os.stat(self._source).st_mtime_ns
-        except OSError as e:
-            log.warn("cannot stat {path}: {error}", path=self._source, error=str(e))
-            return
-        if mtime == self._source_mtime and not forced:
-            return
-        first = self._source_mtime is None
-        self._source_mtime = mtime
-        try:
-            fresh = load_config(self._source, datadir=self._datadir).dkim
-        except ConfigError as e:
-            log.error(
-                "keeping the current [dkim] settings: {error}", error=str(e), event="dkim_reload"
-            )
-            return
-        if fresh != self._settings:
-            log.info(
-                "DKIM now signs {domains} with selector {selector}",
-                domains=list(fresh.domains),
-                selector=fresh.selector,
-                event="dkim_reload",
-            )
-            self._settings = fresh
-        elif not first:
-            log.debug("[dkim] settings unchanged", event="dkim_reload")
+        return domain
 
     def _key(self, domain: str, selector: str) -> bytes | None:
         path = key_path(self.key_dir, domain, selector)

@@ -1,6 +1,6 @@
 """The outbound relay: the IDeliveryAgent for recipients outside `local_domains`.
 
-`RelayDelivery.deliver(entry, recipients)` groups the recipients by domain and, for
+`RelayDelivery.deliver(job, recipients)` groups the recipients by domain and, for
 each domain at once, resolves the targets (`MXResolver`) and tries them in order
 until one carries the transaction, Postfix-like:
 
@@ -13,7 +13,7 @@ until one carries the transaction, Postfix-like:
   other DNS problem and "all targets failed" defers them.
 
 The sender's DSN request (RFC 3461) travels with the message to a server that
-offers DSN; each result is a `RelayResult` whose `dsn_passed` tells the queue
+offers DSN; each result is a `DeliveryResult` whose `dsn_passed` tells the queue
 runner whether that server now owns success notices (True) or whether it must
 report a requested success itself as "relayed" (False; RFC 3461 5.2.3).
 
@@ -27,17 +27,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 
-import attrs
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints, ssl
 from zope.interface import implementer
 
 from mta.delivery.mx import MXResolver, RouteError, Target
 from mta.delivery.smtpclient import (
+    BodyReader,
     Message,
     SessionError,
     SMTPClientProtocol,
-    SpoolBody,
     Timeouts,
 )
 from mta.envelope import Address, DeliveryResult, RecipientState, Reply
@@ -56,13 +55,6 @@ def client_tls_context():
     return ssl.CertificateOptions(raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
 
 
-@attrs.frozen
-class RelayResult(DeliveryResult):
-    """A relay outcome; `dsn_passed`: the next server took the DSN request on."""
-
-    dsn_passed: bool = False
-
-
 def result_for(
     recipient: Address, reply: Reply, target: str, dsn_passed: bool = False
 ) -> DeliveryResult:
@@ -73,7 +65,7 @@ def result_for(
         state = RecipientState.DEFERRED
     else:
         state = RecipientState.FAILED
-    return RelayResult(recipient, state, detail, reply, dsn_passed)
+    return DeliveryResult(recipient, state, detail, reply, dsn_passed)
 
 
 def dsn_request(envelope, rcpts) -> dict:
@@ -136,44 +128,44 @@ class RelayDelivery(Service):
 
     # -- IDeliveryAgent ------------------------------------------------------------
 
-    def deliver(self, entry, recipients) -> defer.Deferred:
+    def deliver(self, job, recipients) -> defer.Deferred:
         by_domain: dict[str, list[Address]] = defaultdict(list)
         for rcpt in recipients:
             by_domain[rcpt.domain.lower()].append(rcpt)
         calls = [
-            defer.Deferred.fromCoroutine(self._deliver_domain(entry, domain, rcpts))
+            defer.Deferred.fromCoroutine(self._deliver_domain(job, domain, rcpts))
             for domain, rcpts in by_domain.items()
         ]
         d = defer.gatherResults(calls, consumeErrors=True)
         d.addCallback(lambda lists: [r for results in lists for r in results])
         return d
 
-    async def _deliver_domain(self, entry, domain: str, rcpts: list[Address]):
+    async def _deliver_domain(self, job, domain: str, rcpts: list[Address]):
         limit = self._limits.get(domain)
         if limit is None:
             limit = self._limits[domain] = defer.DeferredSemaphore(self.destination_concurrency)
         await limit.acquire()
         try:
-            return await self._attempt(entry, domain, rcpts)
+            return await self._attempt(job, domain, rcpts)
         finally:
             limit.release()
             if not limit.waiting and limit.tokens == limit.limit:
                 self._limits.pop(domain, None)
 
-    async def _attempt(self, entry, domain: str, rcpts: list[Address]) -> list[DeliveryResult]:
+    async def _attempt(self, job, domain: str, rcpts: list[Address]) -> list[DeliveryResult]:
         try:
             targets = await self.mx.resolve(domain)
         except RouteError as e:
-            self._log(entry, rcpts, domain, e.reply)
+            self._log(job, rcpts, domain, e.reply)
             state = RecipientState.FAILED if e.permanent else RecipientState.DEFERRED
             return [DeliveryResult(r, state, str(e.reply), e.reply) for r in rcpts]
         last = Reply(451, "4.4.1", f"no mail exchanger of {domain} could be reached")
         signature = b""
         if self.signer is not None:
             try:
-                signature = await self.signer.sign_entry(entry)
+                signature = await self.signer.sign_job(job)
             except Exception:
-                log.failure("{qid}: DKIM signing failed; sending unsigned", qid=entry.qid)
+                log.failure("{qid}: DKIM signing failed; sending unsigned", qid=job.qid)
         for target in targets:
             if self.mx.is_unreachable(target):
                 continue
@@ -181,28 +173,23 @@ class RelayDelivery(Service):
                 proto = await self._session(target)
             except SessionError as e:
                 last = e.reply
-                self._log(entry, rcpts, str(target), e.reply)
+                self._log(job, rcpts, str(target), e.reply)
                 continue
+            envelope = job.envelope
             message = Message(
-                sender=entry.envelope.sender,
+                sender=envelope.sender,
                 recipients=tuple(rcpts),
-                size=entry.size + len(signature),
-                body_source=SpoolBody(
-                    signature + entry.trace_headers,
-                    entry.path,
-                    entry.body_length,
-                    self.reactor,
-                    self._pool,
-                ),
-                body=entry.envelope.body,
-                smtputf8=entry.envelope.smtputf8,
-                **dsn_request(entry.envelope, rcpts),
+                size=job.size + len(signature),
+                body_source=BodyReader(signature, job.body, self.reactor, self._pool),
+                body=envelope.body,
+                smtputf8=envelope.smtputf8,
+                **dsn_request(envelope, rcpts),
             )
             try:
                 outcome = await proto.send(message)
             except SessionError as e:
                 last = e.reply
-                self._log(entry, rcpts, str(target), e.reply)
+                self._log(job, rcpts, str(target), e.reply)
                 proto.abort()
                 continue
             seen = [outcome.mail, outcome.data, *outcome.replies.values()]
@@ -212,12 +199,12 @@ class RelayDelivery(Service):
                 self._release(target, proto)
             if outcome.mail is not None and outcome.mail.is_transient:
                 last = outcome.mail
-                self._log(entry, rcpts, str(target), outcome.mail)
+                self._log(job, rcpts, str(target), outcome.mail)
                 continue  # 4xx to MAIL FROM: the next MX may take it
             passed = "DSN" in proto.extensions
             results = [result_for(r, outcome.replies[r], str(target), passed) for r in rcpts]
             replies = "; ".join(dict.fromkeys(str(outcome.replies[r]) for r in rcpts))
-            self._log(entry, rcpts, str(target), replies, results, proto)
+            self._log(job, rcpts, str(target), replies, results, proto)
             return results
         return [
             DeliveryResult(r, RecipientState.DEFERRED, f"{domain}: {last}", last) for r in rcpts
@@ -301,10 +288,10 @@ class RelayDelivery(Service):
 
     # -- logging ---------------------------------------------------------------------
 
-    def _log(self, entry, rcpts, target: str, reply, results=None, proto=None) -> None:
+    def _log(self, job, rcpts, target: str, reply, results=None, proto=None) -> None:
         log.info(
             "relay {qid} to {recipients} via {mx}: {reply}",
-            qid=entry.qid,
+            qid=job.qid,
             recipients=[str(r) for r in rcpts],
             mx=target,
             reply=str(reply) if reply is not None else "",

@@ -31,12 +31,12 @@ class Router:
     def is_local(self, recipient) -> bool:
         return not recipient.domain or recipient.domain.lower() in self.local_domains
 
-    def deliver(self, entry, recipients):
+    def deliver(self, job, recipients):
         local = [r for r in recipients if self.is_local(r)]
         remote = [r for r in recipients if not self.is_local(r)]
         calls = []
         if local:
-            calls.append((local, self._call(self.local_agent, entry, local)))
+            calls.append((local, self._call(self.local_agent, job, local)))
         if remote:
             if self.remote_agent is None:
                 results = [
@@ -45,27 +45,27 @@ class Router:
                 ]
                 calls.append((remote, succeed(results)))
             else:
-                calls.append((remote, self._call(self.remote_agent, entry, remote)))
+                calls.append((remote, self._call(self.remote_agent, job, remote)))
         if len(calls) == 1:  # the usual case: no need to gather
             [(rcpts, d)] = calls
-            return d.addErrback(self._failed, entry, rcpts)
+            return d.addErrback(self._failed, job, rcpts)
         d = DeferredList([c for _, c in calls], consumeErrors=True)
-        return d.addCallback(self._combine, entry, [rcpts for rcpts, _ in calls])
+        return d.addCallback(self._combine, job, [rcpts for rcpts, _ in calls])
 
     @staticmethod
-    def _call(agent, entry, recipients):
-        return maybeDeferred(agent.deliver, entry, recipients)
+    def _call(agent, job, recipients):
+        return maybeDeferred(agent.deliver, job, recipients)
 
     @classmethod
-    def _combine(cls, outcomes, entry, groups) -> list[DeliveryResult]:
+    def _combine(cls, outcomes, job, groups) -> list[DeliveryResult]:
         results: list[DeliveryResult] = []
         for (ok, value), rcpts in zip(outcomes, groups):
-            results.extend(value if ok else cls._failed(value, entry, rcpts))
+            results.extend(value if ok else cls._failed(value, job, rcpts))
         return results
 
     @staticmethod
-    def _failed(failure, entry, rcpts) -> list[DeliveryResult]:
-        log.failure("delivery agent failed for {qid}", failure=failure, qid=entry.qid)
+    def _failed(failure, job, rcpts) -> list[DeliveryResult]:
+        log.failure("delivery agent failed for {qid}", failure=failure, qid=job.qid)
         reply = Reply(451, "4.3.0", "internal delivery error")
         return [
             DeliveryResult(

@@ -30,9 +30,9 @@ recipient.
   then leaves success notices to that server.  Without it nothing is added.
 - PIPELINING: MAIL, every RCPT and DATA go out in one write; replies are matched in
   order.  If every RCPT failed but DATA got 354, an empty body is ended at once.
-- The body is the stored trace headers followed by the queue file's first
-  `body_length` bytes, read in large chunks (on a thread pool when one is given) and
-  dot-stuffed per buffer with `bytes.replace`, with write flow control.
+- The body is the queue's `IMessageBody` (trace headers, then the message), read in
+  large chunks (on a thread pool when one is given) and dot-stuffed per buffer
+  with `bytes.replace`, with write flow control.
 """
 
 from __future__ import annotations
@@ -122,42 +122,41 @@ class TransactionOutcome:
     sent: bool = False  # the server acknowledged the content
 
 
-class SpoolBody:
-    """`prefix` then the first `length` bytes of `path`, in chunks (a thread pool
-    reads the file when `pool` is given; otherwise reads are direct)."""
+class BodyReader:
+    """`prefix` (a DKIM signature) then the message of an `IMessageBody`, in chunks
+    read on a thread pool when `pool` is given (directly otherwise)."""
 
-    def __init__(self, prefix: bytes, path: str, length: int, reactor=None, pool=None):
+    def __init__(self, prefix: bytes, body, reactor=None, pool=None):
         self._prefix = prefix
-        self._path = path
-        self._left = length
+        self._body = body
         self._reactor = reactor
         self._pool = pool
-        self._file = None
+        self._chunks = None
+        self._done = False
 
     def read(self) -> defer.Deferred:
         if self._prefix:
             data, self._prefix = self._prefix, b""
             return defer.succeed(data)
-        if self._left <= 0:
-            self.close()
+        if self._done:
             return defer.succeed(b"")
         if self._pool is None:
             return defer.maybeDeferred(self._read_chunk)
         return deferToThreadPool(self._reactor, self._pool, self._read_chunk)
 
     def _read_chunk(self) -> bytes:
-        if self._file is None:
-            self._file = open(self._path, "rb")  # noqa: SIM115 (closed by close())
-        data = self._file.read(min(CHUNK, self._left))
+        if self._chunks is None:
+            self._chunks = self._body.chunks(CHUNK)
+        data = next(self._chunks, b"")
         if not data:
-            raise OSError(f"{self._path}: queue file shorter than its body length")
-        self._left -= len(data)
+            self._done = True
+            self._chunks = None
         return data
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
+        chunks, self._chunks = self._chunks, None
+        if chunks is not None:
+            chunks.close()
 
 
 class DotStuffer:

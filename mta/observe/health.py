@@ -192,21 +192,13 @@ class Health:
         return d
 
 
-def service_probes(root, *, database: str, mail_root: str) -> dict[str, Callable[[], str]]:
-    """The blocking readiness probes for the service tree `root`."""
-    spool = root.spool
-
-    def spool_probe() -> str:
-        return probe_directory_writable(spool.tmp_dir, rename_into=spool.active_dir)
-
-    def storage_probe() -> str:
-        os.makedirs(mail_root, mode=0o750, exist_ok=True)
-        return probe_directory_writable(mail_root)
-
+def service_probes(root, *, database: str) -> dict[str, Callable[[], str]]:
+    """The blocking readiness probes for the service tree `root`: its queue store
+    (`root.spool`) and mail store (`root.store`) each prove they can take a message."""
     return {
-        "spool": spool_probe,
+        "spool": root.spool.probe,
         "database": lambda: probe_database(database),
-        "storage": storage_probe,
+        "storage": root.store.probe,
     }
 
 

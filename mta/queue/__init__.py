@@ -1,1 +1,48 @@
-"""mta.queue."""
+"""The queue: accepted messages wait here, durably, until delivery is done with them.
+
+`open_queue_store` and `open_queue_control` turn `[queue] backend` into the queue's
+two faces (`IQueueStore` for the server, `IQueueControl` for operators); nothing
+outside this package knows which backend it is or how it keeps its files.
+"""
+
+from __future__ import annotations
+
+BACKENDS = ("local",)
+
+
+class UnknownQueueBackend(ValueError):
+    """`[queue] backend` names a queue this build does not have."""
+
+
+def _check(config) -> None:
+    if config.queue.backend not in BACKENDS:
+        raise UnknownQueueBackend(
+            f"[queue] backend = {config.queue.backend!r} is not available"
+            f" (choose one of {', '.join(BACKENDS)})"
+        )
+
+
+def open_queue_store(config, reactor, threadpool, *, worker: int = 0, **options):
+    """The `IQueueStore` of worker process `worker` (the file spool ``queue/`` for the
+    first, ``queue/w<k>/`` for the others)."""
+    _check(config)
+    from mta.queue.filestore import FileQueueStore
+    from mta.queue.layout import spool_dir
+
+    return FileQueueStore(spool_dir(config.path("queue"), worker), reactor, threadpool, **options)
+
+
+def open_queue_control(config):
+    """The `IQueueControl` for `mta-admin queue ...` and the manhole."""
+    _check(config)
+    from mta.queue.control import FileQueueControl
+
+    return FileQueueControl(config.path("queue"))
+
+
+def adopt_orphaned_queues(config) -> int:
+    """Before any worker starts: take over what workers that no longer exist left."""
+    _check(config)
+    from mta.queue.recovery import adopt_orphaned_spools
+
+    return adopt_orphaned_spools(config.path("queue"), config.workers)

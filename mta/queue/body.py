@@ -102,18 +102,18 @@ class FileBody:
                 left -= len(data)
                 yield data
 
-    def copy_into(self, fd: int) -> int:
+    def copy_into(self, fd: int, prefix: bytes = b"") -> int:
         if self._memory is not None:
-            written = write_all(fd, [self.prefix, *self._memory])
-            if written != self.size:
+            written = write_all(fd, [prefix, self.prefix, *self._memory])
+            if written != len(prefix) + self.size:
                 raise ShortMessage("message held in memory")
             return written
         src = os.open(self._path, _O_RDONLY)
         try:
-            _copy(fd, src, self.prefix, self.length, self._path)
+            _copy(fd, src, prefix + self.prefix, self.length, self._path)
         finally:
             os.close(src)
-        return self.size
+        return len(prefix) + self.size
 
 
 def _copy(dst: int, src: int, prefix: bytes, length: int, where: str) -> None:

@@ -37,20 +37,18 @@ from twisted.application.service import Service
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
+from zope.interface import implementer
 
-from mta.envelope import RecipientState
-from mta.fileio import fsync_dir
+from mta.interfaces import IQueueControl
 from mta.observe.logging import Logger
 from mta.queue import entry as fmt
-from mta.queue.entry import FINAL_STATES, STATUS_SUFFIX
-from mta.queue.spool import spool_dirs
+from mta.queue import files
+from mta.queue.filestore import NotQueued
+from mta.queue.layout import ACTIVE, CONTROL, HOLD, PLACES, STATUS_SUFFIX, spool_dirs
 
 log = Logger()
 
-CONTROL = "control"
-HOLD = "hold"
 ACTIONS = ("flush", "retry", "hold", "release", "delete", "requeue")
-_PLACES = ("active", HOLD, "dead")
 _counter = itertools.count()
 
 
@@ -58,7 +56,6 @@ class ControlError(Exception):
     """A queue command that cannot be carried out; the message says why."""
 
 
-# Every spool under the queue root (kept under this name for the CLI).
 spool_roots = spool_dirs
 
 
@@ -67,7 +64,7 @@ def locate(queue_root: str, qid: str) -> tuple[str, str]:
     if not fmt.is_queue_id(qid):
         raise ControlError(f"{qid!r} is not a queue id")
     for root in spool_roots(queue_root):
-        for place in _PLACES:
+        for place in PLACES:
             if os.path.exists(os.path.join(root, place, qid)):
                 return root, place
     raise ControlError(f"{qid}: no such message in the queue")
@@ -100,128 +97,37 @@ class OwnerLock:
             os.close(fd)  # closing drops the flock
 
 
-# -- file operations (blocking; the server runs them on its pool) -------------------
-
-
-def _move(root: str, qid: str, src: str, dst: str) -> bool:
-    """Move an entry and its status between places; False when it is not in `src`."""
-    src_dir, dst_dir = os.path.join(root, src), os.path.join(root, dst)
-    os.makedirs(dst_dir, mode=0o700, exist_ok=True)
-    try:
-        os.rename(os.path.join(src_dir, qid), os.path.join(dst_dir, qid))
-    except FileNotFoundError:
-        return False
-    try:
-        os.rename(
-            os.path.join(src_dir, qid + STATUS_SUFFIX), os.path.join(dst_dir, qid + STATUS_SUFFIX)
-        )
-    except FileNotFoundError:
-        pass
-    fsync_dir(dst_dir)
-    fsync_dir(src_dir)
-    return True
-
-
-def hold_files(root: str, qid: str) -> bool:
-    return _move(root, qid, "active", HOLD)
-
-
-def release_files(root: str, qid: str) -> bool:
-    return _move(root, qid, HOLD, "active")
-
-
-def delete_files(root: str, qid: str) -> str | None:
-    """Delete `qid` wherever it is; the place it was in, or None."""
-    for place in _PLACES:
-        path = os.path.join(root, place, qid)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            continue
-        try:
-            os.unlink(path + STATUS_SUFFIX)
-        except FileNotFoundError:
-            pass
-        fsync_dir(os.path.join(root, place))
-        return place
-    return None
-
-
-def requeue_files(root: str, qid: str, now: float) -> bool:
-    """Dead letter -> active: failed recipients pending again, age counted from `now`."""
-    path = os.path.join(root, "dead", qid)
-    try:
-        entry = fmt.read_entry(path)
-    except FileNotFoundError:
-        return False
-    except fmt.CorruptEntry as e:
-        raise ControlError(f"{qid} cannot be requeued: {e}") from None
-    # Rewrite the trailer in place with the new creation time (the body stays).
-    meta = fmt.encode_metadata(qid, entry.envelope, entry.trace_headers, entry.body_length, now)
-    fd = os.open(path, os.O_WRONLY)
-    try:
-        os.ftruncate(fd, entry.body_length)
-        os.pwrite(fd, fmt.encode_trailer(meta, entry.body_length), entry.body_length)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    for i, state in enumerate(entry.states):
-        if state not in FINAL_STATES or state is RecipientState.FAILED:
-            entry.states[i] = RecipientState.PENDING
-            entry.details[i] = ""
-    entry.attempts, entry.next_attempt, entry.last_error = 0, 0.0, ""
-    status = path + STATUS_SUFFIX
-    with open(status + ".tmp", "wb") as f:
-        f.write(fmt.encode_status(entry))
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(status + ".tmp", status)
-    return _move(root, qid, "dead", "active")
-
-
-def make_due_files(root: str, qid: str | None = None) -> int:
-    """Offline flush/retry: record next_attempt 0 so the next start tries them at once."""
-    count = 0
-    active = os.path.join(root, "active")
-    names = [qid] if qid else sorted(n for n in os.listdir(active) if fmt.is_queue_id(n))
-    for name in names:
-        status_path = os.path.join(active, name + STATUS_SUFFIX)
-        status = fmt.read_status(status_path)
-        if status is None or not status.get("next_attempt"):
-            continue
-        status["next_attempt"] = 0.0
-        with open(status_path, "ab") as f:
-            f.write(json.dumps(status, separators=(",", ":")).encode("ascii") + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        count += 1
-    return count
+# -- without a running owner -------------------------------------------------------
 
 
 def run_offline(root: str, action: str, qid: str | None, now: float) -> str:
     """Carry out a command on a spool no process owns (the caller holds its lock)."""
     if action == "flush":
-        return f"{make_due_files(root)} deferred message(s) will be tried when the server starts"
+        return f"{files.make_due(root)} deferred message(s) will be tried when the server starts"
     assert qid is not None
     if action == "retry":
         if not os.path.exists(os.path.join(root, "active", qid)):
             raise ControlError(f"{qid} is not in the active queue")
-        make_due_files(root, qid)
+        files.make_due(root, qid)
         return f"{qid} will be tried when the server starts"
     if action == "hold":
-        if not hold_files(root, qid):
+        if not files.move_entry(root, qid, ACTIVE, HOLD):
             raise ControlError(f"{qid} is not in the active queue")
         return f"{qid} held"
     if action == "release":
-        if not release_files(root, qid):
+        if not files.move_entry(root, qid, HOLD, ACTIVE):
             raise ControlError(f"{qid} is not on hold")
         return f"{qid} released"
     if action == "delete":
-        if delete_files(root, qid) is None:
+        if files.delete_entry(root, qid) is None:
             raise ControlError(f"{qid}: no such message in the queue")
         return f"{qid} deleted"
     if action == "requeue":
-        if not requeue_files(root, qid, now):
+        try:
+            requeued = files.requeue_entry(root, qid, now)
+        except fmt.CorruptEntry as e:
+            raise ControlError(f"{qid} cannot be requeued: {e}") from None
+        if not requeued:
             raise ControlError(f"{qid} is not a dead letter")
         return f"{qid} requeued"
     raise ControlError(f"unknown queue command {action!r}")
@@ -232,8 +138,6 @@ def run_offline(root: str, action: str, qid: str | None, now: float) -> str:
 
 def describe(queue_root: str, qid: str) -> str:
     """``queue show``: envelope, per-recipient states and the message headers."""
-    from mta.queue.bounce import read_original_headers
-
     root, place = locate(queue_root, qid)
     path = os.path.join(root, place, qid)
     try:
@@ -267,7 +171,7 @@ def describe(queue_root: str, qid: str) -> str:
         detail = f": {entry.details[i]}" if entry.details[i] else ""
         lines.append(f"  {rcpt.path}{orig} [{state.value}]{detail}")
     lines.append("Headers:")
-    headers = read_original_headers(entry).decode("utf-8", "replace")
+    headers = entry.body.header_block().decode("utf-8", "replace")
     lines += ["  " + line for line in headers.replace("\r\n", "\n").rstrip("\n").split("\n")]
     return "\n".join(lines) + "\n"
 
@@ -346,6 +250,52 @@ def send_command(
         time.sleep(poll)
 
 
+# -- the operator's view (IQueueControl) ----------------------------------------------
+
+
+@implementer(IQueueControl)
+class FileQueueControl:
+    """`IQueueControl` over the file spools under `queue_root`, for `mta-admin` and
+    the manhole.  Reads go straight to the committed files (always safe); actions
+    go through each spool's running owner when there is one, and are carried out
+    directly (under the owner's lock) when the server is not running."""
+
+    def __init__(self, queue_root: str, *, timeout: float = 30.0):
+        self.queue_root = queue_root
+        self.timeout = timeout
+
+    def list(self, dead: bool | None = None) -> list:
+        from mta.queue.inspect import list_entries
+
+        entries = list_entries(self.queue_root, dead=dead)
+        if dead is not True:
+            entries += held_summaries(self.queue_root)
+        return sorted(entries, key=lambda s: (s.created, s.qid))
+
+    def show(self, qid: str) -> str:
+        return describe(self.queue_root, qid)
+
+    def act(self, action: str, qid: str | None = None) -> str:
+        if action not in ACTIONS:
+            raise ControlError(f"unknown queue command {action!r}")
+        if qid is None and action != "flush":
+            raise ControlError(f"queue {action} needs a queue id")
+        roots = spool_roots(self.queue_root) if qid is None else [locate(self.queue_root, qid)[0]]
+        messages = []
+        for root in roots:
+            if not os.path.isdir(root):
+                continue
+            lock = OwnerLock(root)
+            if lock.acquire():
+                try:
+                    messages.append(run_offline(root, action, qid, time.time()))
+                finally:
+                    lock.release()
+            else:
+                messages.append(send_command(root, action, qid, timeout=self.timeout))
+        return "\n".join(messages)
+
+
 # -- the server side ---------------------------------------------------------------
 
 
@@ -358,13 +308,12 @@ class QueueControl(Service):
 
     name = "queue-control"
 
-    def __init__(self, spool, runner, reactor, threadpool, *, poll_interval: float = 1.0):
-        self.spool = spool
-        self.runner = runner
+    def __init__(self, store, reactor, threadpool, *, poll_interval: float = 1.0):
+        self.store = store
         self.reactor = reactor
         self.threadpool = threadpool
         self.poll_interval = poll_interval
-        self.root = spool.queue_dir
+        self.root = store.queue_dir
         self.directory = os.path.join(self.root, CONTROL)
         self.lock = OwnerLock(self.root)
         self._loop: task.LoopingCall | None = None
@@ -441,47 +390,34 @@ class QueueControl(Service):
 
     async def execute(self, action: str, qid: str | None) -> str:
         """Carry out one command on the reactor; its message, or ControlError."""
+        store = self.store
         if action == "flush":
-            return f"{self.runner.flush()} deferred message(s) scheduled now"
+            return f"{store.flush()} deferred message(s) scheduled now"
         if action not in ACTIONS or not isinstance(qid, str) or not fmt.is_queue_id(qid):
             raise ControlError(f"bad queue command {action!r} {qid!r}")
         if action == "retry":
-            outcome = self.runner.retry(qid)
+            outcome = store.retry(qid)
             if outcome == "scheduled":
                 return f"{qid} scheduled now"
             if outcome == "busy":
                 return f"{qid} is already being tried"
             raise ControlError(f"{qid} is not waiting in the active queue")
-        if action in ("hold", "delete"):
-            await self.runner.withdraw(qid)
-            try:
-                if action == "hold":
-                    moved = await self._thread(hold_files, self.root, qid)
-                    place = "active" if moved else None
-                else:
-                    place = await self._thread(delete_files, self.root, qid)
-            except Exception:
-                self.runner.readmit(qid)  # still in active/: keep delivering it
-                raise
-            self.runner.forget(qid)
-            if place == "active":
-                self.spool.adjust_backlog(-1)
+        try:
             if action == "hold":
-                if place is None:
-                    raise ControlError(f"{qid} is not in the active queue")
+                await store.hold(qid)
                 return f"{qid} held"
-            if place is None:
-                raise ControlError(f"{qid}: no such message in the queue")
-            return f"{qid} deleted"
-        if action == "release":
-            if not await self._thread(release_files, self.root, qid):
-                raise ControlError(f"{qid} is not on hold")
-        else:  # requeue
-            if not await self._thread(requeue_files, self.root, qid, self.reactor.seconds()):
-                raise ControlError(f"{qid} is not a dead letter")
-        self.spool.adjust_backlog(1)
-        self.runner.readmit(qid)
-        return f"{qid} {action}d" if action == "release" else f"{qid} requeued"
+            if action == "delete":
+                await store.delete(qid)
+                return f"{qid} deleted"
+            if action == "release":
+                await store.release(qid)
+                return f"{qid} released"
+            await store.requeue(qid)
+            return f"{qid} requeued"
+        except NotQueued as e:
+            raise ControlError(str(e)) from None
+        except fmt.CorruptEntry as e:
+            raise ControlError(f"{qid} cannot be requeued: {e}") from None
 
     def _thread(self, f, *args):
         return deferToThreadPool(self.reactor, self.threadpool, f, *args)

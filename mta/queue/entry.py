@@ -31,23 +31,28 @@ import re
 
 import attrs
 
-from mta.envelope import Address, BodyType, DeliveryResult, Envelope, RecipientState
+from mta.envelope import (
+    Address,
+    BodyType,
+    DeliveryJob,
+    DeliveryResult,
+    Envelope,
+    RecipientState,
+)
+from mta.queue.body import FileBody
+from mta.queue.ids import is_queue_id
+from mta.queue.layout import STATUS_SUFFIX
+
+__all__ = ["STATUS_SUFFIX", "CorruptEntry", "QueueEntry", "is_queue_id"]
 
 FORMAT_VERSION = 1
 _FOOTER_RE = re.compile(rb"\nMTA-QUEUE 1 ([0-9a-f]{16}) ([0-9a-f]{8})\n\Z")
 FOOTER_LENGTH = len(b"\nMTA-QUEUE 1 %016x %08x\n" % (0, 0))
-STATUS_SUFFIX = ".status"
 FINAL_STATES = (RecipientState.DELIVERED, RecipientState.FAILED)
-_QID_RE = re.compile(r"[0-9a-f]{8,64}\Z")
 
 
 class CorruptEntry(ValueError):
     """A queue file whose trailer or metadata cannot be trusted."""
-
-
-def is_queue_id(name: str) -> bool:
-    """True for names that can be queue ids (the only files `active/` may hold)."""
-    return bool(_QID_RE.match(name))
 
 
 @attrs.define(eq=False)
@@ -75,11 +80,11 @@ class QueueEntry:
     # Size of the queue file (body + trailer) when known, else 0: lets the spool reuse
     # the file for another message without a truncate when that one is as long.
     file_size: int = 0
-    # The body itself, for a small message on its first attempt right after commit:
-    # delivery writes it from memory instead of reading the queue file back.  None
-    # means read `path`.  The queue runner drops it for entries that have to wait, so
-    # only messages being delivered right now hold one.
-    body: list[bytes] | None = attrs.field(default=None, repr=False)
+    # How delivery reads the message (`IMessageBody`).  Right after a commit a small
+    # message's body is still in memory and the FileBody holds it; the store drops
+    # it (`FileBody.forget_memory`) for entries that have to wait and after the first
+    # attempt, so only messages being delivered right now hold one.
+    body: FileBody = attrs.field(default=None, repr=False)
 
     def __attrs_post_init__(self) -> None:
         n = len(self.envelope.recipients)
@@ -87,15 +92,24 @@ class QueueEntry:
             self.states = [RecipientState.PENDING] * n
         if not self.details:
             self.details = [""] * n
+        if self.body is None:
+            self.body = FileBody(self.trace_headers, self.path, self.body_length)
 
     @property
     def size(self) -> int:
         """Bytes of the message as delivered (trace headers + body)."""
         return len(self.trace_headers) + self.body_length
 
-    def message_tag(self, recipient: Address) -> str:
-        """Unique per (queue id, recipient): the Maildir filename marker."""
-        return f"{self.qid}-{self.envelope.recipients.index(recipient)}"
+    def job(self) -> DeliveryJob:
+        """The immutable view delivery gets for one attempt."""
+        return DeliveryJob(
+            self.qid,
+            self.envelope,
+            self.body,
+            tuple(self.states),
+            self.attempts,
+            self.recovered or self.attempts > 0,
+        )
 
     def pending_recipients(self) -> list[Address]:
         """Recipients still to deliver, each address once, in envelope order."""

@@ -12,8 +12,8 @@ import time
 
 import attrs
 
-from mta.queue.entry import STATUS_SUFFIX, CorruptEntry, is_queue_id, read_entry, read_status
-from mta.queue.spool import spool_dirs
+from mta.queue.entry import CorruptEntry, is_queue_id, read_entry, read_status
+from mta.queue.layout import STATUS_SUFFIX, spool_dirs
 
 
 @attrs.frozen

@@ -27,9 +27,7 @@ the entry simply leaves the queue.  Nothing is ever sent for a null sender.
 
 from __future__ import annotations
 
-import heapq
-import itertools
-from collections import deque
+import time
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
@@ -37,7 +35,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
 from mta.envelope import DeliveryResult, RecipientState, Reply
 from mta.observe.logging import Logger
 from mta.queue.backoff import next_delay
-from mta.queue.bounce import delay_reports, failure_reports, success_reports
+from mta.queue.dsn import delay_reports, failure_reports, success_reports
 from mta.queue.entry import QueueEntry
 
 log = Logger()
@@ -46,11 +44,12 @@ _INTERNAL = Reply(451, "4.3.0", "internal delivery error")
 
 
 class QueueRunner(Service):
-    """Delivers spooled entries with `agent` (an IDeliveryAgent)."""
+    """Delivers what `store` (an IQueueStore) says is due, with `agent` (an
+    IDeliveryAgent)."""
 
     def __init__(
         self,
-        spool,
+        store,
         agent,
         reactor,
         retry_schedule=(60.0, 300.0, 900.0, 1800.0, 3600.0),
@@ -59,17 +58,15 @@ class QueueRunner(Service):
         *,
         jitter: float = 0.0,
         random=None,
-        window: int = 10000,
         bouncer=None,
         delay_warning: float = 4 * 3600.0,
     ):
-        self.spool = spool
+        self.store = store
         self.agent = agent
         self.reactor = reactor
         self.retry_schedule = tuple(retry_schedule)
         self.max_age = max_age
         self.concurrency = max(1, concurrency)
-        self.window = window
         self.bouncer = bouncer  # mta.queue.bounce.Bouncer, or None: failures go to dead/
         # Age (s) after which NOTIFY=DELAY recipients get one delay notice; 0 = never.
         self.delay_warning = delay_warning
@@ -78,18 +75,9 @@ class QueueRunner(Service):
         self._delay_warned: set[str] = set()
         self._jitter = jitter
         self._random = random
-        self._fresh: deque[QueueEntry] = deque()
-        self._due: deque[tuple[str, bool]] = deque()
-        self._waiting: list[tuple[float, int, str, bool]] = []
-        self._seq = itertools.count()
         self._active: dict[str, Deferred] = {}
-        self._loading = 0
-        # Queue control (mta.queue.control): qids being loaded, qids taken out of the
-        # schedule for hold/delete, and who waits for an attempt or load to end.
-        self._loading_ids: dict[str, int] = {}
-        self._withdrawn: set[str] = set()
-        self._settle: dict[str, list[Deferred]] = {}
-        self._timer = None
+        self._claiming = False
+        self._again = False
         self._stopping = False
         self.recovery: Deferred | None = None
 
@@ -98,115 +86,67 @@ class QueueRunner(Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
-        self.spool.on_commit = self.enqueue
-        self.recovery = self.spool.recover()
-        self.recovery.addCallbacks(self._recovered, self._recovery_failed)
+        self.store.on_ready = self._pump
+        self.recovery = self.store.recover()
+        self.recovery.addCallbacks(lambda _: self._pump(), self._recovery_failed)
 
     def stopService(self):
         super().stopService()
         self._stopping = True
-        if self.spool.on_commit == self.enqueue:
-            self.spool.on_commit = None
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        if self.store.on_ready == self._pump:
+            self.store.on_ready = None
+        stop = getattr(self.store, "stop", None)
+        if stop is not None:
+            stop()
         d = DeferredList(list(self._active.values()))
-        d.addCallback(lambda _: self.spool.wait_idle())
+        d.addCallback(lambda _: self.store.wait_idle())
         return d
-
-    def _recovered(self, found: list[tuple[float, str]]) -> None:
-        now = self.reactor.seconds()
-        for due, qid in found:
-            if due <= now:
-                self._due.append((qid, True))
-            else:
-                heapq.heappush(self._waiting, (due, next(self._seq), qid, True))
-        log.info("recovered {count} queued message(s)", count=len(found), event="recovered")
-        self._arm()
-        self._pump()
 
     def _recovery_failed(self, f) -> None:
         log.failure("queue recovery failed", failure=f, event="recovery_failed")
 
-    # -- intake ---------------------------------------------------------------------
-
-    def enqueue(self, entry: QueueEntry) -> None:
-        """A freshly committed entry (the spool's on_commit hook)."""
-        if len(self._fresh) >= self._slots():
-            entry.body = None  # it waits: keep the metadata only, delivery reads the file
-        if len(self._fresh) < self.window:
-            self._fresh.append(entry)
-        else:
-            self._due.append((entry.qid, False))
-        self._pump()
-
-    def flush(self) -> int:
-        """Make every deferred entry due now (``mta-admin queue flush``)."""
-        count = len(self._waiting)
-        while self._waiting:
-            _, _, qid, recovered = heapq.heappop(self._waiting)
-            self._due.append((qid, recovered))
-        self._arm()
-        self._pump()
-        return count
-
     def depth(self) -> dict[str, int]:
         """Queue depth by state, for metrics."""
-        return {
-            "incoming": len(self._fresh),
-            "active": len(self._active) + self._loading,
-            "ready": len(self._due),
-            "deferred": len(self._waiting),
-        }
+        return self.store.depth()
 
     # -- scheduling -----------------------------------------------------------------
 
-    def _slots(self) -> int:
-        return self.concurrency - len(self._active) - self._loading
-
     def _pump(self) -> None:
+        """Claim as much due work as there are free slots (the store's on_ready)."""
         if self._stopping or not self.running:
             return
-        while self._slots() > 0 and (self._fresh or self._due):
-            if self._fresh:
-                self._begin(self._fresh.popleft())
-            else:
-                qid, recovered = self._due.popleft()
-                self._loading += 1
-                self._loading_ids[qid] = self._loading_ids.get(qid, 0) + 1
-                d = self.spool.load(qid)
-                d.addCallbacks(
-                    self._loaded, self._load_failed, (qid, recovered), None, (qid, recovered)
-                )
-
-    def _loaded(self, entry: QueueEntry | None, qid: str, recovered: bool) -> None:
-        self._loading -= 1
-        self._loaded_id(qid)
-        if qid in self._withdrawn:
-            self._settled(qid)
-        elif entry is None:
-            log.info("{qid} left the queue before its attempt", qid=qid, event="gone")
-        elif self._stopping:
-            pass  # still on disk; the next start recovers it
-        else:
-            entry.recovered = recovered
-            self._begin(entry)
-        self._pump()
-
-    def _load_failed(self, f, qid: str, recovered: bool) -> None:
-        self._loading -= 1
-        self._loaded_id(qid)
-        if qid in self._withdrawn:
-            self._settled(qid)
-            self._pump()
+        if self._claiming:
+            self._again = True  # claim again once the claim in flight is answered
             return
-        log.failure("cannot load {qid}; retrying later", failure=f, qid=qid, event="load_failed")
-        delay = next_delay(1, self.retry_schedule) or 60.0
-        heapq.heappush(
-            self._waiting, (self.reactor.seconds() + delay, next(self._seq), qid, recovered)
-        )
-        self._arm()
+        while True:
+            slots = self.concurrency - len(self._active)
+            if slots <= 0:
+                return
+            self._again = False
+            self._claiming = True
+            d = self.store.claim(slots)
+            if not d.called:
+                d.addBoth(self._claimed_later)
+                return
+            entries = []
+            d.addCallbacks(entries.extend, self._claim_failed)
+            self._claiming = False
+            for entry in entries:
+                self._begin(entry)
+            if not entries or len(entries) < slots and not self._again:
+                return
+
+    def _claimed_later(self, outcome) -> None:
+        self._claiming = False
+        if isinstance(outcome, list):
+            for entry in outcome:
+                self._begin(entry)
+        else:
+            self._claim_failed(outcome)
         self._pump()
+
+    def _claim_failed(self, f) -> None:
+        log.failure("claiming due queue entries failed", failure=f, event="claim_failed")
 
     def _begin(self, entry: QueueEntry) -> None:
         d = Deferred.fromCoroutine(self._attempt(entry))
@@ -216,97 +156,6 @@ class QueueRunner(Service):
 
     def _ended(self, _, qid: str) -> None:
         self._active.pop(qid, None)
-        if qid in self._withdrawn:
-            self._settled(qid)
-        self._pump()
-
-    # -- queue control (mta.queue.control) -------------------------------------------
-
-    def withdraw(self, qid: str) -> Deferred:
-        """Take `qid` out of the schedule, for hold or delete.  Fires once no attempt
-        or load of it is in flight, so its files can then be moved without a race;
-        until `readmit` or `forget` it is never started again."""
-        self._withdrawn.add(qid)
-        self._unschedule(qid)
-        d: Deferred = Deferred()
-        if qid in self._active or qid in self._loading_ids:
-            self._settle.setdefault(qid, []).append(d)
-        else:
-            d.callback(None)
-        return d
-
-    def readmit(self, qid: str) -> None:
-        """Schedule `qid` now (released, requeued, or a failed hold)."""
-        self._withdrawn.discard(qid)
-        self._due.append((qid, True))
-        self._pump()
-
-    def forget(self, qid: str) -> None:
-        """End a withdrawal whose entry left the active queue."""
-        self._withdrawn.discard(qid)
-        self._delay_warned.discard(qid)
-
-    def retry(self, qid: str) -> str:
-        """Make a deferred `qid` due now: "scheduled", "busy" (being tried or already
-        due) or "unknown"."""
-        if any(item[2] == qid for item in self._waiting):
-            self._unschedule(qid)
-            self._due.append((qid, False))
-            self._pump()
-            return "scheduled"
-        if (
-            qid in self._active
-            or qid in self._loading_ids
-            or any(q == qid for q, _ in self._due)
-            or any(e.qid == qid for e in self._fresh)
-        ):
-            return "busy"
-        return "unknown"
-
-    def _unschedule(self, qid: str) -> None:
-        if any(e.qid == qid for e in self._fresh):
-            self._fresh = deque(e for e in self._fresh if e.qid != qid)
-        if any(q == qid for q, _ in self._due):
-            self._due = deque(item for item in self._due if item[0] != qid)
-        if any(item[2] == qid for item in self._waiting):
-            self._waiting = [item for item in self._waiting if item[2] != qid]
-            heapq.heapify(self._waiting)
-            self._arm()
-
-    def _loaded_id(self, qid: str) -> None:
-        n = self._loading_ids.get(qid, 0) - 1
-        if n > 0:
-            self._loading_ids[qid] = n
-        else:
-            self._loading_ids.pop(qid, None)
-
-    def _settled(self, qid: str) -> None:
-        self._unschedule(qid)  # an attempt that ended deferred re-added it
-        if qid in self._active or qid in self._loading_ids:
-            return
-        for d in self._settle.pop(qid, []):
-            d.callback(None)
-
-    def _arm(self) -> None:
-        if not self._waiting or self._stopping:
-            if self._timer is not None and self._timer.active():
-                self._timer.cancel()
-            self._timer = None
-            return
-        due = self._waiting[0][0]
-        if self._timer is not None and self._timer.active():
-            if self._timer.getTime() <= due:
-                return
-            self._timer.cancel()
-        self._timer = self.reactor.callLater(max(0.0, due - self.reactor.seconds()), self._wake)
-
-    def _wake(self) -> None:
-        self._timer = None
-        now = self.reactor.seconds()
-        while self._waiting and self._waiting[0][0] <= now:
-            _, _, qid, recovered = heapq.heappop(self._waiting)
-            self._due.append((qid, recovered))
-        self._arm()
         self._pump()
 
     # -- one attempt ----------------------------------------------------------------
@@ -317,7 +166,7 @@ class QueueRunner(Service):
         successes = []
         if pending:
             try:
-                results = await maybeDeferred(self.agent.deliver, entry, pending)
+                results = await maybeDeferred(self.agent.deliver, entry.job(), pending)
             except Exception as e:
                 log.failure("delivery agent raised for {qid}", qid=qid)
                 results = [
@@ -325,7 +174,6 @@ class QueueRunner(Service):
                     for r in pending
                 ]
             entry.attempts += 1
-            entry.body = None  # a later attempt reads the queue file
             answered = {r.recipient for r in results}
             results = list(results) + [
                 DeliveryResult.deferred(r, "no result from delivery agent")
@@ -356,19 +204,18 @@ class QueueRunner(Service):
             else:
                 entry.next_attempt = min(now + delay, expires)
                 try:
-                    await self.spool.record(entry)
+                    await self.store.defer(entry, entry.next_attempt)
                 except Exception:
                     log.failure("cannot record status of {qid}", qid=qid, event="record_failed")
-                heapq.heappush(self._waiting, (entry.next_attempt, next(self._seq), qid, False))
                 log.info(
-                    "{qid} deferred until {next_attempt}: {detail}",
+                    "{qid} deferred until {until}: {detail}",
                     qid=qid,
                     next_attempt=entry.next_attempt,
+                    until=_iso(entry.next_attempt),
                     attempts=entry.attempts,
                     detail=entry.last_error,
                     event="deferred",
                 )
-                self._arm()
                 await self._notify(entry, successes + self._delays(entry, now, expires))
                 return
         self._delay_warned.discard(qid)
@@ -377,7 +224,7 @@ class QueueRunner(Service):
             if self._sends_dsn(entry) and not failures:
                 # Every failed recipient declined a failure notice (NOTIFY).
                 await self._notify(entry, successes)
-                await self.spool.finish(entry)
+                await self.store.finish(entry)
                 log.info(
                     "{qid} completed; failures not reported as NOTIFY asked",
                     qid=qid,
@@ -385,15 +232,15 @@ class QueueRunner(Service):
                 )
                 return
             if await self._bounce(entry, successes + failures):
-                await self.spool.finish(entry)
+                await self.store.finish(entry)
                 log.info("{qid} completed with a bounce", qid=qid, event="done_bounced")
                 return
             reason = entry.last_error or "permanent failure"
-            await self.spool.bury(entry, reason)
+            await self.store.bury(entry, reason)
             log.warn("{qid} moved to dead letters: {reason}", qid=qid, reason=reason, event="dead")
         else:
             await self._notify(entry, successes)
-            await self.spool.finish(entry)
+            await self.store.finish(entry)
             log.info("{qid} completed", qid=qid, attempts=entry.attempts, event="done")
 
     def _sends_dsn(self, entry: QueueEntry) -> bool:
@@ -448,3 +295,8 @@ class QueueRunner(Service):
                 details=details,
                 event=state.value,
             )
+
+
+def _iso(timestamp: float) -> str:
+    """UTC ISO-8601 for log lines (``2026-12-04T11:15:55Z``)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))

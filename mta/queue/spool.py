@@ -14,179 +14,44 @@ Bodies stay in memory up to 256 KB, then spill to ``queue/tmp/<qid>``, to which 
 trailer is appended at commit (no copy).  The reactor thread never fsyncs.
 
 The spool announces each committed entry through ``spool.on_commit(entry)`` (set by
-the queue runner), so steady state needs no directory polling.  ``recover()`` scans
-the directory once at startup: leftovers in ``tmp/`` were never acknowledged and are
-deleted.  One process owns a queue directory.
+`mta.queue.filestore.FileQueueStore`, which owns the spool and schedules its
+entries), so steady state needs no directory polling.  ``recover()`` scans the
+directory once at startup (`mta.queue.recovery`): leftovers in ``tmp/`` were never
+acknowledged and are deleted.  One process owns a queue directory.  Nothing outside
+`mta.queue` uses this module.
 """
 
 from __future__ import annotations
 
 import collections
-import itertools
-import json
 import os
-import time
 from collections.abc import Callable
 
-from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults, succeed
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mta.batch import BatchWorker
 from mta.fileio import fsync_dir, write_all
 from mta.interfaces import ISpool, ISpoolFile
 from mta.observe.logging import Logger
 from mta.queue import entry as fmt
+from mta.queue import recovery
 from mta.queue.body import FileBody
-from mta.queue.entry import STATUS_SUFFIX, QueueEntry
+from mta.queue.entry import QueueEntry
+from mta.queue.files import append_status, move_entry, reason_line, unlink_quietly
+from mta.queue.ids import new_queue_id
+from mta.queue.layout import ACTIVE, DEAD, FREE, HOLD, STATUS_SUFFIX, TMP
 
 log = Logger()
 
 MEMORY_LIMIT = 256 * 1024
 _SPILL_FLUSH = 64 * 1024
-_MAX_BATCH = 1024
 _RECYCLE_MAX_FILES = 1024
 _RECYCLE_MAX_SIZE = 1024 * 1024
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-
-_counter = itertools.count()
-_last_us = 0
-_pid = os.getpid()
-
-
-def _after_fork() -> None:
-    global _pid
-    _pid = os.getpid()
-
-
-os.register_at_fork(after_in_child=_after_fork)
-
-
-def new_queue_id() -> str:
-    """Time in µs (strictly increasing in this process), pid, counter: hex, sortable."""
-    global _last_us
-    us = time.time_ns() // 1000
-    if us <= _last_us:
-        us = _last_us + 1
-    _last_us = us
-    return f"{us:013x}{_pid & 0xFFFFFF:06x}{next(_counter) & 0xFFFF:04x}"
-
-
-def _pid_of(qid: str) -> int | None:
-    try:
-        return int(qid[13:19], 16)
-    except ValueError:
-        return None
-
-
-def spool_dir(queue_root: str, worker: int) -> str:
-    """The spool owned by worker process `worker`: the queue root for the first,
-    ``queue/w<k>/`` for the others (see mta.workers)."""
-    return queue_root if worker == 0 else os.path.join(queue_root, f"w{worker}")
-
-
-def worker_of(name: str) -> int | None:
-    """The worker index of a ``w<k>`` directory name under the queue root, else None."""
-    return int(name[1:]) if name[:1] == "w" and name[1:].isdigit() else None
-
-
-def spool_dirs(queue_root: str) -> list[str]:
-    """Every spool under the queue root: the first worker's and each other's."""
-    try:
-        names = os.listdir(queue_root)
-    except FileNotFoundError:
-        return [queue_root]
-    others = sorted((worker_of(n), n) for n in names if worker_of(n) is not None)
-    return [queue_root] + [os.path.join(queue_root, n) for _, n in others]
-
-
-class ThreadPoolService(Service):
-    """Starts and stops a `ThreadPool` with the service tree (stop after its users)."""
-
-    def __init__(self, pool: ThreadPool):
-        self.pool = pool
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
-
-    def stopService(self):
-        super().stopService()
-        self.pool.stop()
-
-
-class _BatchWorker:
-    """Runs `process(items)` in the pool, at most `lanes` batches at a time; items
-    submitted while every lane is busy form the next batch (group commit).  Several
-    lanes let the kernel merge concurrent fsyncs into one journal commit, which is
-    worth several times the throughput of sequential fsyncs on ext4.  `process`
-    returns one (ok, value) per item."""
-
-    def __init__(
-        self,
-        reactor,
-        pool,
-        process: Callable[[list], list],
-        lanes: int = 1,
-        max_batch: int = _MAX_BATCH,
-    ):
-        self._reactor = reactor
-        self._pool = pool
-        self._process = process
-        self._lanes = max(1, lanes)
-        self._max_batch = max_batch
-        self._pending: list[tuple[object, Deferred]] = []
-        self._running = 0
-        self._firing = 0
-        self._idle: list[Deferred] = []
-        self.batches = 0
-
-    def submit(self, item) -> Deferred:
-        d: Deferred = Deferred()
-        self._pending.append((item, d))
-        self._fill()
-        return d
-
-    def wait_idle(self) -> Deferred:
-        if not self._running and not self._pending:
-            return succeed(None)
-        d: Deferred = Deferred()
-        self._idle.append(d)
-        return d
-
-    def _fill(self) -> None:
-        # Not while results are being delivered: what callbacks submit joins one batch.
-        while self._pending and not self._firing and self._running < self._lanes:
-            batch = self._pending[: self._max_batch]
-            del self._pending[: self._max_batch]
-            self._running += 1
-            self.batches += 1
-            items = [item for item, _ in batch]
-            d = deferToThreadPool(self._reactor, self._pool, self._process, items)
-            d.addBoth(self._finished, batch)
-
-    def _finished(self, outcome, batch) -> None:
-        self._firing += 1
-        try:
-            for i, (_, d) in enumerate(batch):
-                if isinstance(outcome, Failure):
-                    d.errback(outcome)
-                else:
-                    ok, value = outcome[i]
-                    if ok:
-                        d.callback(value)
-                    else:
-                        d.errback(Failure(value))
-        finally:
-            self._firing -= 1
-            self._running -= 1
-        self._fill()
-        if not self._running and not self._pending and self._idle:
-            waiters, self._idle = self._idle, []
-            for d in waiters:
-                d.callback(None)
 
 
 class _CommitJob:
@@ -326,11 +191,11 @@ class Spool:
         self.reactor = reactor
         self.memory_limit = memory_limit
         self.on_commit: Callable[[QueueEntry], None] | None = None
-        self.tmp_dir = os.path.join(queue_dir, "tmp")
-        self.active_dir = os.path.join(queue_dir, "active")
-        self.dead_dir = os.path.join(queue_dir, "dead")
-        self.free_dir = os.path.join(queue_dir, "free")
-        self.hold_dir = os.path.join(queue_dir, "hold")  # mta.queue.control: on hold
+        self.tmp_dir = os.path.join(queue_dir, TMP)
+        self.active_dir = os.path.join(queue_dir, ACTIVE)
+        self.dead_dir = os.path.join(queue_dir, DEAD)
+        self.free_dir = os.path.join(queue_dir, FREE)
+        self.hold_dir = os.path.join(queue_dir, HOLD)  # mta.queue.control: on hold
         for d in (self.tmp_dir, self.active_dir, self.dead_dir, self.free_dir, self.hold_dir):
             os.makedirs(d, mode=0o700, exist_ok=True)
         self._fsync = fsync
@@ -346,8 +211,8 @@ class Spool:
         # Everything that changes the queue directory shares one batch worker, so a
         # finished entry's removal rides along with the next commits instead of
         # costing a thread hop of its own.
-        self._writer = _BatchWorker(reactor, threadpool, self._write_batch, lanes)
-        self._loader = _BatchWorker(reactor, threadpool, self._load_batch)
+        self._writer = BatchWorker(reactor, threadpool, self._write_batch, lanes)
+        self._loader = BatchWorker(reactor, threadpool, self._load_batch)
         self._commit_batches = 0
         self._pool = threadpool
 
@@ -414,13 +279,18 @@ class Spool:
             trace_headers=job.trace_headers,
             created=job.created,
             file_size=job.file_size,
-            body=job.chunks if job.in_memory else None,
+            body=FileBody(
+                job.trace_headers,
+                self.active_path(job.qid),
+                job.length,
+                job.chunks if job.in_memory else None,
+            ),
         )
         job.chunks = []
         log.info(
             "queued {qid} from {sender} to {count} recipient(s), {size} bytes",
             qid=job.qid,
-            sender=str(job.envelope.sender),
+            sender=str(job.envelope.sender) or "<>",
             count=len(job.envelope.recipients),
             size=job.length,
             event="queued",
@@ -546,7 +416,7 @@ class Spool:
         created = False
         for qid, line in items:
             try:
-                created |= self._append_status(self.active_path(qid) + STATUS_SUFFIX, line)
+                created |= append_status(self.active_path(qid) + STATUS_SUFFIX, line, self._fsync)
                 results.append((True, None))
             except Exception as e:
                 results.append((False, e))
@@ -554,24 +424,10 @@ class Spool:
             self._fsync_dir(self.active_dir)
         return results
 
-    def _append_status(self, path: str, line: bytes) -> bool:
-        created = False
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND)
-        except FileNotFoundError:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            created = True
-        try:
-            write_all(fd, [line])
-            self._fsync(fd)
-        finally:
-            os.close(fd)
-        return created
-
     def finish(self, entry: QueueEntry) -> Deferred:
         """Delete an entry whose recipients are all delivered."""
         self._backlog -= 1
-        entry.body = None
+        entry.body.forget_memory()
         return self._writer.submit(
             (
                 "remove",
@@ -582,7 +438,7 @@ class Spool:
     def bury(self, entry: QueueEntry, reason: str) -> Deferred:
         """Move an entry with permanently failed recipients to ``queue/dead/``."""
         self._backlog -= 1
-        entry.body = None
+        entry.body.forget_memory()
         return self._writer.submit(
             ("remove", ("bury", entry.qid, fmt.encode_status(entry, reason)))
         )
@@ -599,10 +455,14 @@ class Spool:
                         _unlink_quietly(path + STATUS_SUFFIX)
                     self._recycle(path, qid, length, size)
                 else:
-                    self._append_status(path + STATUS_SUFFIX, line)
-                    os.rename(path, os.path.join(self.dead_dir, qid))
-                    os.rename(
-                        path + STATUS_SUFFIX, os.path.join(self.dead_dir, qid + STATUS_SUFFIX)
+                    move_entry(
+                        self.queue_dir,
+                        qid,
+                        ACTIVE,
+                        DEAD,
+                        status_line=line,
+                        fsync=self._fsync,
+                        sync_dirs=False,
                     )
                     buried = True
                 results.append((True, None))
@@ -641,13 +501,14 @@ class Spool:
                     "corrupt queue file {qid}: {reason}", qid=qid, reason=str(e), event="corrupt"
                 )
                 try:
-                    line = b'{"version":1,"reason":%s}\n' % _json_str(f"corrupt: {e}")
-                    self._append_status(path + STATUS_SUFFIX, line)
-                    os.rename(path, os.path.join(self.dead_dir, qid))
-                    os.rename(
-                        path + STATUS_SUFFIX, os.path.join(self.dead_dir, qid + STATUS_SUFFIX)
+                    move_entry(
+                        self.queue_dir,
+                        qid,
+                        ACTIVE,
+                        DEAD,
+                        status_line=reason_line(f"corrupt: {e}"),
+                        fsync=self._fsync,
                     )
-                    self._fsync_dir(self.dead_dir)
                 except OSError:
                     pass
                 results.append((True, None))
@@ -677,91 +538,11 @@ class Spool:
     def _scan(self, live: set[str]) -> list[tuple[float, str]]:
         # `live` is read (membership only) while the reactor updates it: a qid leaves
         # it only after its file was renamed out of tmp/ or deleted.
-        mypid = os.getpid()
-        queued = self._queued_inodes()
-        for entry in os.scandir(self.tmp_dir):
-            name = entry.name
-            pid = _pid_of(name)
-            if name in live or (pid is not None and pid != mypid and _alive(pid)):
-                continue  # being received right now, here or in a sibling process
-            if self._also_queued(entry, queued):
-                continue
-            log.info("removing incomplete spool file {name}", name=name, event="tmp_removed")
-            _unlink_quietly(entry.path)
-        for entry in os.scandir(self.free_dir):
-            if self._also_queued(entry, queued):
-                continue
-            if len(self._free) < _RECYCLE_MAX_FILES:
-                self._free.append((entry.name, 0))
-            else:
-                _unlink_quietly(entry.path)
-        names = set(os.listdir(self.active_dir))
-        found = []
-        for name in names:
-            if name.endswith(STATUS_SUFFIX):
-                qid = name[: -len(STATUS_SUFFIX)]
-                if qid not in names:
-                    # Interrupted dead-lettering, or a finished entry: tidy up.
-                    src = os.path.join(self.active_dir, name)
-                    if os.path.exists(os.path.join(self.dead_dir, qid)):
-                        os.rename(src, os.path.join(self.dead_dir, name))
-                    else:
-                        _unlink_quietly(src)
-            elif fmt.is_queue_id(name):
-                status = fmt.read_status(self.active_path(name) + STATUS_SUFFIX)
-                due = float(status.get("next_attempt", 0.0)) if status else 0.0
-                found.append((due, name))
-        found.sort(key=lambda t: t[1])
-        return found
-
-    def _queued_inodes(self) -> set[int]:
-        """Inode numbers of every queued message (active, on hold, dead)."""
-        inodes = set()
-        for d in (self.active_dir, self.hold_dir, self.dead_dir):
-            with os.scandir(d) as it:
-                inodes.update(e.inode() for e in it)
-        return inodes
-
-    @staticmethod
-    def _also_queued(entry: os.DirEntry, queued: set[int]) -> bool:
-        """True for a tmp/ or free/ name that is a second name of a queued message.
-
-        A rename writes two directories; after a power cut on a file system without a
-        journal only the one that was fsynced (the destination) is sure to be on disk,
-        so the old name can come back next to the new one (fsck counts both links).
-        Deleting that name is harmless only if fsck ran, and reusing it would
-        overwrite a message we acknowledged: leave it alone and say so."""
-        if entry.inode() not in queued:
-            return False
-        log.warn(
-            "{path} is a second name of a queued message (a rename cut short by a crash);"
-            " left alone, remove it by hand once the message is delivered",
-            path=entry.path,
-            event="spool_alias",
-        )
-        return True
+        return recovery.scan(self.queue_dir, live, self._free, _RECYCLE_MAX_FILES)
 
     def wait_idle(self) -> Deferred:
         """Fires when no spool batch is running (for an orderly shutdown)."""
         return gatherResults([w.wait_idle() for w in (self._writer, self._loader)])
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _unlink_quietly(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
-
-
-def _json_str(s: str) -> bytes:
-    return json.dumps(s).encode("ascii")
+_unlink_quietly = unlink_quietly

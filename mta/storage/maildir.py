@@ -21,20 +21,21 @@ from __future__ import annotations
 import errno
 import os
 import re
+import shutil
 import socket
 import time
 from collections.abc import Callable, Sequence
 
-import attrs
 from zope.interface import implementer
 
 from mta.fileio import fsync_dir, write_all
 from mta.interfaces import IMailStore
+from mta.storage import StoredMessage, StoreItem
 from mta.storage.names import UnsafeMailboxName
 from mta.storage.names import safe_component as _safe_component
 
-_SMALL = 256 * 1024
-_COPY_CHUNK = 1024 * 1024
+__all__ = ["MaildirStore", "UnsafeMailboxName"]
+
 _TAG_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
@@ -48,21 +49,6 @@ def _after_fork() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork)
-
-
-@attrs.frozen
-class DeliveryItem:
-    """One message for one mailbox, for `MaildirStore.deliver_batch`."""
-
-    mailbox: object  # an Address
-    message_tag: str
-    prefix: bytes
-    source_path: str
-    length: int
-    check_existing: bool = False
-    # The body bytes, when the caller still holds them: written as they are instead of
-    # being read from `source_path` (which holds the same `length` bytes).
-    body: Sequence[bytes] | None = None
 
 
 def _maildir_host(hostname: str) -> str:
@@ -117,15 +103,72 @@ class MaildirStore:
 
     # -- IMailStore -----------------------------------------------------------------
 
-    def deliver(
-        self, mailbox, message_tag: str, prefix: bytes, source_path: str, length: int
-    ) -> str:
-        result = self.deliver_batch(
-            [DeliveryItem(mailbox, message_tag, prefix, source_path, length)]
-        )[0]
-        if isinstance(result, BaseException):
-            raise result
-        return result
+    name = "maildir"
+
+    def create_mailbox(self, mailbox) -> str:
+        box = self.mailbox_path(mailbox)
+        self._ensure(box)
+        return box
+
+    def remove_mailbox(self, mailbox) -> bool:
+        box = self.mailbox_path(mailbox)
+        self._known.discard(box)
+        if not os.path.isdir(box):
+            return False
+        shutil.rmtree(box)
+        self._fsync_dir(os.path.dirname(box))
+        return True
+
+    def probe(self) -> str:
+        """The mail root takes a new file (created, written, removed)."""
+        os.makedirs(self.mail_root, mode=0o750, exist_ok=True)
+        path = f"{self.mail_root}/.probe-{_pid}-{time.monotonic_ns()}"
+        fd = os.open(path, _OPEN_FLAGS, 0o600)
+        try:
+            write_all(fd, [b"probe\n"])
+        finally:
+            os.close(fd)
+            os.unlink(path)
+        return "writable"
+
+    def list_messages(self, mailbox) -> list[StoredMessage]:
+        box = self.mailbox_path(mailbox)
+        out = []
+        for sub in ("new", "cur"):
+            try:
+                with os.scandir(f"{box}/{sub}") as it:
+                    for e in it:
+                        if e.name.startswith("."):
+                            continue
+                        st = e.stat()
+                        out.append(
+                            StoredMessage(f"{sub}/{e.name}", st.st_size, st.st_mtime, "INBOX")
+                        )
+            except FileNotFoundError:
+                continue
+        out.sort(key=lambda m: (m.received, m.message_id))
+        return out
+
+    def _message_path(self, mailbox, message_id: str) -> str:
+        sub, _, name = message_id.partition("/")
+        if sub not in ("new", "cur") or not name or "/" in name or name.startswith("."):
+            raise KeyError(message_id)
+        return f"{self.mailbox_path(mailbox)}/{sub}/{name}"
+
+    def read_message(self, mailbox, message_id: str) -> bytes:
+        try:
+            with open(self._message_path(mailbox, message_id), "rb") as f:
+                return f.read()
+        except FileNotFoundError:
+            raise KeyError(message_id) from None
+
+    def delete_message(self, mailbox, message_id: str) -> None:
+        path = self._message_path(mailbox, message_id)
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            raise KeyError(message_id) from None
+        self._fsync_dir(os.path.dirname(path))
 
     def has_delivered(self, mailbox, message_tag: str) -> bool:
         return self._find(self.mailbox_path(mailbox), message_tag) is not None
@@ -144,37 +187,25 @@ class MaildirStore:
 
     # -- batches --------------------------------------------------------------------
 
-    def deliver_batch(self, items: Sequence[DeliveryItem]) -> list:
+    def deliver_batch(self, items: Sequence[StoreItem]) -> list:
         """Deliver each item; one fsync per distinct ``new/``.  Returns, per item, the
         stored path or the exception that stopped it (never raises for one item)."""
         results: list = [None] * len(items)
         dirs: dict[str, list[int]] = {}
-        sources: dict[str, int] = {}
-        try:
-            for i, item in enumerate(items):
-                try:
-                    box = self.mailbox_path(item.mailbox)
-                    if not _TAG_RE.match(item.message_tag):
-                        raise ValueError(f"bad message tag {item.message_tag!r}")
-                    if item.check_existing:
-                        found = self._find(box, item.message_tag)
-                        if found is not None:
-                            results[i] = found
-                            continue
-                    src = None
-                    if item.body is None:
-                        src = sources.get(item.source_path)
-                        if src is None:
-                            src = sources[item.source_path] = os.open(
-                                item.source_path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
-                            )
-                    results[i] = self._write_one(box, item, src)
-                    dirs.setdefault(f"{box}/new", []).append(i)
-                except Exception as e:
-                    results[i] = e
-        finally:
-            for fd in sources.values():
-                os.close(fd)
+        for i, item in enumerate(items):
+            try:
+                box = self.mailbox_path(item.mailbox)
+                if not _TAG_RE.match(item.message_tag):
+                    raise ValueError(f"bad message tag {item.message_tag!r}")
+                if item.check_existing:
+                    found = self._find(box, item.message_tag)
+                    if found is not None:
+                        results[i] = found
+                        continue
+                results[i] = self._write_one(box, item)
+                dirs.setdefault(f"{box}/new", []).append(i)
+            except Exception as e:
+                results[i] = e
         for new_dir, indexes in dirs.items():
             try:
                 self._fsync_dir(new_dir)
@@ -183,9 +214,9 @@ class MaildirStore:
                     results[i] = e
         return results
 
-    def _write_one(self, box: str, item: DeliveryItem, src: int | None) -> str:
+    def _write_one(self, box: str, item: StoreItem) -> str:
         self._ensure(box)
-        size = len(item.prefix) + item.length
+        size = item.size
         while True:
             now = time.time()
             sec = int(now)
@@ -203,11 +234,8 @@ class MaildirStore:
                 break
         try:
             try:
-                if src is None:
-                    if write_all(fd, [item.prefix, *item.body]) != size:
-                        raise OSError(errno.EIO, "message body is not as long as recorded")
-                else:
-                    _copy(fd, src, item.prefix, item.length)
+                if item.body.copy_into(fd, item.prefix) != size:
+                    raise OSError(errno.EIO, "message body is not as long as recorded")
                 self._fsync(fd)
             finally:
                 os.close(fd)
@@ -220,38 +248,3 @@ class MaildirStore:
                 pass
             raise
         return final
-
-
-def _copy(dst: int, src: int, prefix: bytes, length: int) -> None:
-    """Write `prefix` then bytes [0, length) of `src` into `dst`, in bounded memory."""
-    if length <= _SMALL:
-        data = os.pread(src, length, 0)
-        if len(data) != length:
-            raise OSError(errno.EIO, "queued message is shorter than recorded")
-        write_all(dst, [prefix, data])
-        return
-    write_all(dst, [prefix])
-    offset = 0
-    fast = True
-    while offset < length:
-        count = min(_COPY_CHUNK * 8, length - offset)
-        n = 0
-        if fast:
-            try:
-                if hasattr(os, "copy_file_range"):
-                    n = os.copy_file_range(src, dst, count, offset)
-                else:
-                    n = os.sendfile(dst, src, offset, count)
-            except OSError as e:
-                if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
-                    raise
-                fast = False
-                continue
-        else:
-            data = os.pread(src, min(_COPY_CHUNK, count), offset)
-            n = len(data)
-            if n:
-                write_all(dst, [data])
-        if n == 0:
-            raise OSError(errno.EIO, "queued message is shorter than recorded")
-        offset += n

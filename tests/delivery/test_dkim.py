@@ -9,6 +9,7 @@ import dkim
 import pytest
 
 from mta.admin import dkim as keys
+from mta.app import ConfigWatcher
 from mta.config import load_config
 from mta.delivery.dkim import DKIMSigner, from_domain, headers_to_sign
 from tests.queue.doubles import InlinePool, ThreadClock
@@ -75,10 +76,14 @@ def clock():
     return ThreadClock()
 
 
+def make_signer(config, pool, clock):
+    return DKIMSigner(config.dkim, config.path("dkim"), pool, clock)
+
+
 def test_signs_from_domain_and_verifies_with_dkimpy(tmp_path, clock):
     config = write_config(tmp_path)
     public = install_key(config, "example.test", "s1")
-    signer = DKIMSigner(config, InlinePool(), clock)
+    signer = make_signer(config, InlinePool(), clock)
     header = sign(signer, "bounce.other.test")
     assert header.startswith(b"DKIM-Signature: ") and header.endswith(b"\r\n")
     tags = dict(
@@ -100,21 +105,21 @@ def test_signs_from_domain_and_verifies_with_dkimpy(tmp_path, clock):
 def test_unlisted_domains_are_not_signed(tmp_path, clock):
     config = write_config(tmp_path, domains=("other.test",))
     install_key(config, "example.test", "s1")
-    signer = DKIMSigner(config, InlinePool(), clock)
+    signer = make_signer(config, InlinePool(), clock)
     assert sign(signer, "example.test") == b""
 
 
 def test_envelope_sender_domain_when_from_is_not_listed(tmp_path, clock):
     config = write_config(tmp_path, domains=("lists.example.test",))
     install_key(config, "lists.example.test", "s1")
-    signer = DKIMSigner(config, InlinePool(), clock)
+    signer = make_signer(config, InlinePool(), clock)
     assert b"d=lists.example.test;" in sign(signer, "Lists.Example.Test")
 
 
 def test_missing_key_sends_unsigned(tmp_path, clock):
     config = write_config(tmp_path)
     pool = InlinePool()
-    signer = DKIMSigner(config, pool, clock)
+    signer = make_signer(config, pool, clock)
     assert sign(signer, "example.test") == b""
     install_key(config, "example.test", "s1")
     assert sign(signer, "example.test").startswith(b"DKIM-Signature")
@@ -123,7 +128,7 @@ def test_missing_key_sends_unsigned(tmp_path, clock):
 def test_no_domains_means_no_thread_hop(tmp_path, clock):
     config = load_config(None, datadir=str(tmp_path))
     pool = InlinePool()
-    signer = DKIMSigner(config, pool, clock)
+    signer = make_signer(config, pool, clock)
     assert sign(signer, "example.test") == b""
     assert pool.jobs == 0
 
@@ -132,9 +137,12 @@ def test_rotation_switches_selector_when_the_config_file_changes(tmp_path, clock
     config = write_config(tmp_path, selector="s1")
     install_key(config, "example.test", "s1", 0)
     public2 = install_key(config, "example.test", "s2", 1)
-    signer = DKIMSigner(config, InlinePool(), clock)
+    signer = make_signer(config, InlinePool(), clock)
+    watcher = ConfigWatcher(config, clock, InlinePool(), signer)
+    watcher.startService()
     assert b"s=s1;" in sign(signer, "example.test")
     write_config(tmp_path, selector="s2")
+    os.utime(tmp_path / "mta.toml", ns=(1, 1))  # a different mtime, whatever the clock
     clock.advance(0.5)
     assert b"s=s1;" in sign(signer, "example.test")  # not re-checked within a second
     clock.advance(0.5)
@@ -142,20 +150,24 @@ def test_rotation_switches_selector_when_the_config_file_changes(tmp_path, clock
     assert b"s=s2;" in header
     records = {"s2._domainkey.example.test.": keys.txt_value(public2).encode()}
     assert dkim.verify(header + MESSAGE, dnsfunc=dns_for(records))
+    watcher.stopService()
 
 
 def test_sighup_reload_rereads_at_once_and_bad_config_keeps_settings(tmp_path, clock):
     config = write_config(tmp_path, selector="s1")
     install_key(config, "example.test", "s1", 0)
     install_key(config, "example.test", "s2", 1)
-    signer = DKIMSigner(config, InlinePool(), clock, check_interval=3600)
+    signer = make_signer(config, InlinePool(), clock)
+    watcher = ConfigWatcher(config, clock, InlinePool(), signer, interval=3600)
+    watcher.startService()
     assert b"s=s1;" in sign(signer, "example.test")
     write_config(tmp_path, selector="s2")
-    signer.reload()
+    watcher.check(force=True)  # what SIGHUP does
     assert b"s=s2;" in sign(signer, "example.test")
     (tmp_path / "mta.toml").write_text('[dkim]\nselector = "bad selector"\n')
-    signer.reload()
+    watcher.check(force=True)
     assert b"s=s2;" in sign(signer, "example.test")
+    watcher.stopService()
 
 
 def test_from_domain_and_header_list():
@@ -189,25 +201,27 @@ def test_keygen_file_mode_record_and_no_overwrite(tmp_path):
         keys.generate_key(512)
 
 
-def test_sign_entry_reads_the_queued_message(tmp_path, clock):
-    from mta.queue.spool import Spool
+def test_sign_job_reads_the_queued_message(tmp_path, clock):
+    from mta.queue.filestore import FileQueueStore
     from tests.queue.doubles import envelope
 
     config = write_config(tmp_path)
     public = install_key(config, "example.test", "s1")
     pool = InlinePool()
-    spool = Spool(str(tmp_path / "queue"), clock, pool)
+    store = FileQueueStore(str(tmp_path / "queue"), clock, pool)
     committed = []
-    spool.on_commit = committed.append
+    store.spool.on_commit = committed.append
     trace, body = MESSAGE.split(b"Received: from client by mx.example.test\r\n")
-    f = spool.open(spool.new_queue_id())
+    f = store.open(store.new_queue_id())
     f.write(body)
     f.commit(envelope("bob@remote.test"), trace)
     (entry,) = committed
-    signer = DKIMSigner(config, pool, clock)
+    entry.body.forget_memory()  # read from the queue file, as a retry would
+    signer = make_signer(config, pool, clock)
     out = []
-    signer.sign_entry(entry).addBoth(out.append)
+    job = entry.job()
+    signer.sign_job(job).addBoth(out.append)
     (header,) = out
-    sent = header + entry.trace_headers + open(entry.path, "rb").read(entry.body_length)
+    sent = header + b"".join(job.body.chunks())
     records = {"s1._domainkey.example.test.": keys.txt_value(public).encode()}
     assert dkim.verify(sent, dnsfunc=dns_for(records))

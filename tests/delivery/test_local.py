@@ -10,9 +10,11 @@ from zope.interface.verify import verifyObject
 
 from mta.delivery.local import LocalDelivery
 from mta.envelope import Address, RecipientState
-from mta.interfaces import IDeliveryAgent
+from mta.interfaces import IDeliveryAgent, IMailStore
 from mta.queue.entry import QueueEntry
+from mta.storage import StoreItem
 from mta.storage.maildir import MaildirStore
+from mta.testing import MemoryBody, MemoryMailStore
 from tests.queue.doubles import FsyncCounter, InlinePool, ManualPool, ThreadClock, envelope
 
 BODY = b"Subject: hi\r\n\r\nhello\r\n"
@@ -40,7 +42,7 @@ def make_entry(tmp_path):
 
 def deliver(agent, entry):
     out = []
-    agent.deliver(entry, entry.pending_recipients()).addCallback(out.append)
+    agent.deliver(entry.job(), entry.pending_recipients()).addCallback(out.append)
     [results] = out
     return results
 
@@ -67,7 +69,7 @@ def test_delivers_with_return_path_and_delivered_to(tmp_path, make_entry):
 
 
 class FullDisk(MaildirStore):
-    def _write_one(self, box, item, src):
+    def _write_one(self, box, item):
         raise OSError(errno.ENOSPC, "No space left on device")
 
 
@@ -94,7 +96,7 @@ def test_unsafe_mailbox_name_fails_permanently(tmp_path, make_entry):
 
 
 class Exploding(MaildirStore):
-    def _write_one(self, box, item, src):
+    def _write_one(self, box, item):
         raise KeyError("bug")
 
 
@@ -112,7 +114,7 @@ def test_calls_during_a_batch_form_the_next_batch(tmp_path, make_entry):
     got = []
     for _ in range(4):
         e = make_entry("bob@example.test")
-        agent.deliver(e, e.pending_recipients()).addCallback(got.append)
+        agent.deliver(e.job(), e.pending_recipients()).addCallback(got.append)
     assert len(pool.queue) == 1
     pool.run_one()
     assert len(got) == 1 and len(pool.queue) == 1
@@ -129,7 +131,7 @@ def test_recovered_entry_is_not_delivered_twice(tmp_path, make_entry):
     entry = make_entry("bob@example.test", "carol@example.test")
     bob = entry.envelope.recipients[0]
     # The crash window: bob's copy reached new/ but the queue never recorded it.
-    store.deliver(bob, entry.message_tag(bob), b"", entry.path, entry.body_length)
+    store.deliver_batch([StoreItem(bob, entry.job().message_tag(bob), b"", entry.body)])
     entry.recovered = True
     results = deliver(agent, entry)
     assert [r.state for r in results] == [RecipientState.DELIVERED] * 2
@@ -137,47 +139,37 @@ def test_recovered_entry_is_not_delivered_twice(tmp_path, make_entry):
     assert len(os.listdir(tmp_path / "example.test/carol/new")) == 1
 
 
-class PlainStore:
-    """An IMailStore without deliver_batch (like a future mbox store)."""
-
-    def __init__(self):
-        self.calls = []
-
-    def deliver(self, mailbox, tag, prefix, path, length):
-        self.calls.append((mailbox, tag))
-        return "somewhere"
-
-    def has_delivered(self, mailbox, tag):
-        return tag.endswith("-0")
-
-    def ensure_mailbox(self, mailbox):
-        pass
-
-
-def test_store_without_batches(make_entry):
-    store = PlainStore()
+def test_any_mail_store_through_the_interface_only(make_entry):
+    """Local delivery asks nothing of a store but IMailStore: an in-memory one."""
+    store = MemoryMailStore()
+    assert verifyObject(IMailStore, store)
     agent = LocalDelivery(store, "mx", InlinePool(), ThreadClock())
     entry = make_entry("a@example.test", "b@example.test", recovered=True)
+    a = entry.envelope.recipients[0]
+    store.deliver_batch([StoreItem(a, f"{entry.qid}-0", b"", MemoryBody(b"old copy"))])
     results = deliver(agent, entry)
     assert [r.state for r in results] == [RecipientState.DELIVERED] * 2
-    # a's copy is already there (has_delivered), so only b is stored
-    assert store.calls == [(Address("b", "example.test"), f"{entry.qid}-1")]
+    # a's copy is already there (a recovered job is checked first), so only b is stored
+    assert [(m, tag) for m, tag, _ in store.stored][1:] == [
+        (Address("b", "example.test"), f"{entry.qid}-1")
+    ]
+    assert store.stored[1][2] == (
+        b"Return-Path: <sender@remote.test>\r\nDelivered-To: b@example.test\r\n"
+        b"Received: from client\r\n" + BODY
+    )
 
 
-def test_the_body_in_memory_is_used_on_a_first_attempt_only(tmp_path, make_entry):
-    seen = []
+def test_a_first_attempt_is_not_checked_for_copies_a_retry_is(make_entry):
+    checks = []
 
-    class Recording(MaildirStore):
+    class Recording(MemoryMailStore):
         def deliver_batch(self, items):
-            seen.extend(item.body for item in items)
+            checks.extend(item.check_existing for item in items)
             return super().deliver_batch(items)
 
-    agent = LocalDelivery(Recording(str(tmp_path)), "mx", InlinePool(), ThreadClock())
+    agent = LocalDelivery(Recording(), "mx", InlinePool(), ThreadClock())
     entry = make_entry("bob@example.test")
-    entry.body = [BODY]
     deliver(agent, entry)
-    entry.attempts = 1  # a retry reads the queue file (and checks for a copy first)
+    entry.attempts = 1
     deliver(agent, entry)
-    assert seen == [[BODY], None]
-    for name in os.listdir(tmp_path / "example.test/bob/new"):
-        assert (tmp_path / "example.test/bob/new" / name).read_bytes().endswith(BODY)
+    assert checks == [False, True]

@@ -9,16 +9,17 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from mta.delivery.smtpclient import (
+    BodyReader,
     DotStuffer,
     Message,
     SessionError,
     SMTPClientProtocol,
-    SpoolBody,
     Timeouts,
     parse_reply,
     xtext_encode,
 )
 from mta.envelope import Address, BodyType, Reply
+from mta.queue.body import FileBody
 from mta.smtp.parse import xtext_decode
 
 SENDER = Address("alice", "example.test")
@@ -296,17 +297,18 @@ def test_quit():
     assert d.called and transport.disconnecting
 
 
-def test_spool_body(tmp_path):
+def test_body_reader_sends_prefix_then_the_queued_message(tmp_path):
     path = tmp_path / "q"
     path.write_bytes(b"Subject: s\r\n\r\nbody\r\nTRAILER")
-    src = SpoolBody(b"Received: x\r\n", str(path), len(b"Subject: s\r\n\r\nbody\r\n"))
+    body = FileBody(b"Received: x\r\n", str(path), len(b"Subject: s\r\n\r\nbody\r\n"))
+    src = BodyReader(b"DKIM-Signature: y\r\n", body)
     out = []
     while True:
         chunk = src.read().result
         if not chunk:
             break
         out.append(chunk)
-    assert b"".join(out) == b"Received: x\r\nSubject: s\r\n\r\nbody\r\n"
+    assert b"".join(out) == b"DKIM-Signature: y\r\nReceived: x\r\nSubject: s\r\n\r\nbody\r\n"
 
 
 def self_failure(d):

@@ -111,7 +111,7 @@ class InlinePool:
 
 async def _sign_and_serve(reactor, tmp_path, signed, selector="s1"):
     config, public = signed
-    signer = DKIMSigner(config, InlinePool(), reactor)
+    signer = DKIMSigner(config.dkim, config.path("dkim"), InlinePool(), reactor)
     header = await signer.sign("example.test", MESSAGE)
     assert header.startswith(b"DKIM-Signature:")
     path = tmp_path / "signed.eml"

@@ -24,6 +24,8 @@ from mta.observe.health import (
     service_probes,
 )
 from mta.observe.http import HTTPService, make_site
+from mta.queue.filestore import FileQueueStore
+from mta.storage.maildir import MaildirStore
 
 
 def test_liveness_follows_the_heartbeat():
@@ -85,8 +87,9 @@ def tree(tmp_path):
     conn.execute("CREATE TABLE t (x)")
     conn.close()
     runner = SimpleNamespace(running=True, recovery=defer.succeed(None))
-    spool = SimpleNamespace(tmp_dir=str(queue / "tmp"), active_dir=str(queue / "active"))
-    root = SimpleNamespace(spool=spool, runner=runner)
+    spool = FileQueueStore(str(queue), None, None)
+    store = MaildirStore(str(tmp_path / "mail"))
+    root = SimpleNamespace(spool=spool, runner=runner, store=store)
     return root, str(db), str(tmp_path / "mail")
 
 
@@ -95,7 +98,7 @@ def service_health(tmp_path, reactor, pool):
     health = Health(
         reactor,
         pool,
-        probes=service_probes(root, database=db, mail_root=mail),
+        probes=service_probes(root, database=db),
         checks=service_checks(root),
     )
     return root, health
@@ -139,7 +142,7 @@ async def test_readyz_ok_then_503_when_the_spool_is_not_a_directory(http):
     assert report["status"] == "ok"
     assert set(report["checks"]) == {"spool", "database", "storage", "queue_runner"}
 
-    active = root.spool.active_dir
+    active = root.spool.spool.active_dir
     os.rmdir(active)
     with open(active, "w"):
         pass

@@ -11,9 +11,10 @@ from twisted.internet.defer import succeed
 
 from mta.envelope import Address, DeliveryResult, Envelope
 from mta.queue import entry as fmt
-from mta.queue.bounce import Bouncer, FailedRecipient, build_dsn, status_code
+from mta.queue.bounce import Bouncer
+from mta.queue.dsn import FailedRecipient, build_dsn, status_code
 from mta.queue.runner import QueueRunner
-from mta.queue.spool import Spool
+from mta.queue.filestore import FileQueueStore
 from tests.queue.doubles import InlinePool, ThreadClock, envelope
 
 BODY = b"From: Sender <sender@remote.test>\r\nSubject: hello\r\nMessage-ID: <m1@remote.test>\r\n\r\nsecret body\r\n"
@@ -46,7 +47,7 @@ def clock():
 
 def make(tmp_path, clock, agent, max_age=1000.0):
     pool = InlinePool()
-    spool = Spool(str(tmp_path / "queue"), clock, pool)
+    spool = FileQueueStore(str(tmp_path / "queue"), clock, pool)
     bouncer = Bouncer(spool, "mx.example.test", clock, pool)
     runner = QueueRunner(spool, agent, clock, (10.0, 20.0), max_age, 5, bouncer=bouncer)
     runner.startService()
@@ -67,7 +68,7 @@ def queued(spool, sub="active"):
 
 
 def load(spool, qid):
-    e = fmt.read_entry(os.path.join(spool.active_dir, qid))
+    e = fmt.read_entry(os.path.join(spool.spool.active_dir, qid))
     with open(e.path, "rb") as f:
         body = f.read(e.body_length)
     return e, email.message_from_bytes(body, policy=email.policy.compat32)
@@ -152,7 +153,7 @@ def test_null_sender_is_never_bounced_but_dead_lettered(tmp_path, clock):
     assert [c[0] for c in agent.calls] == [qid]
     assert queued(spool) == []
     assert queued(spool, "dead") == [qid]
-    status = fmt.read_status(os.path.join(spool.dead_dir, qid + fmt.STATUS_SUFFIX))
+    status = fmt.read_status(os.path.join(spool.spool.dead_dir, qid + fmt.STATUS_SUFFIX))
     assert "no such user" in status["reason"]
 
 

@@ -14,7 +14,7 @@ from mta.queue import control
 from mta.queue import entry as fmt
 from mta.queue.control import ControlError, QueueControl
 from mta.queue.runner import QueueRunner
-from mta.queue.spool import Spool
+from mta.queue.filestore import FileQueueStore
 from tests.queue.doubles import InlinePool, ThreadClock, envelope
 
 
@@ -46,9 +46,9 @@ def clock():
 def setup(tmp_path, clock):
     def make(agent):
         pool = InlinePool()
-        spool = Spool(str(tmp_path / "queue"), clock, pool)
+        spool = FileQueueStore(str(tmp_path / "queue"), clock, pool)
         runner = QueueRunner(spool, agent, clock, (100.0,), 10000.0, 5)
-        ctl = QueueControl(spool, runner, clock, pool)
+        ctl = QueueControl(spool, clock, pool)
         ctl.startService()
         runner.startService()
         return spool, runner, ctl
@@ -84,7 +84,7 @@ def test_hold_release_of_a_deferred_entry(setup, clock):
     assert agent.calls == [qid] and runner.depth()["deferred"] == 1
     assert run(ctl, "hold", qid) == f"{qid} held"
     assert names(spool, "hold") == [qid] and names(spool, "active") == []
-    assert os.path.exists(os.path.join(spool.hold_dir, qid + fmt.STATUS_SUFFIX))
+    assert os.path.exists(os.path.join(spool.queue_dir, "hold", qid + fmt.STATUS_SUFFIX))
     assert runner.depth()["deferred"] == 0 and spool.backlog() == 0
     clock.advance(1000)
     assert agent.calls == [qid]  # never tried while held
@@ -107,7 +107,7 @@ def test_hold_waits_for_the_attempt_in_flight(setup, clock):
     assert out == [f"{qid} held"]
     assert names(spool, "hold") == [qid]
     assert runner.depth() == {"incoming": 0, "active": 0, "ready": 0, "deferred": 0}
-    assert runner._timer is None  # no retry timer for the held entry
+    assert spool._timer is None  # no retry timer for the held entry
 
 
 def test_delete_and_retry_and_flush(setup, clock):
@@ -136,7 +136,7 @@ def test_requeue_a_dead_letter_resets_failures_and_age(setup, clock):
     agent.state = RecipientState.DEFERRED
     assert run(ctl, "requeue", qid) == f"{qid} requeued"
     assert agent.calls == [qid, qid]  # tried again at once, not expired
-    entry = fmt.read_entry(os.path.join(spool.active_dir, qid))
+    entry = fmt.read_entry(os.path.join(spool.queue_dir, "active", qid))
     assert entry.created == 50000.0 and entry.states == [RecipientState.DEFERRED]
     assert entry.attempts == 1
 
@@ -176,7 +176,7 @@ def test_lock_tells_cli_whether_the_server_runs(setup, tmp_path):
 
 def test_offline_operations(tmp_path, clock):
     pool = InlinePool()
-    spool = Spool(str(tmp_path / "queue"), clock, pool)
+    spool = FileQueueStore(str(tmp_path / "queue"), clock, pool)
     runner = QueueRunner(spool, Agent(), clock, (100.0,), 10000.0, 5)
     runner.startService()
     qid = submit(spool, "bob@remote.test")

@@ -12,13 +12,13 @@ from twisted.internet.defer import succeed
 from twisted.internet.testing import StringTransport
 
 from mta.delivery.mx import Target
-from mta.delivery.relay import RelayDelivery, RelayResult, dsn_request
+from mta.delivery.relay import RelayDelivery, dsn_request
 from mta.delivery.smtpclient import SMTPClientProtocol, Timeouts
 from mta.envelope import Address, DeliveryResult, Envelope, RecipientState, Reply
 from mta.queue.bounce import Bouncer
 from mta.queue.entry import QueueEntry
 from mta.queue.runner import QueueRunner
-from mta.queue.spool import Spool
+from mta.queue.filestore import FileQueueStore
 from tests.queue.doubles import InlinePool, ThreadClock
 
 HEADERS = b"From: Sender <sender@remote.test>\r\nSubject: hello\r\nMessage-ID: <m1@remote.test>\r\n"
@@ -47,8 +47,7 @@ class Agent:
 
     def deliver(self, entry, recipients):
         if entry.envelope.listener == "bounce":
-            with open(entry.path, "rb") as f:
-                raw = f.read(entry.body_length)
+            raw = b"".join(entry.body.chunks())
             self.dsns.append(
                 (entry, email.message_from_bytes(raw, policy=email.policy.compat32), raw)
             )
@@ -72,7 +71,7 @@ def clock():
 
 def make(tmp_path, clock, agent, *, max_age=1000.0, delay_warning=0.0, max_return=10**7):
     pool = InlinePool()
-    spool = Spool(str(tmp_path / "queue"), clock, pool)
+    spool = FileQueueStore(str(tmp_path / "queue"), clock, pool)
     bouncer = Bouncer(spool, "mx.example.test", clock, pool, max_return=max_return)
     runner = QueueRunner(
         spool,
@@ -321,7 +320,7 @@ def test_success_and_failure_in_one_report_with_ret_full(tmp_path, clock):
 
 def test_relayed_to_server_without_dsn_reports_relayed(tmp_path, clock):
     agent = Agent(
-        delivered_as=lambda r: RelayResult(
+        delivered_as=lambda r: DeliveryResult(
             r, RecipientState.DELIVERED, "mx.x.test[192.0.2.1] said: 250 2.0.0 ok", OK, False
         )
     )
@@ -335,7 +334,7 @@ def test_relayed_to_server_without_dsn_reports_relayed(tmp_path, clock):
 
 def test_relayed_to_server_with_dsn_leaves_success_to_it(tmp_path, clock):
     agent = Agent(
-        delivered_as=lambda r: RelayResult(r, RecipientState.DELIVERED, "250 2.0.0 ok", OK, True)
+        delivered_as=lambda r: DeliveryResult(r, RecipientState.DELIVERED, "250 2.0.0 ok", OK, True)
     )
     spool, _ = make(tmp_path, clock, agent)
     submit(spool, "a@x.test", notify=("SUCCESS",))
@@ -387,7 +386,7 @@ def test_relay_passes_the_request_only_to_a_dsn_server(tmp_path, offers_dsn):
         StubMX(), clock, helo="mx.example.test", tls="none", connect=lambda t: succeed(proto)
     )
     entry = relay_entry(tmp_path, ("SUCCESS", ""), ("", "rfc822;b@x.test"))
-    d = relay.deliver(entry, list(entry.envelope.recipients))
+    d = relay.deliver(entry.job(), list(entry.envelope.recipients))
     proto.dataReceived(b"220 hi\r\n")
     assert transport.value() == b"EHLO mx.example.test\r\n"
     transport.clear()

@@ -77,6 +77,6 @@ def test_pending_recipients_unique_and_fail_remaining():
     a = Address("a", "x.test")
     e = fmt.QueueEntry("00aa", Envelope(Address("s", "x.test"), (a, a)), "/p", 1)
     assert e.pending_recipients() == [a]
-    assert e.message_tag(a) == "00aa-0"
+    assert e.job().message_tag(a) == "00aa-0"
     assert e.fail_remaining("expired") == [a, a]
     assert e.is_finished and e.has_failures

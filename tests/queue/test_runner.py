@@ -11,7 +11,8 @@ from mta.delivery.local import LocalDelivery
 from mta.envelope import Address, DeliveryResult, RecipientState
 from mta.queue import entry as fmt
 from mta.queue.runner import QueueRunner
-from mta.queue.spool import Spool
+from mta.queue.filestore import FileQueueStore
+from mta.storage import StoreItem
 from mta.storage.maildir import MaildirStore
 from tests.queue.doubles import InlinePool, ThreadClock, envelope
 
@@ -29,7 +30,13 @@ class ScriptedAgent:
     def deliver(self, entry, recipients):
         n = len(self.calls)
         self.calls.append(
-            (self.clock.seconds(), entry.qid, list(recipients), entry.attempts, entry.recovered)
+            (
+                self.clock.seconds(),
+                entry.qid,
+                list(recipients),
+                entry.attempts,
+                entry.may_be_delivered,
+            )
         )
         results = []
         for r in recipients:
@@ -60,7 +67,7 @@ def queue_dir(tmp_path):
 
 
 def make(queue_dir, clock, agent, schedule=(10.0, 20.0), max_age=1000.0, concurrency=5):
-    spool = Spool(queue_dir, clock, InlinePool())
+    spool = FileQueueStore(queue_dir, clock, InlinePool())
     runner = QueueRunner(spool, agent, clock, schedule, max_age, concurrency)
     return spool, runner
 
@@ -154,7 +161,7 @@ def test_permanent_failure_goes_to_dead_letters(queue_dir, clock):
 
 def test_concurrency_is_bounded_and_fresh_goes_first(queue_dir, clock):
     # Two entries committed while nothing ran: recovered at startup.
-    spool0 = Spool(queue_dir, clock, InlinePool())
+    spool0 = FileQueueStore(queue_dir, clock, InlinePool())
     old = [submit(spool0, "a@example.test"), submit(spool0, "b@example.test")]
     agent = ScriptedAgent(clock, hold=True)
     spool, runner = make(queue_dir, clock, agent, concurrency=1)
@@ -191,7 +198,7 @@ def test_stop_waits_for_attempts_and_keeps_the_rest(queue_dir, clock):
 
 
 def real_runner(tmp_path, queue_dir, clock):
-    spool = Spool(queue_dir, clock, InlinePool())
+    spool = FileQueueStore(queue_dir, clock, InlinePool())
     store = MaildirStore(str(tmp_path / "mail"), "mx.example.test")
     agent = LocalDelivery(store, "mx.example.test", InlinePool(), clock)
     return spool, store, QueueRunner(spool, agent, clock, (10.0,), 1000.0, 5)
@@ -203,7 +210,7 @@ def mailbox(tmp_path, local):
 
 
 def test_restart_delivers_pending_entries_exactly_once(tmp_path, queue_dir, clock):
-    crashed = Spool(queue_dir, clock, InlinePool())  # accepted, then the process died
+    crashed = FileQueueStore(queue_dir, clock, InlinePool())  # accepted, then the process died
     submit(crashed, "bob@example.test")
     spool, _, runner = real_runner(tmp_path, queue_dir, clock)
     runner.startService()
@@ -216,16 +223,17 @@ def test_restart_delivers_pending_entries_exactly_once(tmp_path, queue_dir, cloc
 
 
 def test_crash_between_maildir_rename_and_status(tmp_path, queue_dir, clock):
-    crashed = Spool(queue_dir, clock, InlinePool())
+    crashed = FileQueueStore(queue_dir, clock, InlinePool())
     entries = []
-    crashed.on_commit = entries.append
+    crashed.spool.on_commit = entries.append
     submit(crashed, "bob@example.test", "carol@example.test")
     [entry] = entries
     bob = entry.envelope.recipients[0]
     # The old process put bob's copy into new/ and died before recording it.
-    MaildirStore(str(tmp_path / "mail")).deliver(
-        bob, entry.message_tag(bob), b"", entry.path, entry.body_length
+    [stored] = MaildirStore(str(tmp_path / "mail")).deliver_batch(
+        [StoreItem(bob, entry.job().message_tag(bob), b"", entry.body)]
     )
+    assert stored.startswith(str(tmp_path / "mail"))
     _, _, runner = real_runner(tmp_path, queue_dir, clock)
     runner.startService()
     assert len(mailbox(tmp_path, "bob")) == 1
@@ -234,14 +242,14 @@ def test_crash_between_maildir_rename_and_status(tmp_path, queue_dir, clock):
 
 
 def test_recovered_status_is_respected(tmp_path, queue_dir, clock):
-    crashed = Spool(queue_dir, clock, InlinePool())
+    crashed = FileQueueStore(queue_dir, clock, InlinePool())
     entries = []
-    crashed.on_commit = entries.append
+    crashed.spool.on_commit = entries.append
     submit(crashed, "bob@example.test", "carol@example.test")
     [entry] = entries
     entry.apply([DeliveryResult.delivered(entry.envelope.recipients[0])])
     entry.attempts, entry.next_attempt = 1, 10.0
-    crashed.record(entry)
+    crashed.spool.record(entry)
     _, _, runner = real_runner(tmp_path, queue_dir, clock)
     runner.startService()
     assert mailbox(tmp_path, "carol") == []  # not due yet
@@ -256,14 +264,14 @@ def test_a_backlog_beyond_the_window_is_held_as_ids_and_still_delivered(queue_di
     the rest of a large backlog is remembered by queue id and read back from disk when
     its turn comes, so memory does not grow with the queue."""
     agent = ScriptedAgent(clock, hold=True)
-    spool = Spool(queue_dir, clock, InlinePool(), fsync=lambda fd: None)
-    runner = QueueRunner(spool, agent, clock, (10.0,), 1000.0, 5, window=20)
+    spool = FileQueueStore(queue_dir, clock, InlinePool(), fsync=lambda fd: None, window=20)
+    runner = QueueRunner(spool, agent, clock, (10.0,), 1000.0, 5)
     runner.startService()
     qids = [submit(spool, "bob@example.test") for _ in range(300)]
     depth = runner.depth()
     assert depth["incoming"] == 20 and depth["active"] == 5
     assert depth["ready"] == 300 - 20 - 5  # ids only
-    assert len(runner._fresh) <= runner.window
+    assert len(spool._fresh) <= spool.window
     while agent.held:
         agent.release()
     assert agent.calls and sorted({c[1] for c in agent.calls}) == sorted(qids)
@@ -275,21 +283,21 @@ def test_only_entries_starting_now_keep_their_body_in_memory(queue_dir, clock):
 
     class Recording(ScriptedAgent):
         def deliver(self, entry, recipients):
-            bodies.append((entry.qid, entry.body is not None))
+            bodies.append((entry.qid, entry.body.in_memory))
             return super().deliver(entry, recipients)
 
     agent = Recording(clock, hold=True)
     spool, runner = make(queue_dir, clock, agent, concurrency=1)
     seen = []
     runner.startService()
-    hook = spool.on_commit
-    spool.on_commit = lambda entry: (seen.append(entry), hook(entry))
+    hook = spool.spool.on_commit
+    spool.spool.on_commit = lambda entry: (seen.append(entry), hook(entry))
     first = submit(spool, "a@example.test")
     second = submit(spool, "b@example.test")  # the only slot is taken: it waits
     assert bodies == [(first, True)]
-    assert seen[1].body is None, "a waiting entry holds no body"
+    assert not seen[1].body.in_memory, "a waiting entry holds no body"
     agent.release()
-    assert seen[0].body is None, "an attempt lets go of the body"
+    assert not seen[0].body.in_memory, "an attempt lets go of the body"
     assert bodies == [(first, True), (second, False)]
     agent.release()
     assert files(queue_dir) == []

@@ -316,7 +316,8 @@ def test_a_small_body_is_handed_on_in_memory_a_spilled_one_is_not(tmp_path, cloc
     body = b"Subject: hi\r\n\r\nhello\r\n"
     commit(spool, body=body)
     small = entries[-1]
-    assert b"".join(small.body) == body
+    assert small.body.in_memory
+    assert b"".join(small.body.chunks()) == b"Received: from x\r\n" + body
     assert small.file_size == os.stat(small.path).st_size
     qid = spool.new_queue_id()
     f = spool.open(qid)
@@ -324,9 +325,10 @@ def test_a_small_body_is_handed_on_in_memory_a_spilled_one_is_not(tmp_path, cloc
         f.write(b"x" * MEMORY_LIMIT)
     f.commit(envelope("bob@example.test"))
     big = entries[-1]
-    assert big.body is None and big.file_size == os.stat(big.path).st_size
+    assert not big.body.in_memory and big.file_size == os.stat(big.path).st_size
+    assert b"".join(big.body.chunks()) == b"x" * 5 * MEMORY_LIMIT
     spool.finish(small)
-    assert small.body is None, "a finished entry lets go of its body"
+    assert not small.body.in_memory, "a finished entry lets go of its body"
 
 
 def test_reusing_a_file_truncates_only_when_it_is_longer(tmp_path, clock, monkeypatch):

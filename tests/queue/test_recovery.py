@@ -1,9 +1,9 @@
-"""Worker processes: queue ownership and adoption of retired workers' queues."""
+"""Spools per worker process, and adoption of retired workers' spools at startup."""
 
 import os
 
-from mta.queue.spool import spool_dir as queue_dir
-from mta.workers import adopt_orphaned_queues
+from mta.queue.layout import spool_dir as queue_dir
+from mta.queue.recovery import adopt_orphaned_spools
 
 
 def test_queue_dir_per_worker(tmp_path):
@@ -23,7 +23,7 @@ def test_entries_of_retired_workers_are_adopted(tmp_path):
     (root / "w3" / "dead" / "ddd").write_bytes(b"y")
     (root / "w2" / "hold").mkdir()
     (root / "w2" / "hold" / "eee").write_bytes(b"held")
-    moved = adopt_orphaned_queues(str(root), workers=2)
+    moved = adopt_orphaned_spools(str(root), workers=2)
     assert moved == 6
     assert os.listdir(root / "hold") == ["eee"]
     assert sorted(os.listdir(root / "active")) == ["bbb", "bbb.status", "ccc", "ccc.status"]
