@@ -30,7 +30,7 @@ from zope.interface import implementer
 
 from mta.fileio import fsync_dir, write_all
 from mta.interfaces import IMailStore
-from mta.storage import StoredMessage, StoreItem
+from mta.storage.items import StoredMessage, StoreItem
 from mta.storage.names import UnsafeMailboxName
 from mta.storage.names import safe_component as _safe_component
 
