@@ -29,8 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mta.config import Config, ConfigError, build_config, load_config
-from mta.db import Database, DirectoryError, SchemaError, match_owner
-from mta.envelope import Address
+from mta.db import Database, DirectoryError, SchemaError
 
 DEFAULT_CONFIG = "/etc/mta/mta.toml"
 USER_AGENT = "mta-admin"
@@ -216,51 +215,6 @@ def read_password(args: argparse.Namespace, *, required: bool) -> str | None:
     if required:
         raise CLIError("no password given: use --password-stdin, or run on a terminal")
     return None
-
-
-def hash_password(config: Config, password: str) -> str:
-    """Argon2id with the cost parameters of `[auth]`, as the AUTH checker verifies."""
-    import argon2
-
-    hasher = argon2.PasswordHasher(
-        time_cost=config.auth.time_cost,
-        memory_cost=config.auth.memory_cost,
-        parallelism=config.auth.parallelism,
-        type=argon2.Type.ID,
-    )
-    try:
-        return hasher.hash(password)
-    except argon2.exceptions.HashingError as e:
-        raise CLIError(f"cannot hash password with the [auth] argon2 settings: {e}") from None
-
-
-def create_maildir(config: Config, mailbox: Address) -> str | None:
-    """Create `<datadir>/mail/<domain>/<local>/{tmp,new,cur}` for the maildir backend.
-
-    Other backends create their mailboxes on first delivery.  Directories made by
-    root go to the data directory's owner, so the daemon can deliver into them.
-    """
-    if config.storage.backend != "maildir":
-        return None
-    os.makedirs(config.datadir, mode=0o750, exist_ok=True)
-    base = config.path("mail", mailbox.domain, mailbox.local)
-    path = config.datadir
-    for part in ("mail", mailbox.domain, mailbox.local):
-        path = os.path.join(path, part)
-        _make_dir(path, config.datadir)
-    for sub in ("tmp", "new", "cur"):
-        _make_dir(os.path.join(base, sub), config.datadir)
-    return base
-
-
-def _make_dir(path: str, owner_of: str) -> None:
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        if not os.path.isdir(path):
-            raise CLIError(f"{path} exists and is not a directory") from None
-        return
-    match_owner(path, owner_of)
 
 
 def when(timestamp: float | None) -> str:

@@ -8,7 +8,9 @@ stores exactly what the daemon looks up.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from mta.admin.cli import (
@@ -16,14 +18,23 @@ from mta.admin.cli import (
     audit_change,
     audit_refusal,
     config_of,
-    create_maildir,
-    hash_password,
     open_database,
     read_password,
     table,
     when,
 )
-from mta.db import DirectoryError, User, address_key, alias_source, mailbox_address
+from mta.auth.passwords import PasswordHashError, hash_password
+from mta.config import Config
+from mta.db import (
+    DirectoryError,
+    InvalidAddress,
+    User,
+    address_key,
+    alias_source,
+    mailbox_address,
+)
+from mta.envelope import Address
+from mta.storage import UnknownBackend, UnsafeMailboxName, open_store
 
 
 def add_user_commands(commands: Any, leaf: Any) -> None:
@@ -81,6 +92,76 @@ def add_alias_commands(commands: Any, leaf: Any) -> None:
     leaf(alias, "list", cmd_alias_list, "list aliases")
 
 
+# -- helpers ---------------------------------------------------------------------
+
+
+def new_hash(config: Config, password: str) -> str:
+    """The hash the AUTH checker verifies (`mta.auth.passwords`), or a CLIError."""
+    try:
+        return hash_password(config.auth, password)
+    except PasswordHashError as e:
+        raise CLIError(str(e)) from None
+
+
+def create_mailbox(config: Config, mailbox: Address) -> str | None:
+    """Make `mailbox` ready through the configured store (`IMailStore.create_mailbox`);
+    where it lives, or None when the backend needs nothing made.
+
+    What root makes goes to the data directory's owner, so the daemon, running as
+    its own user, can deliver into it.
+    """
+    os.makedirs(config.datadir, mode=0o750, exist_ok=True)
+    try:
+        store = open_store(config)
+    except UnknownBackend as e:
+        raise CLIError(str(e)) from None
+    try:
+        path = _create(store, mailbox)
+    except UnsafeMailboxName as e:
+        raise InvalidAddress(f"{mailbox}: {e}") from None
+    if path is not None and hasattr(os, "geteuid") and os.geteuid() == 0:
+        st = os.stat(config.datadir)
+        hand_over(path, config.datadir, st.st_uid, st.st_gid)
+    return path
+
+
+def _create(store: Any, mailbox: Address) -> str | None:
+    create = getattr(store, "create_mailbox", None)
+    if create is None:  # pragma: no cover - until MaildirStore.create_mailbox lands
+        store.ensure_mailbox(mailbox)
+        return store.mailbox_path(mailbox)
+    return create(mailbox)
+
+
+def hand_over(
+    path: str,
+    datadir: str,
+    uid: int,
+    gid: int,
+    *,
+    chown: Callable[[str, int, int], None] = os.chown,
+) -> None:
+    """Give `uid:gid` what this process owns of a new mailbox: `path`, the entries
+    directly in it (tmp/ new/ cur/), and its parents below `datadir`.  Anything
+    someone else owns, and a path outside `datadir`, is left alone."""
+    me = os.geteuid()
+    datadir = os.path.abspath(datadir)
+    path = os.path.abspath(path)
+    if not path.startswith(datadir + os.sep) or not os.path.lexists(path):
+        return
+    paths = [path]
+    if os.path.isdir(path):
+        paths += [os.path.join(path, name) for name in sorted(os.listdir(path))]
+    parent = os.path.dirname(path)
+    while parent.startswith(datadir + os.sep):
+        paths.append(parent)
+        parent = os.path.dirname(parent)
+    for item in paths:
+        st = os.lstat(item)
+        if st.st_uid == me and (st.st_uid, st.st_gid) != (uid, gid):
+            chown(item, uid, gid)
+
+
 # -- user ------------------------------------------------------------------------
 
 
@@ -93,14 +174,14 @@ def cmd_user_add(args: argparse.Namespace) -> int:
         raise
     email = address_key(mailbox)
     password = read_password(args, required=False)
-    password_hash = hash_password(config, password) if password is not None else None
+    password_hash = new_hash(config, password) if password is not None else None
     with open_database(config) as db:
         try:
             with db.transaction():
                 db.add_user(email, password_hash, local_domains=config.local_domains)
                 audit_change(db, "user.add", email, password=password_hash is not None)
                 # Inside the transaction: no user row without its mailbox.
-                path = create_maildir(config, mailbox)
+                path = create_mailbox(config, mailbox)
         except DirectoryError as e:
             audit_refusal(config, "user.add", email, e)
             raise
@@ -164,7 +245,7 @@ def cmd_user_passwd(args: argparse.Namespace) -> int:
     email = args.email.strip().lower()
     with open_database(config) as db:
         db.require_user(email)  # before asking for a password nobody will use
-    password_hash = hash_password(config, read_password(args, required=True))
+    password_hash = new_hash(config, read_password(args, required=True))
     with open_database(config) as db:
         with db.transaction():
             db.set_password(email, password_hash)
