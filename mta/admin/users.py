@@ -31,6 +31,7 @@ from mta.db import (
     User,
     address_key,
     alias_source,
+    lookup_key,
     mailbox_address,
 )
 from mta.envelope import Address
@@ -193,8 +194,8 @@ def cmd_user_add(args: argparse.Namespace) -> int:
 
 def cmd_user_del(args: argparse.Namespace) -> int:
     config = config_of(args)
-    email = args.email.strip().lower()
-    if email == config.postmaster.lower():
+    email = lookup_key(args.email)
+    if email == lookup_key(config.postmaster):
         raise CLIError(
             f"{email} is the configured postmaster; change `postmaster` in {config.source} first"
         )
@@ -242,7 +243,7 @@ def _user_row(user: User) -> tuple[str, ...]:
 
 def cmd_user_passwd(args: argparse.Namespace) -> int:
     config = config_of(args)
-    email = args.email.strip().lower()
+    email = lookup_key(args.email)
     with open_database(config) as db:
         db.require_user(email)  # before asking for a password nobody will use
     password_hash = new_hash(config, read_password(args, required=True))
@@ -256,7 +257,7 @@ def cmd_user_passwd(args: argparse.Namespace) -> int:
 
 def cmd_user_unlock(args: argparse.Namespace) -> int:
     config = config_of(args)
-    email = args.email.strip().lower()
+    email = lookup_key(args.email)
     with open_database(config) as db:
         with db.transaction():
             db.require_user(email)
@@ -271,7 +272,7 @@ def cmd_user_unlock(args: argparse.Namespace) -> int:
 
 def cmd_user_set_send_as(args: argparse.Namespace) -> int:
     config = config_of(args)
-    email = args.email.strip().lower()
+    email = lookup_key(args.email)
     with open_database(config) as db:
         with db.transaction():
             db.set_send_as_any(email, args.scope == "any")
@@ -314,7 +315,7 @@ def cmd_alias_add(args: argparse.Namespace) -> int:
 
 def cmd_alias_del(args: argparse.Namespace) -> int:
     config = config_of(args)
-    source = args.source.strip().lower()
+    source = lookup_key(args.source)
     with open_database(config) as db:
         try:
             with db.transaction():

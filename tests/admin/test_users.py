@@ -132,3 +132,44 @@ def test_hand_over_ignores_a_path_outside_the_datadir(tmp_path):
         str(elsewhere), str(tmp_path / "data"), 4242, 4242, chown=lambda *a: calls.append(a)
     )
     assert calls == []
+
+
+# -- UTF-8 mailboxes (issue #11) -------------------------------------------------------
+
+NFC = "jos\u00e9"
+NFD = "jose\u0301"
+
+
+def test_user_add_accepts_a_utf8_local_part(run, db, datadir):
+    status, out, err = run("user", "add", f"{NFC}@example.test")
+    assert (status, err) == (0, "")
+    box = datadir / "mail" / "example.test" / NFC
+    assert out.startswith(f"added {NFC}@example.test, mailbox {box}")
+    assert (box / "new").is_dir()
+    assert [u.email for u in db.list_users()] == [f"{NFC}@example.test"]
+
+
+def test_nfd_spelling_is_the_same_user_in_every_command(run, db, datadir):
+    assert run("user", "add", f"{NFD}@example.test")[0] == 0  # stored, and made, in NFC
+    assert os.listdir(datadir / "mail" / "example.test") == [NFC]
+    status, _, err = run("user", "add", f"{NFC.upper()}@example.test")
+    assert status == 1
+    assert_one_line_error(err, f"user {NFC}@example.test already exists")
+    status, out, _ = run("user", "passwd", f"{NFD}@example.test", "--password-stdin", stdin="pw\n")
+    assert (status, out) == (0, f"password set for {NFC}@example.test\n")
+    assert db.get_user(f"{NFC}@example.test").password_hash is not None
+    status, out, err = run("alias", "add", "caf\u00e9@example.test", f"{NFD}@example.test")
+    assert (status, err) == (0, "")
+    assert out == f"added caf\u00e9@example.test -> {NFC}@example.test\n"
+    status, out, _ = run("alias", "del", "cafe\u0301@example.test")
+    assert (status, out) == (0, f"removed caf\u00e9@example.test -> {NFC}@example.test\n")
+    status, out, _ = run("user", "del", f"{NFD}@example.test")
+    assert (status, out) == (0, f"deleted {NFC}@example.test (its mail stays on disk)\n")
+    assert db.list_users() == []
+
+
+def test_utf8_that_cannot_name_a_mailbox_is_refused(run, db, datadir):
+    status, _, err = run("user", "add", "a\u202eb@example.test")
+    assert status == 1
+    assert_one_line_error(err, "may only contain letters, digits")
+    assert not (datadir / "mail").exists()
