@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     # Imported here: each of them imports the helpers below.
-    from mta.admin import queue, users
+    from mta.admin import lockouts, queue, users
 
     users.add_user_commands(commands, leaf)
     users.add_alias_commands(commands, leaf)
@@ -130,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="ISO date/time (2024-05-01, 2024-05-01T12:00) or seconds ago (3600, or 90m, 2h, 7d)",
     )
     audit.add_argument("--limit", type=int, default=1000, help="newest N entries (default 1000)")
+
+    lockouts.add_commands(commands, leaf)
     return parser
 
 
@@ -178,7 +180,7 @@ def _operator() -> str:
         return f"uid {os.getuid()}" if hasattr(os, "getuid") else "unknown"
 
 
-def audit_change(db: Database, action: str, username: str, **details: Any) -> None:
+def audit_change(db: Database, action: str, username: str | None, **details: Any) -> None:
     db.record_audit(action, username, user_agent=USER_AGENT, details={"by": _operator(), **details})
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,8 +21,10 @@ from mta.admin.cli import (
     open_database,
     read_password,
     table,
+    warn,
     when,
 )
+from mta.admin.lockouts import stamp, still_locked_clients
 from mta.auth.passwords import PasswordHashError, hash_password
 from mta.config import Config
 from mta.db import (
@@ -210,9 +212,7 @@ def cmd_user_del(args: argparse.Namespace) -> int:
         referring = sorted(src for src, targets in db.list_aliases().items() if email in targets)
     print(f"deleted {email} (its mail stays on disk)")
     if referring:
-        print(
-            f"mta-admin: warning: still an alias target of {', '.join(referring)}", file=sys.stderr
-        )
+        warn(f"still an alias target of {', '.join(referring)}")
     return 0
 
 
@@ -256,6 +256,8 @@ def cmd_user_passwd(args: argparse.Namespace) -> int:
 
 
 def cmd_user_unlock(args: argparse.Namespace) -> int:
+    """Clear the account's lockout (and those of the `--ip` addresses given), then
+    say which address lockouts its recent failures came from still hold."""
     config = config_of(args)
     email = lookup_key(args.email)
     with open_database(config) as db:
@@ -263,10 +265,19 @@ def cmd_user_unlock(args: argparse.Namespace) -> int:
             db.require_user(email)
             cleared = db.clear_auth_failures(email)
             for address in args.ip:
-                cleared += db.delete_auth_failure("ip:" + address.strip().lower())
-            extra = {"ip": args.ip} if args.ip else {}
+                cleared += db.clear_client_failures(address)
+            still = still_locked_clients(db, email, time.time(), config.auth)
+            extra: dict[str, Any] = {"ip": args.ip} if args.ip else {}
+            if still:
+                extra["still_locked"] = [record.subject for record in still]
             audit_change(db, "user.unlock", email, cleared=cleared, **extra)
     print(f"unlocked {email} ({cleared} lockout record{'s' if cleared != 1 else ''} cleared)")
+    for record in still:
+        warn(
+            f"client {record.subject} is still locked out until {stamp(record.locked_until)}"
+            f" ({record.failures} failures, some of them for {email});"
+            f" clear it with: mta-admin lockout clear --ip {record.subject}"
+        )
     return 0
 
 
@@ -306,10 +317,7 @@ def cmd_alias_add(args: argparse.Namespace) -> int:
         ]
     print(f"added {source} -> {', '.join(targets)}")
     for target in dangling:
-        print(
-            f"mta-admin: warning: {target} is neither an enabled user nor an alias; mail for it is refused",
-            file=sys.stderr,
-        )
+        warn(f"{target} is neither an enabled user nor an alias; mail for it is refused")
     return 0
 
 
