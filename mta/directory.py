@@ -31,7 +31,7 @@ from twisted.internet import defer, task, threads
 from zope.interface import implementer
 
 from mta.config import Config
-from mta.db import Database, Snapshot, address_key, mailbox_address
+from mta.db import Database, Snapshot, address_key, fold, mailbox_address
 from mta.envelope import Address, AddressError, parse_mailbox
 from mta.interfaces import IUserDirectory
 from mta.observe.logging import Logger
@@ -55,10 +55,12 @@ def expand(
     """The mailboxes `address` delivers to, in order, without duplicates.
 
     `is_user(key)` says whether `key` (see `mta.db.address_key`) is an enabled user;
-    `targets_of(key)` gives the stored alias targets of `key`, or `()`.
+    `targets_of(key)` gives the stored alias targets of `key`, or `()`.  Local parts
+    are compared folded (NFC, lower-case: `mta.db.fold`), so every spelling of a
+    UTF-8 mailbox reaches it, and the mailboxes returned are in that form.
     """
     domain = address.domain.lower()
-    local = address.local.lower()
+    local = fold(address.local)
     if local == "postmaster" and (not domain or domain in local_domains):
         return (postmaster,)
     if domain not in local_domains:
@@ -74,7 +76,7 @@ def expand(
             out.setdefault(addr)
             return
         key = address_key(addr)
-        if addr.local.lower() == "postmaster":
+        if fold(addr.local) == "postmaster":
             out.setdefault(postmaster)
             return
         targets = () if key in chain else targets_of(key)
@@ -89,7 +91,7 @@ def expand(
                 if target is not None:
                     visit(target, depth + 1, chain | {key})
         elif is_user(key):
-            mailbox = Address(addr.local.lower(), addr.domain.lower())
+            mailbox = Address(fold(addr.local), addr.domain.lower())
             out.setdefault(mailbox)
         elif key in chain:
             log.warn("alias loop at {key}, started at {start}", key=key, start=str(address))

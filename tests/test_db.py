@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
+import unicodedata
 
 import pytest
 
@@ -17,7 +18,10 @@ from mta.db import (
     NoSuchUser,
     SchemaError,
     UserExists,
+    address_key,
+    alias_source,
     alias_target,
+    fold,
     load_migrations,
     mailbox_address,
     split_sql,
@@ -178,6 +182,86 @@ def test_mailbox_in_a_foreign_domain_is_refused_when_domains_given(db):
 
 def test_mailbox_address_accepts_the_safe_set():
     assert mailbox_address("A.b+c_d-e@Example.test") == Address("a.b+c_d-e", "example.test")
+
+
+# -- UTF-8 local parts (RFC 6531/6532, issue #11) -----------------------------
+
+NFC = "jos\u00e9"  # é as one code point
+NFD = "jose\u0301"  # e + combining acute accent
+
+
+def test_fold_is_nfc_then_lower_case_and_idempotent():
+    assert fold(NFD) == fold(NFC) == NFC
+    assert fold("JOS\u00c9") == NFC
+    assert fold("Stra\u00dfe") == "stra\u00dfe"
+    for text in (NFD, "JOSE\u0301", "\u0130x", "\u1fbc"):
+        assert fold(fold(text)) == fold(text)
+
+
+def test_address_key_folds_the_local_part():
+    assert address_key(Address(NFD, "Example.TEST")) == f"{NFC}@example.test"
+    assert address_key(Address("JOS\u00c9", "example.test")) == f"{NFC}@example.test"
+
+
+@pytest.mark.parametrize(
+    "local",
+    [
+        NFC,
+        NFD,
+        "JOS\u00c9",
+        "\u7530\u4e2d",
+        "\u043f\u0440\u0438\u043c\u0435\u0440",
+        "d\u00e9j\u00e0.vu+tag",
+    ],
+)
+def test_utf8_mailbox_is_accepted_in_nfc(local):
+    address = mailbox_address(f"{local}@example.test", LOCAL)
+    assert address == Address(fold(local), "example.test")
+    assert address.local == unicodedata.normalize("NFC", address.local)
+
+
+def test_nfc_and_nfd_spellings_are_one_user(db):
+    user = db.add_user(f"{NFD}@example.test", "hash", local_domains=LOCAL)
+    assert user.email == f"{NFC}@example.test"
+    assert db.get_user(f"{NFC}@example.test") == user
+    assert db.get_user("JOSE\u0301@example.test") == user
+    assert db.is_enabled_user(f"{NFD}@example.test")
+    with pytest.raises(UserExists):
+        db.add_user(f"{NFC}@example.test")
+    assert db.snapshot().users == frozenset({f"{NFC}@example.test"})
+    db.delete_user(f"{NFD}@example.test")
+    assert db.list_users() == []
+
+
+@pytest.mark.parametrize(
+    "email",
+    [
+        "a\u00a0b@example.test",  # no-break space
+        "a\u202eb@example.test",  # right-to-left override
+        "a\u200db@example.test",  # zero-width joiner
+        "a\U0001f600@example.test",  # a symbol (emoji)
+        "\u0301a@example.test",  # starts with a combining mark
+        "a\u0085b@example.test",  # a C1 control
+        f"{NFC}@ex\u00e4mple.test",  # domains stay ASCII (A-labels)
+        ("\u00e9" * 33) + "@example.test",  # 66 octets: over 64
+    ],
+)
+def test_unsafe_utf8_mailbox_is_refused(db, email):
+    with pytest.raises(InvalidAddress):
+        db.add_user(email)
+
+
+def test_utf8_alias_source_and_local_target_are_folded(db):
+    assert alias_source(f"{NFD}@example.test", LOCAL) == Address(NFC, "example.test")
+    assert alias_target("JOSE\u0301@example.test", LOCAL) == Address(NFC, "example.test")
+    # A remote local part is the remote host's business: kept as written.
+    assert alias_target(f"{NFD}@remote.test", LOCAL) == Address(NFD, "remote.test")
+    db.add_alias(f"{NFD}@example.test", [f"{NFD}@example.test"], local_domains=LOCAL)
+    assert db.list_aliases() == {f"{NFC}@example.test": (f"{NFC}@example.test",)}
+    assert db.alias_targets(f"{NFC}@example.test") == (f"{NFC}@example.test",)
+    assert db.delete_alias(f"{NFC}@example.test", [f"{NFD}@example.test"]) == [
+        f"{NFC}@example.test"
+    ]
 
 
 def test_ensure_user_creates_only_once(db):

@@ -135,6 +135,18 @@ def test_local_part_matching_is_case_insensitive(directory, admin, clock):
     assert directory.resolve(Address("SALES", "example.test")) == (BOB,)
 
 
+@pytest.mark.parametrize("spelling", ["jos\u00e9", "jose\u0301", "JOSE\u0301", "Jos\u00c9"])
+def test_utf8_user_is_found_by_every_spelling(directory, admin, clock, spelling):
+    admin.add_user("jose\u0301@example.test")  # stored NFC
+    admin.add_alias("caf\u00e9@example.test", ["JOSE\u0301@example.test"])
+    jose = Address("jos\u00e9", "example.test")
+    # From the database (a miss in the snapshot), then from the snapshot.
+    assert result_of(directory.resolve(Address(spelling, "example.test"))) == (jose,)
+    clock.advance(1)
+    assert directory.resolve(Address(spelling, "example.test")) == (jose,)
+    assert directory.resolve(Address("cafe\u0301", "example.test")) == (jose,)
+
+
 def test_unknown_local_address_resolves_to_nothing(directory):
     assert resolve(directory, "nobody") == ()
 

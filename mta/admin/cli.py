@@ -1,4 +1,4 @@
-"""`mta-admin`: manage users, aliases and the queue of an installed mta.
+"""`mta-admin`: manage users, aliases, lockouts and the queue of an installed mta.
 
 A plain synchronous program (no reactor): it writes `<datadir>/mta.db` directly,
 and the running daemon notices within a second (see `mta.directory`).  Every
@@ -7,6 +7,11 @@ mistakes (unknown user, duplicate, bad address, bad config) end with a one-line
 message on stderr and exit status 1; usage errors exit 2, as argparse does.
 Passwords are never taken from the command line, where `ps` and shell history
 would see them: they come from a terminal prompt or from stdin.
+
+This module holds `main`, the parser and the helpers every command shares; the
+commands live with their group: `mta.admin.users` (user, alias),
+`mta.admin.lockouts` (lockout), `mta.admin.queue` (queue); check-config, dkim and
+audit are here.
 """
 
 from __future__ import annotations
@@ -14,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import getpass
-import importlib
 import json
 import os
 import re
@@ -25,17 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from mta.config import Config, ConfigError, build_config, load_config
-from mta.db import (
-    Database,
-    DirectoryError,
-    SchemaError,
-    User,
-    address_key,
-    alias_source,
-    mailbox_address,
-    match_owner,
-)
-from mta.envelope import Address
+from mta.db import Database, DirectoryError, SchemaError
 
 DEFAULT_CONFIG = "/etc/mta/mta.toml"
 USER_AGENT = "mta-admin"
@@ -58,23 +52,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except CLIError as e:
-        _error(str(e))
+        error(str(e))
         return e.exit_code
     except (DirectoryError, ConfigError, SchemaError) as e:
-        _error(str(e))
+        error(str(e))
         return 1
     except sqlite3.Error as e:
-        _error(f"database error: {e}")
+        error(f"database error: {e}")
         return 1
     except OSError as e:
-        _error(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
+        error(f"{e.filename + ': ' if e.filename else ''}{e.strerror or e}")
         return 1
     except KeyboardInterrupt:
         return 130
 
 
-def _error(message: str) -> None:
+def error(message: str) -> None:
     print(f"mta-admin: {message}", file=sys.stderr)
+
+
+def warn(message: str) -> None:
+    print(f"mta-admin: warning: {message}", file=sys.stderr)
 
 
 # -- argument parsing ------------------------------------------------------------
@@ -103,75 +101,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(func=func)
         return sub
 
-    user = commands.add_parser("user", help="mailbox users").add_subparsers(
-        dest="action", metavar="ACTION", required=True
-    )
-    add = leaf(user, "add", cmd_user_add, "create a user and its mailbox")
-    add.add_argument("email")
-    how = add.add_mutually_exclusive_group()
-    how.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
-    how.add_argument(
-        "--no-password", action="store_true", help="mailbox only; the user cannot log in"
-    )
-    leaf(user, "del", cmd_user_del, "delete a user (the mailbox stays on disk)").add_argument(
-        "email"
-    )
-    leaf(user, "list", cmd_user_list, "list users")
-    passwd = leaf(user, "passwd", cmd_user_passwd, "set a user's password")
-    passwd.add_argument("email")
-    passwd.add_argument(
-        "--password-stdin", action="store_true", help="read the password from stdin"
-    )
-    unlock = leaf(user, "unlock", cmd_user_unlock, "clear a user's AUTH lockout")
-    unlock.add_argument("email")
-    unlock.add_argument(
-        "--ip",
-        action="append",
-        default=[],
-        metavar="ADDRESS",
-        help="also clear the lockout of this client address (repeatable)",
-    )
-    send_as = leaf(
-        user, "set-send-as", cmd_user_set_send_as, "which MAIL FROM addresses a user may use"
-    )
-    send_as.add_argument("email")
-    send_as.add_argument(
-        "scope",
-        choices=("own", "any"),
-        help="own: its address and aliases pointing at it; any: every address (service accounts)",
-    )
+    # Imported here: each of them imports the helpers below.
+    from mta.admin import lockouts, queue, users
 
-    alias = commands.add_parser("alias", help="virtual aliases").add_subparsers(
-        dest="action", metavar="ACTION", required=True
-    )
-    add = leaf(alias, "add", cmd_alias_add, "deliver mail for SOURCE to each TARGET")
-    add.add_argument("source")
-    add.add_argument("targets", nargs="+", metavar="TARGET")
-    delete = leaf(alias, "del", cmd_alias_del, "remove the given targets, or the whole alias")
-    delete.add_argument("source")
-    delete.add_argument("targets", nargs="*", metavar="TARGET")
-    leaf(alias, "list", cmd_alias_list, "list aliases")
-
+    users.add_user_commands(commands, leaf)
+    users.add_alias_commands(commands, leaf)
     check = leaf(commands, "check-config", cmd_check_config, "validate a config file")
     check.add_argument("path", nargs="?", metavar="PATH")
 
-    queue = commands.add_parser("queue", help="the mail queue").add_subparsers(
-        dest="action", metavar="ACTION", required=True
-    )
-    leaf(queue, "list", cmd_queue_list, "list queued messages (like mailq)")
-    leaf(queue, "show", cmd_queue_show, "envelope, recipient states and headers").add_argument(
-        "qid", metavar="ID"
-    )
-    leaf(queue, "flush", cmd_queue_control, "retry every deferred message now")
-    for name, text in (
-        ("retry", "retry one deferred message now"),
-        ("delete", "delete a message (active, held or dead)"),
-        ("hold", "keep a message from being delivered"),
-        ("release", "deliver a held message again"),
-        ("requeue", "move a dead letter back to the active queue"),
-    ):
-        leaf(queue, name, cmd_queue_control, text).add_argument("qid", metavar="ID")
-    leaf(queue, "dead", cmd_queue_dead, "list dead letters with their reasons")
+    queue.add_commands(commands, leaf)
 
     dkim = commands.add_parser("dkim", help="DKIM signing keys").add_subparsers(
         dest="action", metavar="ACTION", required=True
@@ -192,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="ISO date/time (2024-05-01, 2024-05-01T12:00) or seconds ago (3600, or 90m, 2h, 7d)",
     )
     audit.add_argument("--limit", type=int, default=1000, help="newest N entries (default 1000)")
+
+    lockouts.add_commands(commands, leaf)
     return parser
 
 
@@ -225,11 +165,11 @@ def config_path(args: argparse.Namespace) -> str | None:
     return DEFAULT_CONFIG if os.path.exists(DEFAULT_CONFIG) else None
 
 
-def _config(args: argparse.Namespace) -> Config:
+def config_of(args: argparse.Namespace) -> Config:
     return load_config(config_path(args), datadir=getattr(args, "datadir", None))
 
 
-def _database(config: Config) -> Database:
+def open_database(config: Config) -> Database:
     return Database(config.path("mta.db"))
 
 
@@ -240,14 +180,14 @@ def _operator() -> str:
         return f"uid {os.getuid()}" if hasattr(os, "getuid") else "unknown"
 
 
-def _audit(db: Database, action: str, username: str, **details: Any) -> None:
+def audit_change(db: Database, action: str, username: str | None, **details: Any) -> None:
     db.record_audit(action, username, user_agent=USER_AGENT, details={"by": _operator(), **details})
 
 
-def _audited_failure(config: Config, action: str, username: str, error: Exception) -> None:
+def audit_refusal(config: Config, action: str, username: str, error: Exception) -> None:
     """Record a refused change too: repeated attempts are worth seeing in `audit`."""
     try:
-        with _database(config) as db:
+        with open_database(config) as db:
             db.record_audit(
                 action,
                 username,
@@ -259,7 +199,7 @@ def _audited_failure(config: Config, action: str, username: str, error: Exceptio
         pass  # the original error is the one to report
 
 
-def _read_password(args: argparse.Namespace, *, required: bool) -> str | None:
+def read_password(args: argparse.Namespace, *, required: bool) -> str | None:
     if args.password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
         if not password:
@@ -279,58 +219,13 @@ def _read_password(args: argparse.Namespace, *, required: bool) -> str | None:
     return None
 
 
-def hash_password(config: Config, password: str) -> str:
-    """Argon2id with the cost parameters of `[auth]`, as the AUTH checker verifies."""
-    import argon2
-
-    hasher = argon2.PasswordHasher(
-        time_cost=config.auth.time_cost,
-        memory_cost=config.auth.memory_cost,
-        parallelism=config.auth.parallelism,
-        type=argon2.Type.ID,
-    )
-    try:
-        return hasher.hash(password)
-    except argon2.exceptions.HashingError as e:
-        raise CLIError(f"cannot hash password with the [auth] argon2 settings: {e}") from None
-
-
-def create_maildir(config: Config, mailbox: Address) -> str | None:
-    """Create `<datadir>/mail/<domain>/<local>/{tmp,new,cur}` for the maildir backend.
-
-    Other backends create their mailboxes on first delivery.  Directories made by
-    root go to the data directory's owner, so the daemon can deliver into them.
-    """
-    if config.storage.backend != "maildir":
-        return None
-    os.makedirs(config.datadir, mode=0o750, exist_ok=True)
-    base = config.path("mail", mailbox.domain, mailbox.local)
-    path = config.datadir
-    for part in ("mail", mailbox.domain, mailbox.local):
-        path = os.path.join(path, part)
-        _make_dir(path, config.datadir)
-    for sub in ("tmp", "new", "cur"):
-        _make_dir(os.path.join(base, sub), config.datadir)
-    return base
-
-
-def _make_dir(path: str, owner_of: str) -> None:
-    try:
-        os.mkdir(path, 0o700)
-    except FileExistsError:
-        if not os.path.isdir(path):
-            raise CLIError(f"{path} exists and is not a directory") from None
-        return
-    match_owner(path, owner_of)
-
-
-def _when(timestamp: float | None) -> str:
+def when(timestamp: float | None) -> str:
     if timestamp is None:
         return "never"
     return time.strftime("%Y-%m-%d %H:%M", time.localtime(timestamp))
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     widths = [
         max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
     ]
@@ -339,184 +234,7 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-# -- user ------------------------------------------------------------------------
-
-
-def cmd_user_add(args: argparse.Namespace) -> int:
-    config = _config(args)
-    try:
-        mailbox = mailbox_address(args.email, config.local_domains)
-    except DirectoryError as e:
-        _audited_failure(config, "user.add", args.email, e)
-        raise
-    email = address_key(mailbox)
-    password = _read_password(args, required=False)
-    password_hash = hash_password(config, password) if password is not None else None
-    with _database(config) as db:
-        try:
-            with db.transaction():
-                db.add_user(email, password_hash, local_domains=config.local_domains)
-                _audit(db, "user.add", email, password=password_hash is not None)
-                # Inside the transaction: no user row without its mailbox.
-                path = create_maildir(config, mailbox)
-        except DirectoryError as e:
-            _audited_failure(config, "user.add", email, e)
-            raise
-    login = "" if password_hash else " (no password: cannot log in)"
-    where = f", mailbox {path}" if path else ""
-    print(f"added {email}{where}{login}")
-    return 0
-
-
-def cmd_user_del(args: argparse.Namespace) -> int:
-    config = _config(args)
-    email = args.email.strip().lower()
-    if email == config.postmaster.lower():
-        raise CLIError(
-            f"{email} is the configured postmaster; change `postmaster` in {config.source} first"
-        )
-    with _database(config) as db:
-        try:
-            with db.transaction():
-                db.delete_user(email)
-                _audit(db, "user.del", email)
-        except DirectoryError as e:
-            _audited_failure(config, "user.del", email, e)
-            raise
-        referring = sorted(src for src, targets in db.list_aliases().items() if email in targets)
-    print(f"deleted {email} (its mail stays on disk)")
-    if referring:
-        print(
-            f"mta-admin: warning: still an alias target of {', '.join(referring)}", file=sys.stderr
-        )
-    return 0
-
-
-def cmd_user_list(args: argparse.Namespace) -> int:
-    config = _config(args)
-    with _database(config) as db:
-        users = db.list_users()
-    print(
-        _table(
-            ("EMAIL", "ENABLED", "LOGIN", "CREATED", "LAST LOGIN", "QUOTA"),
-            [_user_row(u) for u in users],
-        )
-    )
-    return 0
-
-
-def _user_row(user: User) -> tuple[str, ...]:
-    quota = "-" if user.quota_mb is None else f"{user.used_mb}/{user.quota_mb} MB"
-    return (
-        user.email,
-        "yes" if user.enabled else "no",
-        "password" if user.password_hash else "none",
-        _when(user.created_at),
-        _when(user.last_login),
-        quota,
-    )
-
-
-def cmd_user_passwd(args: argparse.Namespace) -> int:
-    config = _config(args)
-    email = args.email.strip().lower()
-    with _database(config) as db:
-        db.require_user(email)  # before asking for a password nobody will use
-    password_hash = hash_password(config, _read_password(args, required=True))
-    with _database(config) as db:
-        with db.transaction():
-            db.set_password(email, password_hash)
-            _audit(db, "user.passwd", email)
-    print(f"password set for {email}")
-    return 0
-
-
-def cmd_user_unlock(args: argparse.Namespace) -> int:
-    config = _config(args)
-    email = args.email.strip().lower()
-    with _database(config) as db:
-        with db.transaction():
-            db.require_user(email)
-            cleared = db.clear_auth_failures(email)
-            for address in args.ip:
-                cleared += db.delete_auth_failure("ip:" + address.strip().lower())
-            extra = {"ip": args.ip} if args.ip else {}
-            _audit(db, "user.unlock", email, cleared=cleared, **extra)
-    print(f"unlocked {email} ({cleared} lockout record{'s' if cleared != 1 else ''} cleared)")
-    return 0
-
-
-def cmd_user_set_send_as(args: argparse.Namespace) -> int:
-    config = _config(args)
-    email = args.email.strip().lower()
-    with _database(config) as db:
-        with db.transaction():
-            db.set_send_as_any(email, args.scope == "any")
-            _audit(db, "user.send_as", email, scope=args.scope)
-    print(f"{email} may send as {'any address' if args.scope == 'any' else 'its own addresses'}")
-    return 0
-
-
-# -- alias -----------------------------------------------------------------------
-
-
-def cmd_alias_add(args: argparse.Namespace) -> int:
-    config = _config(args)
-    with _database(config) as db:
-        try:
-            source = address_key(alias_source(args.source, config.local_domains))
-            with db.transaction():
-                targets = db.add_alias(source, args.targets, local_domains=config.local_domains)
-                _audit(db, "alias.add", source, targets=targets)
-        except DirectoryError as e:
-            _audited_failure(config, "alias.add", args.source, e)
-            raise
-        aliases = db.list_aliases()
-        dangling = [
-            t
-            for t in targets
-            if config.is_local_domain(t.rpartition("@")[2])
-            and t.partition("@")[0] != "postmaster"
-            and t not in aliases
-            and not db.is_enabled_user(t)
-        ]
-    print(f"added {source} -> {', '.join(targets)}")
-    for target in dangling:
-        print(
-            f"mta-admin: warning: {target} is neither an enabled user nor an alias; mail for it is refused",
-            file=sys.stderr,
-        )
-    return 0
-
-
-def cmd_alias_del(args: argparse.Namespace) -> int:
-    config = _config(args)
-    source = args.source.strip().lower()
-    with _database(config) as db:
-        try:
-            with db.transaction():
-                removed = db.delete_alias(source, args.targets)
-                _audit(db, "alias.del", source, targets=removed)
-        except DirectoryError as e:
-            _audited_failure(config, "alias.del", source, e)
-            raise
-    print(f"removed {source} -> {', '.join(removed)}")
-    return 0
-
-
-def cmd_alias_list(args: argparse.Namespace) -> int:
-    config = _config(args)
-    with _database(config) as db:
-        aliases = db.list_aliases()
-    print(
-        _table(
-            ("SOURCE", "TARGETS"), [(src, ", ".join(targets)) for src, targets in aliases.items()]
-        )
-    )
-    return 0
-
-
-# -- check-config, queue, audit --------------------------------------------------
+# -- check-config, dkim, audit ---------------------------------------------------
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
@@ -524,85 +242,16 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = load_config(path, datadir=getattr(args, "datadir", None))
     except ConfigError as e:
-        _error(str(e))
+        error(str(e))
         return 1
     print(f"OK: {config.source}")
-    return 0
-
-
-def cmd_queue_list(args: argparse.Namespace) -> int:
-    config = _config(args)
-    try:
-        # Imported here: the queue may be absent or broken, and user admin must still work.
-        queue_inspect = importlib.import_module("mta.queue.inspect")
-    except ModuleNotFoundError as e:
-        if e.name not in ("mta.queue", "mta.queue.inspect"):
-            raise
-        raise CLIError("queue inspection is not available in this installation") from None
-    entries = queue_inspect.list_entries(config.path("queue"))
-    from mta.queue.control import held_summaries
-
-    entries = sorted(
-        entries + held_summaries(config.path("queue")), key=lambda s: (s.created, s.qid)
-    )
-    listing = queue_inspect.format_listing(entries)
-    print(listing, end="" if listing.endswith("\n") else "\n")
-    return 0
-
-
-def cmd_queue_show(args: argparse.Namespace) -> int:
-    from mta.queue import control
-
-    config = _config(args)
-    try:
-        print(control.describe(config.path("queue"), args.qid), end="")
-    except control.ControlError as e:
-        raise CLIError(str(e)) from None
-    return 0
-
-
-def cmd_queue_dead(args: argparse.Namespace) -> int:
-    from mta.queue.inspect import format_listing, list_entries
-
-    config = _config(args)
-    listing = format_listing(list_entries(config.path("queue"), dead=True))
-    print(listing.replace("Mail queue is empty", "No dead letters"), end="")
-    return 0
-
-
-def cmd_queue_control(args: argparse.Namespace) -> int:
-    """flush/retry/hold/release/delete/requeue: through the running server's control
-    directory when it runs, directly on the files (under its lock) otherwise."""
-    from mta.queue import control
-
-    config = _config(args)
-    queue_root = config.path("queue")
-    qid = getattr(args, "qid", None)
-    try:
-        roots = (
-            control.spool_roots(queue_root) if qid is None else [control.locate(queue_root, qid)[0]]
-        )
-        for root in roots:
-            if not os.path.isdir(root):
-                continue
-            lock = control.OwnerLock(root)
-            if lock.acquire():
-                try:
-                    message = control.run_offline(root, args.action, qid, time.time())
-                finally:
-                    lock.release()
-            else:
-                message = control.send_command(root, args.action, qid)
-            print(message)
-    except control.ControlError as e:
-        raise CLIError(str(e)) from None
     return 0
 
 
 def cmd_dkim_keygen(args: argparse.Namespace) -> int:
     from mta.admin import dkim as dkim_keys
 
-    config = _config(args)
+    config = config_of(args)
     domain = args.domain.strip().lower().rstrip(".")
     selector = args.selector or config.dkim.selector
     # Validate the names as [dkim] would, so the key is found under them later.
@@ -631,8 +280,8 @@ def cmd_dkim_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    config = _config(args)
-    with _database(config) as db:
+    config = config_of(args)
+    with open_database(config) as db:
         entries = db.audit_entries(username=args.user, since=args.since, limit=args.limit)
     rows = [
         (
@@ -645,5 +294,5 @@ def cmd_audit(args: argparse.Namespace) -> int:
         )
         for e in entries
     ]
-    print(_table(("TIME", "USER", "ACTION", "RESULT", "IP", "DETAILS"), rows))
+    print(table(("TIME", "USER", "ACTION", "RESULT", "IP", "DETAILS"), rows))
     return 0

@@ -25,7 +25,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-import argon2
 import attrs
 from argon2.exceptions import InvalidHash, VerificationError
 from twisted.cred import credentials as cred_credentials
@@ -34,6 +33,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
 from zope.interface import implementer
 
+from mta.auth.passwords import password_hasher
 from mta.db import Database
 from mta.envelope import Reply
 from mta.observe.logging import Logger
@@ -104,11 +104,8 @@ class Argon2idChecker:
     ):
         self._db = db
         self._run = run_in_thread
-        self.hasher = argon2.PasswordHasher(
-            time_cost=time_cost,
-            memory_cost=memory_cost,
-            parallelism=parallelism,
-            type=argon2.Type.ID,
+        self.hasher = password_hasher(
+            time_cost=time_cost, memory_cost=memory_cost, parallelism=parallelism
         )
         self._max_pending = max_pending
         self.pending = 0

@@ -1,0 +1,1 @@
+"""Authentication shared by the daemon and `mta-admin` (no reactor here)."""

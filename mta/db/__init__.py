@@ -1,0 +1,67 @@
+"""The user/alias database: one SQLite file, `<datadir>/mta.db`, and its schema.
+
+This package owns the schema (versioned SQL files in `mta/schema/`, the version kept
+in `PRAGMA user_version`: `mta.db.schema`) and a small *blocking* API over it,
+`Database`, one mixin per table: `users`, `aliases`, `lockouts` (auth_failures),
+`audit`.  Two kinds of callers share the file: `mta-admin` (a separate short-lived
+process) and the running daemon, which calls in only from a thread pool
+(`mta.directory`), never on the reactor.  WAL mode lets the daemon keep reading
+while the CLI writes.
+
+Addresses are validated and canonicalised in `mta.db.addresses` so that every writer
+stores the same form: see `address_key`.  Everything public is re-exported here;
+import it from `mta.db`.
+"""
+
+from mta.db.addresses import (
+    address_key,
+    alias_source,
+    alias_target,
+    fold,
+    lookup_key,
+    mailbox_address,
+)
+from mta.db.aliases import Snapshot
+from mta.db.audit import AuditEntry
+from mta.db.connection import match_owner
+from mta.db.database import Database, DatabaseHandle
+from mta.db.errors import (
+    AliasExists,
+    DirectoryError,
+    InvalidAddress,
+    NoSuchAlias,
+    NoSuchUser,
+    SchemaError,
+    UserExists,
+)
+from mta.db.lockouts import IP_PREFIX, AuthFailure, same_client
+from mta.db.schema import Migration, load_migrations, split_sql
+from mta.db.users import User
+
+__all__ = [
+    "IP_PREFIX",
+    "AliasExists",
+    "AuditEntry",
+    "AuthFailure",
+    "Database",
+    "DatabaseHandle",
+    "DirectoryError",
+    "InvalidAddress",
+    "Migration",
+    "NoSuchAlias",
+    "NoSuchUser",
+    "SchemaError",
+    "Snapshot",
+    "User",
+    "UserExists",
+    "address_key",
+    "alias_source",
+    "alias_target",
+    "fold",
+    "load_migrations",
+    "lookup_key",
+    "mailbox_address",
+    "match_owner",
+    "same_client",
+    "split_sql",
+]

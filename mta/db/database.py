@@ -1,0 +1,50 @@
+"""`Database`: one connection to `mta.db` with every table's methods, and
+`DatabaseHandle`, which opens it on first use in a pool thread."""
+
+from __future__ import annotations
+
+import threading
+
+from mta.db.aliases import AliasTable
+from mta.db.audit import AuditTable
+from mta.db.lockouts import LockoutTable
+from mta.db.users import UserTable
+
+
+class Database(UserTable, AliasTable, LockoutTable, AuditTable):
+    """A connection to `mta.db`, migrated to the current schema on open.
+
+    Every method blocks; the object may be shared between threads (one connection,
+    serialised by a lock).  `clock` supplies timestamps, so tests control them.
+    The methods come from one mixin per table (`mta.db.users`, `.aliases`,
+    `.lockouts`, `.audit`) over `mta.db.connection.Connection`.
+    """
+
+
+class DatabaseHandle:
+    """A `Database` opened on first use, from whichever pool thread asks first.
+
+    Components that run their queries in a thread pool take this callable instead
+    of an open database, so nothing touches SQLite on the reactor thread and one
+    connection serves them all.  `close()` belongs to the service tree's shutdown.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._db: Database | None = None
+        self._lock = threading.Lock()
+
+    def __call__(self) -> Database:
+        db = self._db
+        if db is None:
+            with self._lock:
+                if self._db is None:
+                    self._db = Database(self.path)
+                db = self._db
+        return db
+
+    def close(self) -> None:
+        with self._lock:
+            db, self._db = self._db, None
+        if db is not None:
+            db.close()
