@@ -16,7 +16,7 @@ import argparse
 import time
 from typing import Any
 
-from mta.admin.cli import CLIError, audit_change, config_of, open_database, table
+from mta.admin.common import CLIError, audit_change, config_of, open_database, table
 from mta.db import IP_PREFIX, AuthFailure, Database, lookup_key, same_client
 
 

@@ -1,20 +1,17 @@
 """`mta-admin queue ...`: list, show and act on the mail queue.
 
-The queue modules are imported inside each command: the queue may be absent or
-broken, and user administration must still work.  Actions reach the running
-server through its control directory, or act on the files directly (under the
-spool's lock) when no server owns them.
+Everything goes through the queue's `IQueueControl` (`mta.queue.open_queue_control`
+picks the one of `[queue] backend`), imported inside each command: the queue may be
+absent or broken, and user administration must still work.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import os
-import time
 from typing import Any
 
-from mta.admin.cli import CLIError, config_of
+from mta.admin.common import CLIError, config_of
 
 
 def add_commands(commands: Any, leaf: Any) -> None:
@@ -38,70 +35,63 @@ def add_commands(commands: Any, leaf: Any) -> None:
     leaf(queue, "dead", cmd_queue_dead, "list dead letters with their reasons")
 
 
-def cmd_queue_list(args: argparse.Namespace) -> int:
-    config = config_of(args)
+def _import(name: str):
+    # Imported here: the queue may be absent or broken, and user admin must still work.
     try:
-        # Imported here: the queue may be absent or broken, and user admin must still work.
-        queue_inspect = importlib.import_module("mta.queue.inspect")
+        return importlib.import_module(name)
     except ModuleNotFoundError as e:
-        if e.name not in ("mta.queue", "mta.queue.inspect"):
+        if e.name is not None and not name.startswith(e.name):
             raise
-        raise CLIError("queue inspection is not available in this installation") from None
-    entries = queue_inspect.list_entries(config.path("queue"))
-    from mta.queue.control import held_summaries
+        raise CLIError("queue administration is not available in this installation") from None
 
-    entries = sorted(
-        entries + held_summaries(config.path("queue")), key=lambda s: (s.created, s.qid)
-    )
-    listing = queue_inspect.format_listing(entries)
+
+def _control(args: argparse.Namespace):
+    """The queue's `IQueueControl` for the configured backend."""
+    config = config_of(args)
+    queue = _import("mta.queue")
+    try:
+        return queue.open_queue_control(config)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+
+
+def _listing(summaries) -> str:
+    return _import("mta.queue.inspect").format_listing(summaries)
+
+
+def cmd_queue_list(args: argparse.Namespace) -> int:
+    _import("mta.queue.inspect")
+    listing = _listing(_control(args).list())
     print(listing, end="" if listing.endswith("\n") else "\n")
     return 0
 
 
 def cmd_queue_show(args: argparse.Namespace) -> int:
-    from mta.queue import control
+    from mta.queue.control import ControlError
 
-    config = config_of(args)
+    control = _control(args)
     try:
-        print(control.describe(config.path("queue"), args.qid), end="")
-    except control.ControlError as e:
+        print(control.show(args.qid), end="")
+    except ControlError as e:
         raise CLIError(str(e)) from None
     return 0
 
 
 def cmd_queue_dead(args: argparse.Namespace) -> int:
-    from mta.queue.inspect import format_listing, list_entries
-
-    config = config_of(args)
-    listing = format_listing(list_entries(config.path("queue"), dead=True))
+    _import("mta.queue.inspect")
+    listing = _listing(_control(args).list(dead=True))
     print(listing.replace("Mail queue is empty", "No dead letters"), end="")
     return 0
 
 
 def cmd_queue_control(args: argparse.Namespace) -> int:
-    """flush/retry/hold/release/delete/requeue: through the running server's control
-    directory when it runs, directly on the files (under its lock) otherwise."""
-    from mta.queue import control
+    """flush/retry/hold/release/delete/requeue: through the running server when it
+    runs, directly on the stored queue otherwise (IQueueControl decides)."""
+    from mta.queue.control import ControlError
 
-    config = config_of(args)
-    queue_root = config.path("queue")
-    qid = getattr(args, "qid", None)
+    control = _control(args)
     try:
-        roots = (
-            control.spool_roots(queue_root) if qid is None else [control.locate(queue_root, qid)[0]]
-        )
-        for root in roots:
-            if not os.path.isdir(root):
-                continue
-            lock = control.OwnerLock(root)
-            if lock.acquire():
-                try:
-                    message = control.run_offline(root, args.action, qid, time.time())
-                finally:
-                    lock.release()
-            else:
-                message = control.send_command(root, args.action, qid)
-            print(message)
-    except control.ControlError as e:
+        print(control.act(args.action, getattr(args, "qid", None)))
+    except ControlError as e:
         raise CLIError(str(e)) from None
     return 0

@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from mta.admin.cli import (
+from mta.admin.common import (
     CLIError,
     audit_change,
     audit_refusal,
@@ -119,21 +119,13 @@ def create_mailbox(config: Config, mailbox: Address) -> str | None:
     except UnknownBackend as e:
         raise CLIError(str(e)) from None
     try:
-        path = _create(store, mailbox)
+        path = store.create_mailbox(mailbox)
     except UnsafeMailboxName as e:
         raise InvalidAddress(f"{mailbox}: {e}") from None
     if path is not None and hasattr(os, "geteuid") and os.geteuid() == 0:
         st = os.stat(config.datadir)
         hand_over(path, config.datadir, st.st_uid, st.st_gid)
     return path
-
-
-def _create(store: Any, mailbox: Address) -> str | None:
-    create = getattr(store, "create_mailbox", None)
-    if create is None:  # pragma: no cover - until MaildirStore.create_mailbox lands
-        store.ensure_mailbox(mailbox)
-        return store.mailbox_path(mailbox)
-    return create(mailbox)
 
 
 def hand_over(
