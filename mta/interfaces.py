@@ -130,8 +130,16 @@ class IQueueStore(ISpool):
     def depth() -> dict:
         """Counts by state (incoming, active, ready, deferred) for metrics."""
 
+    def stop() -> None:
+        """The runner stops: hand out no more work and arm no timers (leases held now
+        still end with `defer`, `finish` or `bury`)."""
+
     def wait_idle():
         """Deferred firing when no write of the store is in flight (orderly stop)."""
+
+    def probe() -> str:
+        """Blocking readiness probe: prove a message could be committed now; raises
+        (OSError or the backend's error) saying why not."""
 
 
 class IQueueControl(Interface):

@@ -396,6 +396,17 @@ class MemoryQueueStore(FakeSpool):
     def wait_idle(self):
         return defer.succeed(None)
 
+    def stop(self) -> None:
+        self.on_ready = None
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def probe(self) -> str:
+        if self.fail_with is not None:
+            raise self.fail_with
+        return "in memory"
+
 
 @implementer(IQueueControl)
 class FakeQueueControl:

@@ -95,9 +95,7 @@ class QueueRunner(Service):
         self._stopping = True
         if self.store.on_ready == self._pump:
             self.store.on_ready = None
-        stop = getattr(self.store, "stop", None)
-        if stop is not None:
-            stop()
+        self.store.stop()
         d = DeferredList(list(self._active.values()))
         d.addCallback(lambda _: self.store.wait_idle())
         return d
