@@ -1,7 +1,9 @@
 # mta — the two commands a new machine needs:
 #   make run    set up .venv and run `twistd -n mta` on the embedded defaults (127.0.0.1:2525 ...)
 #   make test   set up both virtualenvs and run the whole suite twice: newest PyPI
-#               releases (.venv) and Debian 12's packaged libraries (.venv-debian)
+#               releases (.venv) and Debian 12's packaged libraries (.venv-debian);
+#               as root, it first apt-get installs what is missing (it prints the
+#               lists: bash .ci/install-debian-deps --list shows them beforehand)
 # Also: make test-latest, make test-debian, make lint, make bench, make clean.
 # PYTEST_ARGS="-k smtp -x" narrows a run.
 
@@ -21,7 +23,7 @@ comma := ,
 .PHONY: bench-submission bench-outbound
 
 help:
-	@sed -n 's/^#   make /  make /p; s/^# Also/Also/p' Makefile
+	@sed -n 's/^#   make /  make /p; s/^#               /              /p; s/^# Also/Also/p' Makefile
 
 # ---------------------------------------------------------------- virtualenvs
 
@@ -40,6 +42,8 @@ $(DEBIAN_VENV)/.installed: setup.cfg pyproject.toml
 	@echo "== $(DEBIAN_VENV): Debian 12's python3-* libraries + this package (--no-deps)"
 	@if ! $(DEBIAN_PYTHON) -c 'import $(subst $(eval) ,$(comma),$(DEBIAN_MODULES))' 2>/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "== $(DEBIAN_VENV): Debian's python3-* libraries are missing and this is root:"; \
+	    echo "   apt-get installs them and the test tools (.ci/install-debian-deps; README.rst, Quick start)"; \
 	    bash .ci/install-debian-deps; \
 	  else \
 	    echo "Debian's python3 libraries are missing; as root run: bash .ci/install-debian-deps" >&2; \

@@ -2,18 +2,21 @@
 
 The whole file is validated before any service exists: an unknown key, a wrong type
 or a bad value raises `ConfigError` naming the file and the dotted key, so an operator
-never finds out about a typo from a half-started daemon.  With no file at all the
-embedded defaults run a complete server on 127.0.0.1 (DESIGN.md section 3).
+never finds out about a typo from a half-started daemon.  Every mistake in the file is
+reported at once: with several, one `ConfigError` lists them one per line (and keeps
+each in `.errors`).  With no file at all the embedded defaults run a complete server
+on 127.0.0.1 (DESIGN.md section 3).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import re
 import socket
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import attrs
@@ -22,13 +25,53 @@ from mta.envelope import AddressError, parse_mailbox
 
 
 class ConfigError(ValueError):
-    """A configuration problem; str() names the file and the key."""
+    """A configuration problem; str() names the file and the key.
+
+    `errors` holds every problem found in the file (just this one, usually); when
+    there are several, str() is a count line followed by one `<file>: <key>: <problem>`
+    line each, and `key` is the first one's."""
 
     def __init__(self, message: str, *, key: str = "", path: str = "<defaults>"):
         self.key = key
         self.path = path
+        self.errors: tuple[ConfigError, ...] = (self,)
         where = f"{path}: {key}: " if key else f"{path}: "
         super().__init__(where + message)
+
+    @classmethod
+    def combine(cls, errors: Sequence[ConfigError]) -> ConfigError:
+        """One error standing for all of `errors` (itself when there is only one)."""
+        if len(errors) == 1:
+            return errors[0]
+        first = errors[0]
+        lines = "\n".join(str(e) for e in errors)
+        combined = cls(f"{len(errors)} errors\n{lines}", path=first.path)
+        combined.key = first.key
+        combined.errors = tuple(errors)
+        return combined
+
+
+class _Errors:
+    """Collects the ConfigErrors of one file so that all of them are reported."""
+
+    def __init__(self, source: str):
+        self.source = source
+        self.found: list[ConfigError] = []
+
+    def new(self, key: str, message: str) -> ConfigError:
+        return ConfigError(message, key=key, path=self.source)
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[None]:
+        """Record a ConfigError raised inside and carry on after the block."""
+        try:
+            yield
+        except ConfigError as e:
+            self.found.extend(e.errors)
+
+    def raise_any(self) -> None:
+        if self.found:
+            raise ConfigError.combine(self.found)
 
 
 TLS_MODES = ("none", "starttls", "required", "implicit")
@@ -232,10 +275,10 @@ def load_config(path: str | None = None, *, datadir: str | None = None) -> Confi
 
 
 def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Config:
-    """Validate an already-parsed TOML mapping."""
-
-    def err(key: str, message: str) -> ConfigError:
-        return ConfigError(message, key=key, path=source)
+    """Validate an already-parsed TOML mapping; every problem in one ConfigError."""
+    errors = _Errors(source)
+    err = errors.new
+    collect = errors.collect
 
     top_keys = {
         "hostname",
@@ -248,69 +291,136 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
     }
     for key in data:
         if key not in top_keys and key not in _SECTIONS and key not in _RESERVED_SECTIONS:
-            raise err(key, "unknown key")
+            errors.found.append(err(key, "unknown key"))
 
-    hostname = _string(data, "hostname", err) or socket.getfqdn() or "localhost"
-    hostname = hostname.lower()
-    datadir = _string(data, "datadir", err) or "./var"
+    hostname = None
+    with collect():
+        hostname = _string(data, "hostname", err)
+    hostname = (hostname or default_hostname()).lower()
+
+    datadir = None
+    with collect():
+        datadir = _string(data, "datadir", err)
+    datadir = datadir or "./var"
     if source != "<defaults>" and not os.path.isabs(datadir):
         datadir = os.path.join(os.path.dirname(os.path.abspath(source)), datadir)
     datadir = os.path.abspath(datadir)
 
-    domains = data.get("local_domains", ["localhost", hostname])
-    if not isinstance(domains, list) or not all(isinstance(d, str) and d for d in domains):
-        raise err("local_domains", "must be a list of domain names")
-    local_domains = tuple(dict.fromkeys(d.lower().rstrip(".") for d in domains))
+    local_domains: tuple[str, ...] | None = None
+    with collect():
+        domains = data.get("local_domains", ["localhost", hostname])
+        if not isinstance(domains, list) or not all(isinstance(d, str) and d for d in domains):
+            raise err("local_domains", "must be a list of domain names")
+        local_domains = tuple(dict.fromkeys(d.lower().rstrip(".") for d in domains))
 
-    nets = data.get("relay_networks", [])
-    if not isinstance(nets, list):
-        raise err("relay_networks", "must be a list of CIDRs")
     relay_networks = []
-    for i, net in enumerate(nets):
+    with collect():
+        nets = data.get("relay_networks", [])
+        if not isinstance(nets, list):
+            raise err("relay_networks", "must be a list of CIDRs")
+        for i, net in enumerate(nets):
+            with collect():
+                try:
+                    relay_networks.append(ipaddress.ip_network(str(net), strict=False))
+                except ValueError as e:
+                    raise err(f"relay_networks[{i}]", str(e)) from None
+
+    postmaster = "postmaster@localhost"
+    with collect():
+        postmaster = _string(data, "postmaster", err) or postmaster
         try:
-            relay_networks.append(ipaddress.ip_network(str(net), strict=False))
-        except ValueError as e:
-            raise err(f"relay_networks[{i}]", str(e)) from None
+            pm = parse_mailbox(postmaster)
+        except AddressError as e:
+            raise err("postmaster", f"not an address: {e}") from None
+        postmaster = str(pm)
+        # Checked only against valid local_domains (a broken list is its own error).
+        if local_domains is not None and pm.domain not in local_domains:
+            raise err("postmaster", f"domain {pm.domain!r} is not in local_domains")
 
-    postmaster = _string(data, "postmaster", err) or "postmaster@localhost"
-    try:
-        pm = parse_mailbox(postmaster)
-    except AddressError as e:
-        raise err("postmaster", f"not an address: {e}") from None
-    if pm.domain not in local_domains:
-        raise err("postmaster", f"domain {pm.domain!r} is not in local_domains")
+    listeners = DEFAULT_LISTENERS
+    with collect():
+        listeners = _listeners(data.get("listener"), err, collect)
 
-    listeners = _listeners(data.get("listener"), err)
-
-    workers = data.get("workers", 1)
-    if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 64:
-        raise err("workers", "must be an integer from 0 (one per CPU) to 64")
-    if workers == 0:
-        workers = os.cpu_count() or 1
+    workers = 1
+    with collect():
+        workers = data.get("workers", 1)
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 0 <= workers <= 64:
+            raise err("workers", "must be an integer from 0 (one per CPU) to 64")
+        if workers == 0:
+            workers = os.cpu_count() or 1
 
     sections: dict[str, Any] = {}
     for name, cls in _SECTIONS.items():
-        sections[name] = _section(data.get(name, {}), name, cls, err)
+        sections[name] = cls()
+        with collect():
+            sections[name] = _section(data.get(name, {}), name, cls, err, collect)
     for name in _RESERVED_SECTIONS:
         if "." not in name and name in data and not isinstance(data[name], dict):
-            raise err(name, "must be a table")
-    sections["dkim"] = _dkim(sections["dkim"], err)
+            errors.found.append(err(name, "must be a table"))
+    with collect():
+        sections["dkim"] = _dkim(sections["dkim"], err, collect)
     http_addr = sections["http"].address
     if http_addr:
-        _host_port(http_addr, "http.address", err)
-    sections["manhole"] = _manhole(sections["manhole"], source, err)
+        with collect():
+            _host_port(http_addr, "http.address", err)
+    with collect():
+        sections["manhole"] = _manhole(sections["manhole"], source, err)
 
+    errors.raise_any()
     return Config(
         hostname=hostname,
         datadir=datadir,
-        local_domains=local_domains,
+        local_domains=local_domains or (),
         relay_networks=tuple(relay_networks),
-        postmaster=str(pm),
+        postmaster=postmaster,
         listeners=listeners,
         workers=workers,
         source=source,
         **sections,
     )
+
+
+# What a host name lookup gives when the machine has no real name for itself.
+_NOT_A_HOST_NAME = frozenset(
+    (
+        "",
+        "localhost",
+        "localhost.localdomain",
+        "localhost6",
+        "localhost6.localdomain6",
+        "ip6-localhost",
+        "ip6-loopback",
+    )
+)
+
+
+def default_hostname(
+    getfqdn: Callable[[], str] | None = None,
+    gethostname: Callable[[], str] | None = None,
+) -> str:
+    """Our name when the file gives none: the machine's fully qualified name, or its
+    host name when the FQDN lookup gives nothing better.
+
+    `socket.getfqdn()` answers `localhost` on many machines (an /etc/hosts line that
+    lists the name after `localhost`, or no DNS); then the greeting would say
+    localhost and mail to postmaster@<hostname> would be refused.  So the host name
+    wins over a `localhost`-like or empty FQDN, and over a dotless one when the host
+    name has a dot; `localhost` only when neither is anything else."""
+
+    def ask(lookup: Callable[[], str]) -> str:
+        try:
+            name = lookup()
+        except (OSError, UnicodeError):
+            return ""
+        return (name or "").strip().rstrip(".").lower() if isinstance(name, str) else ""
+
+    fqdn = ask(getfqdn or socket.getfqdn)
+    host = ask(gethostname or socket.gethostname)
+    if host not in _NOT_A_HOST_NAME and (
+        fqdn in _NOT_A_HOST_NAME or ("." not in fqdn and "." in host)
+    ):
+        return host
+    return fqdn if fqdn not in _NOT_A_HOST_NAME else "localhost"
 
 
 def _manhole(section: ManholeConfig, source: str, err) -> ManholeConfig:
@@ -351,21 +461,23 @@ def _host_port(value: str, key: str, err) -> tuple[str, int]:
 _SELECTOR_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
 
 
-def _dkim(section: DKIMConfig, err) -> DKIMConfig:
-    if not _SELECTOR_RE.match(section.selector):
-        raise err("dkim.selector", f"not a DNS label: {section.selector!r}")
+def _dkim(section: DKIMConfig, err, collect=contextlib.nullcontext) -> DKIMConfig:
+    with collect():
+        if not _SELECTOR_RE.match(section.selector):
+            raise err("dkim.selector", f"not a DNS label: {section.selector!r}")
     domains = []
     for i, domain in enumerate(section.domains):
         domain = domain.lower().rstrip(".")
-        try:
-            parse_mailbox(f"x@{domain}")
-        except AddressError:
-            raise err(f"dkim.domains[{i}]", f"not a domain name: {domain!r}") from None
-        domains.append(domain)
+        with collect():
+            try:
+                parse_mailbox(f"x@{domain}")
+            except AddressError:
+                raise err(f"dkim.domains[{i}]", f"not a domain name: {domain!r}") from None
+            domains.append(domain)
     return attrs.evolve(section, domains=tuple(dict.fromkeys(domains)))
 
 
-def _listeners(raw: Any, err) -> tuple[ListenerConfig, ...]:
+def _listeners(raw: Any, err, collect=contextlib.nullcontext) -> tuple[ListenerConfig, ...]:
     if raw is None:
         return DEFAULT_LISTENERS
     if not isinstance(raw, list):
@@ -375,33 +487,42 @@ def _listeners(raw: Any, err) -> tuple[ListenerConfig, ...]:
     for i, item in enumerate(raw):
         key = f"listener[{i}]"
         if not isinstance(item, dict):
-            raise err(key, "must be a table")
+            with collect():
+                raise err(key, "must be a table")
+            continue
         for k in item:
             if k not in ("name", "address", "tls", "auth"):
-                raise err(f"{key}.{k}", "unknown key")
+                with collect():
+                    raise err(f"{key}.{k}", "unknown key")
         name = item.get("name")
-        if not isinstance(name, str) or not name:
-            raise err(f"{key}.name", "required string")
-        if name in names:
-            raise err(f"{key}.name", f"duplicate listener {name!r}")
-        names.add(name)
-        address = item.get("address")
-        if not isinstance(address, str):
-            raise err(f"{key}.address", "required host:port string")
-        host, port = _host_port(address, f"{key}.address", err)
+        with collect():
+            if not isinstance(name, str) or not name:
+                name = ""
+                raise err(f"{key}.name", "required string")
+            if name in names:
+                raise err(f"{key}.name", f"duplicate listener {name!r}")
+            names.add(name)
+        host, port = "", 0
+        with collect():
+            address = item.get("address")
+            if not isinstance(address, str):
+                raise err(f"{key}.address", "required host:port string")
+            host, port = _host_port(address, f"{key}.address", err)
         default_tls = {"smtps": "implicit", "submission": "required"}.get(name, "starttls")
         tls = item.get("tls", default_tls)
-        if tls not in TLS_MODES:
-            raise err(f"{key}.tls", f"must be one of {', '.join(TLS_MODES)}")
+        with collect():
+            if tls not in TLS_MODES:
+                raise err(f"{key}.tls", f"must be one of {', '.join(TLS_MODES)}")
         default_auth = "required" if name in ("smtps", "submission") else "optional"
         auth = item.get("auth", default_auth)
-        if auth not in AUTH_MODES:
-            raise err(f"{key}.auth", f"must be one of {', '.join(AUTH_MODES)}")
+        with collect():
+            if auth not in AUTH_MODES:
+                raise err(f"{key}.auth", f"must be one of {', '.join(AUTH_MODES)}")
         out.append(ListenerConfig(name, host, port, tls, auth))
     return tuple(out)
 
 
-def _section(raw: Any, name: str, cls: type, err) -> Any:
+def _section(raw: Any, name: str, cls: type, err, collect=contextlib.nullcontext) -> Any:
     if not isinstance(raw, dict):
         raise err(name, "must be a table")
     fields = {f.name: f for f in attrs.fields(cls)}
@@ -411,24 +532,33 @@ def _section(raw: Any, name: str, cls: type, err) -> Any:
         if key not in fields:
             if dotted in _RESERVED_SECTIONS and isinstance(value, dict):
                 continue
-            raise err(dotted, "unknown key")
-        values[key] = _coerce(value, fields[key].default, dotted, err)
+            with collect():
+                raise err(dotted, "unknown key")
+            continue
+        with collect():
+            values[key] = _coerce(value, fields[key].default, dotted, err)
     section = cls(**values)
     for key, choices in _CHOICES.items():
         sec, _, field = key.partition(".")
-        if sec == name and getattr(section, field) not in choices:
-            raise err(key, f"must be one of {', '.join(choices)}")
-        if sec == name and key in _NOT_YET and getattr(section, field) not in _NOT_YET[key]:
-            raise err(
-                key,
-                f"{getattr(section, field)!r} is not available in this version (use {', '.join(_NOT_YET[key])})",
-            )
+        if sec != name:
+            continue
+        value = getattr(section, field)
+        with collect():
+            if value not in choices:
+                raise err(key, f"must be one of {', '.join(choices)}")
+            if key in _NOT_YET and value not in _NOT_YET[key]:
+                raise err(
+                    key,
+                    f"{value!r} is not available in this version (use {', '.join(_NOT_YET[key])})",
+                )
     if name == "storage" and section.encrypt:
-        raise err("storage.encrypt", "encryption at rest is not available in this version")
+        with collect():
+            raise err("storage.encrypt", "encryption at rest is not available in this version")
     for field in fields:
         value = getattr(section, field)
         if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
-            raise err(f"{name}.{field}", "must not be negative")
+            with collect():
+                raise err(f"{name}.{field}", "must not be negative")
     return section
 
 

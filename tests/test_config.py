@@ -73,3 +73,143 @@ def test_contract_values_this_version_cannot_serve_are_refused(data, key):
     with pytest.raises(ConfigError) as e:
         build_config(data, source="mta.toml")
     assert e.value.key == key and "not available in this version" in str(e.value)
+
+
+# -- every error of the file at once (mta-admin check-config) ---------------------
+
+THREE_MISTAKES = """\
+hostname = 42
+local_domains = ["example.test"]
+postmaster = "pm@example.test"
+
+[[listener]]
+name = "smtp"
+address = "127.0.0.1:2525"
+tls = "maybe"
+
+[limits]
+max_recipients = "ten"
+"""
+
+
+def test_all_errors_of_a_file_are_reported_together(tmp_path):
+    path = tmp_path / "three.toml"
+    path.write_text(THREE_MISTAKES)
+    with pytest.raises(ConfigError) as e:
+        load_config(str(path))
+    assert [error.key for error in e.value.errors] == [
+        "hostname",
+        "listener[0].tls",
+        "limits.max_recipients",
+    ]
+    first, *rest = str(e.value).splitlines()
+    assert first == f"{path}: 3 errors"
+    assert rest == [
+        f"{path}: hostname: must be a string",
+        f"{path}: listener[0].tls: must be one of none, starttls, required, implicit",
+        f"{path}: limits.max_recipients: must be an integer",
+    ]
+    assert e.value.key == "hostname"
+
+
+def test_one_error_is_reported_as_before():
+    with pytest.raises(ConfigError) as e:
+        build_config({"limits": {"max_recipients": "ten"}}, source="m.toml")
+    assert str(e.value) == "m.toml: limits.max_recipients: must be an integer"
+    assert e.value.errors == (e.value,)
+
+
+def test_errors_in_every_part_are_collected():
+    data = {
+        "bogus": 1,
+        "workers": -1,
+        "relay_networks": ["10.0.0.0/33", "nope"],
+        "listener": [{"name": "smtp", "address": "x", "auth": "maybe", "color": "red"}],
+        "storage": {"backend": "floppy", "size": 1},
+        "queue": {"max_age": -1},
+        "dkim": {"selector": "-bad-", "domains": ["ok.test", "not a domain"]},
+        "http": {"address": "nowhere"},
+        "checks": 5,
+    }
+    with pytest.raises(ConfigError) as e:
+        build_config(data, source="m.toml")
+    assert sorted(error.key for error in e.value.errors) == sorted(
+        [
+            "bogus",
+            "workers",
+            "relay_networks[0]",
+            "relay_networks[1]",
+            "listener[0].color",
+            "listener[0].address",
+            "listener[0].auth",
+            "storage.backend",
+            "storage.size",
+            "queue.max_age",
+            "dkim.selector",
+            "dkim.domains[1]",
+            "http.address",
+            "checks",
+        ]
+    )
+    assert all(line.startswith("m.toml: ") for line in str(e.value).splitlines())
+
+
+def test_a_broken_local_domains_does_not_also_blame_postmaster():
+    with pytest.raises(ConfigError) as e:
+        build_config({"local_domains": "example.test", "postmaster": "pm@example.test"})
+    assert [error.key for error in e.value.errors] == ["local_domains"]
+
+
+def test_check_config_prints_every_error(tmp_path, capsys):
+    from mta.admin.cli import main
+
+    path = tmp_path / "three.toml"
+    path.write_text(THREE_MISTAKES)
+    assert main(["check-config", str(path)]) == 1
+    err = capsys.readouterr().err
+    for key in ("hostname", "listener[0].tls", "limits.max_recipients"):
+        assert f"{path}: {key}: " in err
+    assert len(err.splitlines()) == 4
+
+
+# -- the default host name ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fqdn, host, expected",
+    [
+        ("mx.example.test", "mx", "mx.example.test"),
+        ("localhost", "box7", "box7"),
+        ("localhost.localdomain", "box7.example.test", "box7.example.test"),
+        ("ip6-localhost", "box7", "box7"),
+        ("", "box7", "box7"),
+        ("box7", "box7.example.test", "box7.example.test"),
+        ("box7", "box7", "box7"),
+        ("Box7.Example.Test.", "box7", "box7.example.test"),
+        ("localhost", "localhost", "localhost"),
+        ("", "", "localhost"),
+    ],
+)
+def test_default_hostname(fqdn, host, expected):
+    from mta.config import default_hostname
+
+    assert default_hostname(lambda: fqdn, lambda: host) == expected
+
+
+def test_default_hostname_survives_failing_lookups():
+    from mta.config import default_hostname
+
+    def broken() -> str:
+        raise OSError("no name")
+
+    assert default_hostname(broken, lambda: "box7") == "box7"
+    assert default_hostname(broken, broken) == "localhost"
+
+
+def test_a_machine_whose_fqdn_is_localhost_uses_its_host_name(monkeypatch):
+    monkeypatch.setattr("socket.getfqdn", lambda name="": "localhost")
+    monkeypatch.setattr("socket.gethostname", lambda: "box7")
+    cfg = build_config({})
+    assert cfg.hostname == "box7"
+    assert cfg.local_domains == ("localhost", "box7")
+    assert cfg.is_local_domain("box7")

@@ -6,6 +6,14 @@ followed by the event's own named fields (`qid`, `sender`, `recipients`, `size`,
 does any field whose name looks like a secret or a message body (`password`, `auth`,
 `body`, `token`, `hash` ...): STYLE.md rule 9 holds even when a caller slips.
 
+Legacy events (`twisted.python.log.msg` / `log.err`, which Twisted's own factories,
+ports and Deferreds still use) are written like the others: their text is the message,
+component `twisted`, a failure's traceback goes where a new-style failure's does, and
+their bookkeeping (`message`, `isError`, `system`, `time`, `format`, `why` ...) is not
+repeated as fields.  A legacy event without a level is info, except Twisted's
+`Starting factory <...>` / `Stopping factory <...>` noise (one pair per outbound
+connection), which is debug.
+
 `make_observer("json", "info", sys.stdout)` is what the application installs;
 `twistd --logger=mta.observe.logging.json_observer` uses it without any config.
 """
@@ -31,6 +39,7 @@ __all__ = [
     "Logger",
     "SENSITIVE",
     "event_fields",
+    "event_level",
     "format_json",
     "format_text",
     "json_observer",
@@ -68,7 +77,41 @@ _IP_TYPES = (
     ipaddress.IPv6Network,
 )
 _CORE = ("timestamp", "level", "component", "event")
+# Keys this module writes itself: an event's own field of that name is not copied.
+_RESERVED = frozenset((*_CORE, "message"))
 _MAX_DEPTH = 4
+
+# What twisted.python.log puts into every event besides the caller's own fields, and
+# what twisted.logger adds when it hands such an event to a new-style observer.
+_LEGACY_KEYS = frozenset(
+    ("message", "isError", "time", "system", "format", "why", "failure", "logLevel", "printed")
+)
+# Legacy messages without a level that are debug, not info.
+_LEGACY_DEBUG_PREFIXES = ("Starting factory ", "Stopping factory ")
+
+
+def _is_legacy(event: Mapping[str, Any]) -> bool:
+    """Did `event` come from twisted.python.log (msg/err), not a twisted.logger Logger?"""
+    return "isError" in event and isinstance(event.get("message"), tuple | list)
+
+
+def _legacy_level(event: Mapping[str, Any]) -> Any:
+    """The level of a legacy event: twisted.logger's, but factory start/stop is debug."""
+    level = event.get("log_level")
+    if level is LogLevel.info and not event.get("isError") and "logLevel" not in event:
+        text = event.get("log_text")
+        if not isinstance(text, str):
+            text = " ".join(str(part) for part in event.get("message") or ())
+        if text.startswith(_LEGACY_DEBUG_PREFIXES):
+            return LogLevel.debug
+    return level
+
+
+def event_level(event: Mapping[str, Any]) -> Any:
+    """The `LogLevel` an event is filtered and written at."""
+    if _is_legacy(event):
+        return _legacy_level(event)
+    return event.get("log_level")
 
 
 def _timestamp(event: Mapping[str, Any]) -> str:
@@ -80,12 +123,14 @@ def _timestamp(event: Mapping[str, Any]) -> str:
 
 
 def _level(event: Mapping[str, Any]) -> str:
-    name = getattr(event.get("log_level"), "name", None)
+    name = getattr(event_level(event), "name", None)
     return name if isinstance(name, str) else "info"
 
 
-def _component(event: Mapping[str, Any]) -> str:
+def _component(event: Mapping[str, Any], legacy: bool = False) -> str:
     namespace = str(event.get("log_namespace") or "")
+    if legacy and namespace in ("", "log_legacy"):
+        return "twisted"
     parts = namespace.split(".")
     if parts[0] == "mta":
         return parts[1] if len(parts) > 1 else "mta"
@@ -97,6 +142,19 @@ def _message(event: Mapping[str, Any]) -> str | None:
         return None
     text = formatEvent(dict(event))
     return text or None
+
+
+def _legacy_message(event: Mapping[str, Any], failure: Any) -> str | None:
+    """A legacy event's text; for log.err, its `why` (the traceback is written apart)."""
+    if failure is not None:
+        why = event.get("why")
+        return why if isinstance(why, str) and why else "Unhandled Error"
+    text = event.get("log_text")
+    if isinstance(text, str):
+        return text or None
+    if event.get("log_format") is not None:
+        return _message(event)
+    return " ".join(str(part) for part in event.get("message") or ()) or None
 
 
 def _is_sensitive(name: str) -> bool:
@@ -153,12 +211,19 @@ def _plain(value: Any, depth: int = 0) -> Any:
 
 def event_fields(event: Mapping[str, Any]) -> dict[str, Any]:
     """The ordered, filtered fields of one log line (shared by both formats)."""
+    legacy = _is_legacy(event)
     out: dict[str, Any] = {
         "timestamp": _timestamp(event),
         "level": _level(event),
-        "component": _component(event),
+        "component": _component(event, legacy),
     }
-    message = _message(event)
+    failure = event.get("log_failure")
+    if legacy:
+        if failure is None:
+            failure = event.get("failure")
+        message = _legacy_message(event, failure)
+    else:
+        message = _message(event)
     name = event.get("event")
     if isinstance(name, str) and name:
         out["event"] = name
@@ -166,14 +231,19 @@ def event_fields(event: Mapping[str, Any]) -> dict[str, Any]:
             out["message"] = message
     else:
         out["event"] = message or ""
+    if legacy:
+        system = event.get("system")
+        if isinstance(system, str) and system not in ("", "-"):
+            out["system"] = system
     for key, value in event.items():
-        if key in out or key in _CORE or not _public(key):
+        if key in out or key in _RESERVED or not _public(key):
+            continue
+        if legacy and key in _LEGACY_KEYS:
             continue
         try:
             out[key] = _plain(value)
         except _Unserialisable:
             continue
-    failure = event.get("log_failure")
     if failure is not None:
         try:
             out["error_type"] = failure.type.__name__
@@ -220,6 +290,8 @@ def format_text(event: Mapping[str, Any]) -> str:
     traceback = fields.pop("traceback", None)
     shown = _format_fields(event.get("log_format"))
     head = fields.pop("message", None) or fields["event"]
+    if not isinstance(head, str):
+        head = _text_value(head)
     head = head.replace("\r", "\\r").replace("\n", "\\n")
     parts = [
         fields.pop("timestamp"),
@@ -294,7 +366,10 @@ class _AtLeast:
         self._observer = observer
 
     def __call__(self, event: Mapping[str, Any]) -> None:
-        if event.get("log_level") in self._levels:
+        level = event.get("log_level")
+        if "isError" in event:  # a legacy twisted.python.log event
+            level = event_level(event)
+        if level in self._levels:
             self._observer(event)
 
 

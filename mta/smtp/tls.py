@@ -1,5 +1,9 @@
 """TLS server contexts: the configured certificate or a generated self-signed one.
 
+The generated one lives in `<datadir>/tls/selfsigned.{crt,key}` and is made for the
+configured `hostname`; when that changes (or the file is not a certificate) it is made
+again at start.  A configured `[tls]` certificate is never touched.
+
 TLS 1.2 is the minimum and the cipher list is Twisted's modern default (forward-secret
 AEAD suites).  The context is reloadable: `reload()` reads the files again and new
 handshakes use the new certificate while established connections keep theirs, which
@@ -128,16 +132,58 @@ def server_context(
         if not (cert_path and key_path):
             raise TLSSetupError("[tls] needs both certificate and key")
         return ServerTLSContext(cert_path, key_path)
-    cert = os.path.join(datadir, "tls", "selfsigned.crt")
-    key = os.path.join(datadir, "tls", "selfsigned.key")
+    cert, key = self_signed_paths(datadir)
     if not (os.path.exists(cert) and os.path.exists(key)):
         log.info(
             "generating a self-signed certificate for {hostname} in {path}",
             hostname=hostname,
             path=cert,
+            event="tls_self_signed",
         )
         generate_self_signed(cert, key, hostname)
+    else:
+        names = certificate_names(cert)
+        if names is not None and hostname.lower() not in names:
+            log.info(
+                "the self-signed certificate {path} is for {names}, not {hostname}: generating a new one",
+                path=cert,
+                names=sorted(names),
+                hostname=hostname,
+                event="tls_self_signed",
+            )
+            generate_self_signed(cert, key, hostname)
     return ServerTLSContext(cert, key)
+
+
+def self_signed_paths(datadir: str) -> tuple[str, str]:
+    """Where the generated certificate and its key live: `<datadir>/tls/selfsigned.*`."""
+    directory = os.path.join(datadir, "tls")
+    return os.path.join(directory, "selfsigned.crt"), os.path.join(directory, "selfsigned.key")
+
+
+def certificate_names(cert_path: str) -> frozenset[str] | None:
+    """The DNS names (subjectAltName and CN, lower case) of the first certificate in
+    `cert_path`: an empty set when it is not a PEM certificate, None when unreadable."""
+    try:
+        with open(cert_path, "rb") as f:
+            pem = f.read()
+    except OSError:
+        return None
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except Exception:
+        return frozenset()
+    names = {
+        str(attribute.value).lower()
+        for attribute in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    }
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        pass
+    else:
+        names.update(name.lower() for name in san.value.get_values_for_type(x509.DNSName))
+    return frozenset(names)
 
 
 def describe_tls(transport) -> str | None:

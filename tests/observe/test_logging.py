@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import enum
 import io
 import ipaddress
 import json
+import logging
 
 import attrs
 import pytest
-from twisted.logger import ILogObserver, Logger, LogLevel
+from twisted.logger import ILogObserver, Logger, LogLevel, globalLogPublisher
+from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
@@ -279,3 +282,119 @@ def test_our_logger_still_reports_an_unknown_level():
     [report] = seen
     assert report["log_level"] is LogLevel.critical
     assert "invalid log level" in report["log_format"].lower()
+
+
+# --------------------------------------------------------------------------- legacy events
+# Twisted's own factories, ports and Deferreds still log through twisted.python.log;
+# these go through the real global publishers, exactly as under twistd.
+
+
+@contextlib.contextmanager
+def global_capture(format: str, level: str = "debug"):
+    """Our observer on twisted.logger's global publisher, for the duration."""
+    stream = io.StringIO()
+    observer = make_observer(format, level, stream)
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield stream
+    finally:
+        globalLogPublisher.removeObserver(observer)
+
+
+def emit_legacy_and_new_events() -> None:
+    legacy_log.msg("SMTPFactory starting on 2525")
+    legacy_log.msg("Starting factory <twisted.mail.smtp.SMTPSenderFactory object at 0x7f00>")
+    legacy_log.msg(
+        format="Unable to write to plugin cache %(path)s: error number %(errno)d",
+        path="/x/dropin.cache",
+        errno=13,
+    )
+    legacy_log.msg("multi", "part", system="ESMTP,3,127.0.0.1")
+    try:
+        raise ZeroDivisionError("division by zero")
+    except ZeroDivisionError:
+        legacy_log.err(None, "Unhandled error in Deferred:")
+    Logger(namespace="mta.smtp.server").info("accepted {qid}", qid="Q1", event="accepted")
+
+
+LEGACY_BOOKKEEPING = ("isError", "system=-", "time=", "format=", "why=", "message", "failure")
+
+
+def test_legacy_and_new_events_as_text():
+    with global_capture("text") as stream:
+        emit_legacy_and_new_events()
+    out = stream.getvalue()
+    assert "unformattable" not in out
+    heads = [line.split(" ", 1)[1] for line in out.splitlines() if not line.startswith("    ")]
+    assert heads == [
+        "info     [twisted] SMTPFactory starting on 2525",
+        "debug    [twisted] Starting factory <twisted.mail.smtp.SMTPSenderFactory object at 0x7f00>",
+        "info     [twisted] Unable to write to plugin cache /x/dropin.cache: error number 13 path=/x/dropin.cache errno=13",
+        "info     [twisted] multi part system=ESMTP,3,127.0.0.1",
+        'critical [twisted] Unhandled error in Deferred: error_type=ZeroDivisionError error="division by zero"',
+        "info     [smtp] accepted Q1 event=accepted",
+    ]
+    traceback = [line for line in out.splitlines() if line.startswith("    ")]
+    assert traceback[0] == "    Traceback (most recent call last):"
+    assert traceback[-1].endswith("ZeroDivisionError: division by zero")
+    for word in LEGACY_BOOKKEEPING:
+        assert word not in "\n".join(heads), word
+
+
+def test_legacy_and_new_events_as_json():
+    with global_capture("json") as stream:
+        emit_legacy_and_new_events()
+    records = lines(stream)
+    for record in records:
+        record.pop("timestamp")
+    started, factory, cache, multi, error, accepted = records
+    assert started == {
+        "level": "info",
+        "component": "twisted",
+        "event": "SMTPFactory starting on 2525",
+    }
+    assert factory["level"] == "debug" and factory["event"].startswith("Starting factory <")
+    assert cache == {
+        "level": "info",
+        "component": "twisted",
+        "event": "Unable to write to plugin cache /x/dropin.cache: error number 13",
+        "path": "/x/dropin.cache",
+        "errno": 13,
+    }
+    assert multi == {
+        "level": "info",
+        "component": "twisted",
+        "event": "multi part",
+        "system": "ESMTP,3,127.0.0.1",
+    }
+    assert error["level"] == "critical"
+    assert error["event"] == "Unhandled error in Deferred:"
+    assert error["error_type"] == "ZeroDivisionError"
+    assert error["traceback"].rstrip().endswith("ZeroDivisionError: division by zero")
+    assert set(error) == {"level", "component", "event", "error_type", "error", "traceback"}
+    assert accepted == {
+        "level": "info",
+        "component": "smtp",
+        "event": "accepted",
+        "message": "accepted Q1",
+        "qid": "Q1",
+    }
+
+
+@pytest.mark.parametrize("format", ["json", "text"])
+def test_factory_start_and_stop_are_debug(format):
+    with global_capture(format, level="info") as stream:
+        legacy_log.msg("Starting factory <twisted.mail.smtp.SMTPSenderFactory object at 0x7f00>")
+        legacy_log.msg("Stopping factory <mta.delivery.relay.OneShotFactory object at 0x7f01>")
+        legacy_log.msg("SMTPFactory starting on 2525")
+        legacy_log.msg("a warning from an old library", logLevel=logging.WARNING)
+    out = stream.getvalue()
+    assert "factory <" not in out
+    assert "SMTPFactory starting on 2525" in out
+    assert "a warning from an old library" in out
+    assert len(out.splitlines()) == 2
+
+
+def test_a_field_named_message_cannot_break_the_text_line():
+    out = format_text(event(log_format="odd {x}", x=1, message=["a", "list"]))
+    assert "odd 1" in out and "unformattable" not in out
