@@ -311,3 +311,43 @@ def test_sighup_reloads_the_certificate_without_dropping_connections(mta_server)
     )
     old.quit()
     assert mta_server.running
+
+
+def test_utf8_mailboxes_over_smtputf8_and_refused_without_it(mta_server):
+    """RFC 6531: josé@ and 用户@ are real mailboxes; NFD spelling reaches the NFC one;
+    without the SMTPUTF8 parameter such a recipient is refused with 553 5.6.7."""
+    for user in ("josé@example.test", "用户@example.test"):
+        added = mta_server.admin("user", "add", user, "--no-password")
+        assert added.returncode == 0, added.stderr
+    with socket.create_connection((mta_server.host, mta_server.smtp_port), timeout=30) as s:
+        f = s.makefile("rwb")
+
+        def say(line: str) -> bytes:
+            f.write(line.encode("utf-8") + b"\r\n")
+            f.flush()
+            reply = b""
+            while True:
+                got = f.readline()
+                reply += got
+                if got[3:4] != b"-":
+                    return reply
+
+        assert f.readline().startswith(b"220")
+        assert say("EHLO client.test").startswith(b"250")
+        assert say("MAIL FROM:<s@remote.test>").startswith(b"250")
+        assert say("RCPT TO:<josé@example.test>").startswith(b"553 5.6.7")
+        assert say("RSET").startswith(b"250")
+        assert say("MAIL FROM:<s@remote.test> SMTPUTF8").startswith(b"250")
+        assert say("RCPT TO:<josé@example.test>").startswith(b"250")
+        assert say("RCPT TO:<jose\u0301@example.test>").startswith(b"250")  # NFD
+        assert say("RCPT TO:<用户@example.test>").startswith(b"250")
+        assert say("DATA").startswith(b"354")
+        body = "From: s@remote.test\r\nSubject: héllo\r\n\r\nünïcode\r\n.\r\n"
+        f.write(body.encode("utf-8"))
+        f.flush()
+        assert f.readline().startswith(b"250")
+        say("QUIT")
+    mail = mta_server.datadir / "mail" / "example.test"
+    [jose] = wait_for_files(mail / "josé" / "new", 1)
+    [yonghu] = wait_for_files(mail / "用户" / "new", 1)
+    assert "héllo".encode() in jose.read_bytes() and "ünïcode".encode() in yonghu.read_bytes()
