@@ -155,7 +155,9 @@ class _Content:
             if result is not None:
                 body, downgraded = result, True
         elif envelope.smtputf8:
-            utf8_headers = True  # unknown, and allowed: the server takes SMTPUTF8
+            # The header fields may hold UTF-8 (not read here): a server offering
+            # SMTPUTF8 takes them; one without it is refused for the UTF-8 addresses.
+            utf8_headers = True
         body_type = envelope.body
         if body_type is BodyType.SEVEN_BIT and "8BITMIME" in extensions:
             if downgraded not in self._eight_bit:
