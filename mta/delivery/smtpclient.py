@@ -21,15 +21,13 @@ recipient.
   downgrade a server that offers TLS.  The certificate is not verified (opportunistic
   TLS, like Postfix's `may`): it protects against passive eavesdropping only.
 - SIZE: our size is announced; a message over the server's limit fails 552 5.3.4
-  without sending it.  8BITMIME: `BODY=8BITMIME` when offered and `Message.body`
-  says the content is 8-bit (sent as is otherwise, as Postfix does with MIME
-  conversion off).  SMTPUTF8: requested when offered; a message that needs it (a
-  non-ASCII envelope address, or `utf8_headers`: raw UTF-8 header fields, RFC 6532)
-  fails 553 5.6.7 when the server lacks it (RFC 6531 3.7.5); the relay downgrades
-  the header fields before it gets here when it can (`mta.delivery.downgrade`).
-- Who said what: `SessionError.remote` and `TransactionOutcome.local` tell a reply
-  the server sent from one we made up (a timeout, a lost connection, a refusal of
-  ours such as SIZE or SMTPUTF8), so a DSN never presents our words as the peer's.
+  without sending it.  `BODY=8BITMIME` when offered and `Message.body` says 8-bit
+  (sent as is otherwise, like Postfix with MIME conversion off).  SMTPUTF8:
+  requested when offered; a message needing it (a UTF-8 envelope address, or raw
+  UTF-8 header fields: `utf8_headers`, which the relay downgrades when it can) fails
+  553 5.6.7 when the server lacks it (RFC 6531 3.7.5).
+- `SessionError.remote` and `TransactionOutcome.local` tell the server's replies
+  from ours (timeout, lost connection, SIZE/SMTPUTF8 refusals) for DSNs.
 - DSN (RFC 3461): when the server offers it, the sender's request travels on:
   RET and ENVID on MAIL, NOTIFY and ORCPT on each RCPT (xtext-encoded); the relay
   then leaves success notices to that server.  Without it nothing is added.
@@ -37,9 +35,7 @@ recipient.
   order.  If every RCPT failed but DATA got 354, an empty body is ended at once.
 - The body is the queue's `IMessageBody` (trace headers, then the message), read in
   large chunks (on a thread pool when one is given) and dot-stuffed per buffer
-  with `bytes.replace`, with write flow control.  A bare CR or LF (which the
-  session never queues) is sent as CRLF, so no line of the message can end the
-  DATA at a lenient server (SMTP smuggling).
+  with `bytes.replace`, with write flow control; a bare CR or LF goes as CRLF.
 """
 
 from __future__ import annotations
