@@ -244,7 +244,9 @@ class RecipientState(enum.Enum):
 class DeliveryResult:
     """The outcome of one delivery attempt to one recipient.
 
-    `permanent` distinguishes a 5xx-style failure (bounce) from a transient one (retry).
+    `state` distinguishes a 5xx-style failure (bounce) from a transient one (retry);
+    `reply` is the reply that decided it, and `detail` says it for people (logs, the
+    queue's status file, the text of a DSN).
     """
 
     recipient: Address
@@ -255,6 +257,16 @@ class DeliveryResult:
     # (a local mailbox), True when the next server took the DSN request on (it now
     # owns success notices), False when it does not speak DSN ("relayed").
     dsn_passed: bool | None = None
+    # The name of the remote server whose own words `reply` is (a DSN's Remote-MTA,
+    # RFC 3464 2.3.5): set only when a peer said it; None when we decided ourselves
+    # (DNS, connection, timeout, a policy of ours) or delivered locally.
+    remote_mta: str | None = None
+
+    @property
+    def peer_reply(self) -> Reply | None:
+        """The remote server's reply (a DSN's `Diagnostic-Code: smtp;`), or None
+        when no peer said it."""
+        return self.reply if self.remote_mta is not None else None
 
     @classmethod
     def delivered(cls, recipient: Address, detail: str = "") -> DeliveryResult:

@@ -10,8 +10,9 @@ runs on the test process's reactor, so tests wait for it asynchronously.
 `PostfixPeer(root)` is a private Postfix instance (its own config, queue and data
 directories under `root`; the system Postfix is never touched) whose smtpd listens
 on a loopback port and stores mail for `domains` as Maildir files under
-`root/mail/<domain>/<local>/`.  Started and stopped by its own `postfix -c`, waiting
-(bounded) for the greeting and for master's pid to go away.
+`root/mail/<domain>/<local>/` (`smtputf8=False`: a server without SMTPUTF8).
+Started and stopped by its own `postfix -c`, waiting (bounded) for the greeting and
+for master's pid to go away.
 """
 
 from __future__ import annotations
@@ -209,10 +210,18 @@ postlog   unix-dgram n  -       n       -       1       postlogd
 class PostfixPeer:
     """A private Postfix on 127.0.0.1:`port` storing mail for `domains` in Maildirs."""
 
-    def __init__(self, root: Path, port: int, domains: tuple[str, ...] = ("dest.test",)):
+    def __init__(
+        self,
+        root: Path,
+        port: int,
+        domains: tuple[str, ...] = ("dest.test",),
+        *,
+        smtputf8: bool = True,
+    ):
         self.root = root
         self.port = port
         self.domains = domains
+        self.smtputf8 = smtputf8  # False: smtputf8_enable = no (no SMTPUTF8 offered)
         self.etc = root / "etc"
         self.mail = root / "mail"
         self.started = False
@@ -262,7 +271,7 @@ alias_maps =
 alias_database =
 local_recipient_maps =
 append_dot_mydomain = no
-smtputf8_enable = yes
+smtputf8_enable = {"yes" if self.smtputf8 else "no"}
 """
         (self.etc / "main.cf").write_text(main)
         (self.etc / "vmailbox").write_text("".join(f"@{d}  {d}/catchall/\n" for d in self.domains))

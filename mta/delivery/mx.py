@@ -38,7 +38,9 @@ log = Logger()
 
 @attrs.frozen
 class Target:
-    """One address to connect to; `host` is the MX name (for logs and TLS)."""
+    """One address to connect to; `host` is the MX name (for logs and TLS), or the
+    address itself for an address literal (``[192.0.2.1]``) or a smarthost given
+    by address."""
 
     host: str
     address: str
@@ -49,8 +51,28 @@ class Target:
     def key(self) -> tuple[str, int]:
         return (self.address, self.port)
 
+    @property
+    def has_name(self) -> bool:
+        """False when `host` is only the address again (a literal or an IP smarthost)."""
+        host = self.host.strip("[]")
+        if host[:5].lower() == "ipv6:":
+            host = host[5:]
+        return _ip(host) is None
+
+    @property
+    def remote_mta(self) -> str:
+        """The peer's name for a DSN's Remote-MTA field: the MX host name, or the
+        address when there is no name."""
+        return self.host if self.has_name else self.address
+
+    @property
+    def peer(self) -> str:
+        """How logs and replies name the peer, Postfix-style: ``mx.example[192.0.2.1]``,
+        or ``[192.0.2.1]`` (the address once) when there is no name."""
+        return f"{self.host}[{self.address}]" if self.has_name else f"[{self.address}]"
+
     def __str__(self) -> str:
-        return f"{self.host}[{self.address}]:{self.port}"
+        return f"{self.peer}:{self.port}"
 
 
 class RouteError(Exception):

@@ -15,7 +15,21 @@ until one carries the transaction, Postfix-like:
 The sender's DSN request (RFC 3461) travels with the message to a server that
 offers DSN; each result is a `DeliveryResult` whose `dsn_passed` tells the queue
 runner whether that server now owns success notices (True) or whether it must
-report a requested success itself as "relayed" (False; RFC 3461 5.2.3).
+report a requested success itself as "relayed" (False; RFC 3461 5.2.3).  A result
+decided by a server's reply names that server (`remote_mta`) and its detail reads
+``mx.example[192.0.2.1]:25 said: 550 5.1.1 ...``; a result we decided ourselves
+(DNS, connection, timeout, SIZE, SMTPUTF8) has no `remote_mta` and its detail is
+just our reply, so a DSN never presents our words as the peer's (RFC 3464 2.3.6).
+
+What is sent depends on the peer (`_Content`, prepared at most once per variant
+and attempt): a message received with SMTPUTF8 whose header fields hold raw UTF-8
+goes to a server without SMTPUTF8 downgraded (`mta.delivery.downgrade`: only the
+header section is rewritten, the body streams unchanged, SIZE counts the downgraded
+message), or fails 554 5.6.7 when it cannot be downgraded (a non-ASCII address in a
+header field).  The DKIM signature is computed over exactly the bytes sent, so a
+downgraded message is signed after the downgrade.  `BODY=8BITMIME` is declared when
+the envelope says 8BITMIME or, for a server offering 8BITMIME, when a scan of the
+message finds 8-bit bytes (clients often send 8-bit content without declaring it).
 
 At most `destination_concurrency` transactions run per domain at once.  After a
 transaction the connection goes into a small idle pool for its (address, port) and is
@@ -27,19 +41,23 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import attrs
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints, ssl
+from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
+from mta.delivery.downgrade import DowngradeError, downgrade_body
 from mta.delivery.mx import MXResolver, RouteError, Target
 from mta.delivery.smtpclient import (
+    CHUNK,
     BodyReader,
     Message,
     SessionError,
     SMTPClientProtocol,
     Timeouts,
 )
-from mta.envelope import Address, DeliveryResult, RecipientState, Reply
+from mta.envelope import Address, BodyType, DeliveryResult, RecipientState, Reply
 from mta.interfaces import IDeliveryAgent
 from mta.observe.logging import Logger
 
@@ -56,16 +74,110 @@ def client_tls_context():
 
 
 def result_for(
-    recipient: Address, reply: Reply, target: str, dsn_passed: bool = False
+    recipient: Address,
+    reply: Reply,
+    target: Target | None,
+    dsn_passed: bool | None = False,
+    state: RecipientState | None = None,
 ) -> DeliveryResult:
+    """The result `reply` means for `recipient`: said by the server at `target`,
+    or decided by us when `target` is None."""
+    if state is None:
+        if reply.is_success:
+            state = RecipientState.DELIVERED
+        elif reply.is_transient:
+            state = RecipientState.DEFERRED
+        else:
+            state = RecipientState.FAILED
+    if target is None:
+        return DeliveryResult(recipient, state, str(reply), reply, dsn_passed)
     detail = f"{target} said: {reply}"
-    if reply.is_success:
-        state = RecipientState.DELIVERED
-    elif reply.is_transient:
-        state = RecipientState.DEFERRED
-    else:
-        state = RecipientState.FAILED
-    return DeliveryResult(recipient, state, detail, reply, dsn_passed)
+    return DeliveryResult(recipient, state, detail, reply, dsn_passed, target.remote_mta)
+
+
+def is_eight_bit(body) -> bool:
+    """Blocking: whether the message `body` (an `IMessageBody`) has a byte above 127."""
+    chunks = body.chunks(CHUNK)
+    try:
+        return any(not chunk.isascii() for chunk in chunks)
+    finally:
+        chunks.close()
+
+
+@attrs.frozen
+class Prepared:
+    """What goes to one peer: `body` (the queued message or its downgrade) after
+    the DKIM `signature`, how to declare it, and whether it needs SMTPUTF8."""
+
+    body: object  # IMessageBody
+    signature: bytes
+    body_type: BodyType
+    utf8_headers: bool
+    downgraded: bool = False
+
+    @property
+    def size(self) -> int:
+        return len(self.signature) + self.body.size
+
+
+class _Content:
+    """The variants of one job's message for the peers of one attempt, each
+    prepared (downgrade, scan, signature: blocking work on the pool) at most once."""
+
+    def __init__(self, relay: RelayDelivery, job):
+        self._relay = relay
+        self._job = job
+        self._downgrade: tuple | None = None  # (DowngradedBody | None, DowngradeError | None)
+        self._signatures: dict[bool, bytes] = {}
+        self._eight_bit: dict[bool, bool] = {}
+
+    async def for_peer(self, extensions: dict) -> Prepared:
+        """The message for a server offering `extensions`; DowngradeError when it
+        needs SMTPUTF8, the server lacks it and the headers cannot be downgraded;
+        OSError when the queued message cannot be read."""
+        envelope = self._job.envelope
+        body = self._job.body
+        downgraded = utf8_headers = False
+        addresses = (envelope.sender, *envelope.recipients)
+        if (
+            envelope.smtputf8
+            and "SMTPUTF8" not in extensions
+            and not any(a.is_utf8 for a in addresses)
+        ):
+            if self._downgrade is None:
+                try:
+                    self._downgrade = (await self._relay._blocking(downgrade_body, body), None)
+                except DowngradeError as e:
+                    self._downgrade = (None, e)
+            result, error = self._downgrade
+            if error is not None:
+                raise error
+            if result is not None:
+                body, downgraded = result, True
+        elif envelope.smtputf8:
+            # The header fields may hold UTF-8 (not read here): a server offering
+            # SMTPUTF8 takes them; one without it is refused for the UTF-8 addresses.
+            utf8_headers = True
+        body_type = envelope.body
+        if body_type is BodyType.SEVEN_BIT and "8BITMIME" in extensions:
+            if downgraded not in self._eight_bit:
+                self._eight_bit[downgraded] = await self._relay._blocking(is_eight_bit, body)
+            if self._eight_bit[downgraded]:
+                body_type = BodyType.EIGHT_BIT
+        if downgraded not in self._signatures:
+            self._signatures[downgraded] = await self._sign(body)
+        return Prepared(body, self._signatures[downgraded], body_type, utf8_headers, downgraded)
+
+    async def _sign(self, body) -> bytes:
+        signer = self._relay.signer
+        if signer is None:
+            return b""
+        job = self._job if body is self._job.body else attrs.evolve(self._job, body=body)
+        try:
+            return await signer.sign_job(job)
+        except Exception:
+            log.failure("{qid}: DKIM signing failed; sending unsigned", qid=job.qid)
+            return b""
 
 
 def dsn_request(envelope, rcpts) -> dict:
@@ -160,35 +272,49 @@ class RelayDelivery(Service):
             state = RecipientState.FAILED if e.permanent else RecipientState.DEFERRED
             return [DeliveryResult(r, state, str(e.reply), e.reply) for r in rcpts]
         last = Reply(451, "4.4.1", f"no mail exchanger of {domain} could be reached")
-        signature = b""
-        if self.signer is not None:
-            try:
-                signature = await self.signer.sign_job(job)
-            except Exception:
-                log.failure("{qid}: DKIM signing failed; sending unsigned", qid=job.qid)
+        last_peer: Target | None = None  # who said `last`, when a server did
+        content = _Content(self, job)
         for target in targets:
             if self.mx.is_unreachable(target):
                 continue
             try:
                 proto = await self._session(target)
             except SessionError as e:
-                last = e.reply
+                last, last_peer = e.reply, target if e.remote else None
                 self._log(job, rcpts, str(target), e.reply)
                 continue
+            try:
+                prepared = await content.for_peer(proto.extensions)
+            except DowngradeError as e:
+                self._release(target, proto)
+                reply = Reply(
+                    554,
+                    "5.6.7",
+                    f"SMTPUTF8 is required, but was not offered by {target.peer}, and the"
+                    f" message cannot be downgraded: {e}",
+                )
+                self._log(job, rcpts, str(target), reply)
+                return [result_for(r, reply, None) for r in rcpts]
+            except OSError as e:
+                self._release(target, proto)
+                reply = Reply(451, "4.3.0", f"cannot read the queued message: {e}")
+                self._log(job, rcpts, str(target), reply)
+                return [result_for(r, reply, None) for r in rcpts]
             envelope = job.envelope
             message = Message(
                 sender=envelope.sender,
                 recipients=tuple(rcpts),
-                size=job.size + len(signature),
-                body_source=BodyReader(signature, job.body, self.reactor, self._pool),
-                body=envelope.body,
+                size=prepared.size,
+                body_source=BodyReader(prepared.signature, prepared.body, self.reactor, self._pool),
+                body=prepared.body_type,
                 smtputf8=envelope.smtputf8,
+                utf8_headers=prepared.utf8_headers,
                 **dsn_request(envelope, rcpts),
             )
             try:
                 outcome = await proto.send(message)
             except SessionError as e:
-                last = e.reply
+                last, last_peer = e.reply, target if e.remote else None
                 self._log(job, rcpts, str(target), e.reply)
                 proto.abort()
                 continue
@@ -198,17 +324,26 @@ class RelayDelivery(Service):
             else:
                 self._release(target, proto)
             if outcome.mail is not None and outcome.mail.is_transient:
-                last = outcome.mail
+                last, last_peer = outcome.mail, target
                 self._log(job, rcpts, str(target), outcome.mail)
                 continue  # 4xx to MAIL FROM: the next MX may take it
             passed = "DSN" in proto.extensions
-            results = [result_for(r, outcome.replies[r], str(target), passed) for r in rcpts]
+            said_by = None if outcome.local else target
+            results = [result_for(r, outcome.replies[r], said_by, passed) for r in rcpts]
             replies = "; ".join(dict.fromkeys(str(outcome.replies[r]) for r in rcpts))
             self._log(job, rcpts, str(target), replies, results, proto)
             return results
+        if last_peer is not None:
+            return [result_for(r, last, last_peer, None, RecipientState.DEFERRED) for r in rcpts]
         return [
             DeliveryResult(r, RecipientState.DEFERRED, f"{domain}: {last}", last) for r in rcpts
         ]
+
+    async def _blocking(self, f, *args):
+        """`f(*args)` on the pool (directly when there is none)."""
+        if self._pool is None:
+            return f(*args)
+        return await deferToThreadPool(self.reactor, self._pool, f, *args)
 
     # -- connections -----------------------------------------------------------------
 
@@ -247,9 +382,7 @@ class RelayDelivery(Service):
             endpoints.TCP6ClientEndpoint if ":" in target.address else endpoints.TCP4ClientEndpoint
         )
         endpoint = cls(self.reactor, target.address, target.port, timeout=self.connect_timeout)
-        proto = SMTPClientProtocol(
-            self.reactor, self.timeouts, peer=f"{target.host}[{target.address}]"
-        )
+        proto = SMTPClientProtocol(self.reactor, self.timeouts, peer=target.peer)
         return endpoints.connectProtocol(endpoint, proto)
 
     def _release(self, target: Target, proto: SMTPClientProtocol) -> None:

@@ -21,10 +21,13 @@ recipient.
   downgrade a server that offers TLS.  The certificate is not verified (opportunistic
   TLS, like Postfix's `may`): it protects against passive eavesdropping only.
 - SIZE: our size is announced; a message over the server's limit fails 552 5.3.4
-  without sending it.  8BITMIME: `BODY=8BITMIME` when offered (sent as is otherwise,
-  as Postfix does with MIME conversion off).  SMTPUTF8: requested when offered; a
-  message whose envelope has a non-ASCII address fails 553 5.6.7 when the server
-  lacks it (RFC 6531 3.7.5).
+  without sending it.  `BODY=8BITMIME` when offered and `Message.body` says 8-bit
+  (sent as is otherwise, like Postfix with MIME conversion off).  SMTPUTF8:
+  requested when offered; a message needing it (a UTF-8 envelope address, or raw
+  UTF-8 header fields: `utf8_headers`, which the relay downgrades when it can) fails
+  553 5.6.7 when the server lacks it (RFC 6531 3.7.5).
+- `SessionError.remote` and `TransactionOutcome.local` tell the server's replies
+  from ours (timeout, lost connection, SIZE/SMTPUTF8 refusals) for DSNs.
 - DSN (RFC 3461): when the server offers it, the sender's request travels on:
   RET and ENVID on MAIL, NOTIFY and ORCPT on each RCPT (xtext-encoded); the relay
   then leaves success notices to that server.  Without it nothing is added.
@@ -32,7 +35,7 @@ recipient.
   order.  If every RCPT failed but DATA got 354, an empty body is ended at once.
 - The body is the queue's `IMessageBody` (trace headers, then the message), read in
   large chunks (on a thread pool when one is given) and dot-stuffed per buffer
-  with `bytes.replace`, with write flow control.
+  with `bytes.replace`, with write flow control; a bare CR or LF goes as CRLF.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ log = Logger()
 
 CHUNK = 256 * 1024
 _ENHANCED = re.compile(r"([245]\.\d{1,3}\.\d{1,3})(?:\s+|$)")
+_LINE_END = re.compile(rb"\r\n|\r|\n")
 
 
 @attrs.frozen
@@ -70,12 +74,14 @@ class Timeouts:
 
 
 class SessionError(Exception):
-    """The session cannot carry mail (try another MX); `reply` says why."""
+    """The session cannot carry mail (try another MX); `reply` says why: the
+    server's own reply when `remote`, else ours (timeout, lost connection, TLS)."""
 
-    def __init__(self, reply: Reply, stage: str):
+    def __init__(self, reply: Reply, stage: str, remote: bool = False):
         super().__init__(f"{stage}: {reply}")
         self.reply = reply
         self.stage = stage
+        self.remote = remote
 
 
 @attrs.frozen
@@ -88,6 +94,8 @@ class Message:
     body_source: object  # has read() -> Deferred[bytes] (b"" at the end)
     body: BodyType = BodyType.SEVEN_BIT
     smtputf8: bool = False
+    # The header fields hold raw UTF-8 (RFC 6532): only an SMTPUTF8 server may get it.
+    utf8_headers: bool = False
     # DSN request (RFC 3461), sent only to a server offering DSN: RET and ENVID for
     # MAIL; NOTIFY and ORCPT (`type;address`, decoded) parallel to `recipients`,
     # "" where none, or empty tuples.
@@ -114,12 +122,16 @@ def xtext_encode(value: str) -> str:
 
 @attrs.frozen
 class TransactionOutcome:
-    """Per recipient the reply that decides its fate, and the replies seen."""
+    """Per recipient the reply that decides its fate, and the replies seen.
+
+    `local`: we refused the transaction before sending it (SIZE, SMTPUTF8, binary
+    content), so the replies are ours, not the server's."""
 
     replies: dict[Address, Reply]
     mail: Reply | None = None
     data: Reply | None = None
     sent: bool = False  # the server acknowledged the content
+    local: bool = False
 
 
 class BodyReader:
@@ -160,7 +172,11 @@ class BodyReader:
 
 
 class DotStuffer:
-    """Dot-stuffing (RFC 5321 4.5.2) over arbitrary buffers, CR LF split or not."""
+    """Dot-stuffing (RFC 5321 4.5.2) over arbitrary buffers, CR LF split or not.
+
+    A bare CR or bare LF becomes CRLF on the way (a queued message has none: the
+    session rejects or normalises them), so nothing the receiver might take for a
+    line end can put a lone "." on a line (SMTP smuggling, CVE-2023-51764)."""
 
     def __init__(self) -> None:
         self._held = b""
@@ -173,6 +189,9 @@ class DotStuffer:
             data, self._held = data[:-1], b"\r"
         if not data:
             return b""
+        crlf = data.count(b"\r\n")
+        if data.count(b"\r") != crlf or data.count(b"\n") != crlf:
+            data = _LINE_END.sub(b"\r\n", data)
         out = data.replace(b"\r\n.", b"\r\n..")
         if self._line_start and out[:1] == b".":
             out = b"." + out
@@ -349,7 +368,7 @@ class SMTPClientProtocol(LineReceiver):
         """Greeting, EHLO/HELO and STARTTLS per the `tls` policy; SessionError if unusable."""
         greeting = await self.reply("greeting", self.timeouts.greeting)
         if greeting.code != 220:
-            raise SessionError(greeting, "greeting")
+            raise SessionError(greeting, "greeting", remote=True)
         await self._hello(helo)
         if tls == "none":
             return
@@ -363,7 +382,7 @@ class SMTPClientProtocol(LineReceiver):
         r = await self.command("STARTTLS", "starttls")
         if r.code != 220:
             if tls == "required":
-                raise SessionError(r, "starttls")
+                raise SessionError(r, "starttls", remote=True)
             return  # refused STARTTLS after offering it: go on in clear, like Postfix
         self._handshake = defer.Deferred()
         self.transport.startTLS(tls_context)
@@ -388,13 +407,13 @@ class SMTPClientProtocol(LineReceiver):
                 self.esmtp = False
                 self.extensions = {}
                 return
-        raise SessionError(r, "ehlo")
+        raise SessionError(r, "ehlo", remote=True)
 
     async def reset(self) -> None:
         """RSET before reusing the connection; SessionError if it is not usable."""
         r = await self.command("RSET", "rset")
         if not r.is_success:
-            raise SessionError(r, "rset")
+            raise SessionError(r, "rset", remote=True)
         self.needs_reset = False
 
     async def quit(self) -> None:
@@ -419,7 +438,9 @@ class SMTPClientProtocol(LineReceiver):
                 f"message size {message.size} exceeds the limit {limit} of {self.peer}",
             )
         needs_utf8 = message.smtputf8 and (
-            message.sender.is_utf8 or any(r.is_utf8 for r in message.recipients)
+            message.utf8_headers
+            or message.sender.is_utf8
+            or any(r.is_utf8 for r in message.recipients)
         )
         if needs_utf8 and "SMTPUTF8" not in self.extensions:
             return Reply(553, "5.6.7", f"SMTPUTF8 is required, but was not offered by {self.peer}")
@@ -460,7 +481,7 @@ class SMTPClientProtocol(LineReceiver):
         server has answered the end of data."""
         refusal = self._refusal(message)
         if refusal is not None:
-            return TransactionOutcome({r: refusal for r in message.recipients})
+            return TransactionOutcome({r: refusal for r in message.recipients}, local=True)
         self.transactions += 1
         self.needs_reset = True
         mail_line = self._mail_command(message)

@@ -27,6 +27,17 @@ copied in chunks on the thread pool, so memory stays bounded.
 Loops are impossible by construction: no DSN is ever written for a message whose
 sender is null (`notify` refuses; the runner dead-letters such failures).
 
+Who said what (RFC 3464 2.3.5, 2.3.6): a recipient's `details` string in the queue
+says it the way the relay writes it.  ``mx.example[192.0.2.1]:25 said: 550 5.1.1
+...`` is a remote server's reply: the report gets ``Remote-MTA: dns; mx.example``
+and ``Diagnostic-Code: smtp; 550 5.1.1 ...`` (the server's words only).  Anything
+else is our own decision (DNS, a refused connection, a timeout, SMTPUTF8 or SIZE
+refused before sending, a local mailbox): no Remote-MTA, and ``Diagnostic-Code:
+X-mta; ...`` (like Postfix's ``X-Postfix``).  Parsing the status line keeps the
+queue's status file format as it was, and records written before this rule are
+read the same way.  Dates are UTC written ``+0000`` (``-0000`` would mean "local
+time unknown", RFC 5322 3.3).
+
 `build_dsn` is a pure function of its arguments (the `now` and the boundary are
 passed in), so the report's structure is tested without a reactor.
 """
@@ -47,6 +58,17 @@ MAX_HEADERS = 64 * 1024
 # RET=FULL returns at most this much of the original message (headers only above).
 MAX_RETURN = 10 * 1024 * 1024
 _ENHANCED = re.compile(r"(?<![\d.])([245])\.(\d{1,3})\.(\d{1,3})(?![\d.])")
+# How the relay writes a server's reply into a detail: `host[address]:port said:
+# reply`, the host left out when it is only the address; possibly after a prefix
+# ending in ": " (an expiry notice quotes the last detail).
+_PEER_SAID = re.compile(
+    r"(?:^|: )(?P<host>[^\s\[\]:]*)\[(?P<address>[^\]\s]+)\](?::\d+)? said: (?P<reply>[2-5]\d\d\b.*)",
+    re.DOTALL,
+)
+_UNSAFE = re.compile(r"[^\x20-\x7e]")
+# Diagnostic-type of the errors we find ourselves (RFC 3464 2.3.6: "smtp" is only
+# for what an SMTP server replied).
+LOCAL_DIAGNOSTIC = "X-mta"
 
 FAILED = "failed"
 DELAYED = "delayed"
@@ -67,9 +89,31 @@ class FailedRecipient:
     final: Address
     original: Address | str | None
     status: str  # RFC 3463 code, "5.1.1"
-    diagnostic: str  # the remote reply or our reason, one line
+    diagnostic: str  # what happened, one line, for people (the text part)
     action: str = FAILED
     will_retry_until: float | None = None  # delayed only
+    # The remote server that replied and its reply (one line), when one did: the
+    # Remote-MTA and `Diagnostic-Code: smtp;` fields.  None: we decided ourselves.
+    remote_mta: str | None = None
+    reply: str | None = None
+
+
+@attrs.frozen
+class Diagnosis:
+    """Who said a detail: `remote_mta` and its `reply`, or None and None (us)."""
+
+    remote_mta: str | None
+    reply: str | None
+
+
+def diagnosis(detail: str) -> Diagnosis:
+    """Split a recipient's detail into the remote server and its own reply, when the
+    relay wrote one there (``mx.example[192.0.2.1]:25 said: 550 ...``)."""
+    match = _PEER_SAID.search(detail)
+    if match is None:
+        return Diagnosis(None, None)
+    host = match.group("host") or match.group("address")
+    return Diagnosis(host, _one_line(match.group("reply")))
 
 
 ReportedRecipient = FailedRecipient
@@ -129,7 +173,15 @@ def failure_reports(entry: QueueEntry) -> list[FailedRecipient]:
 
     def make(i, rcpt):
         detail = _one_line(entry.details[i]) or "permanent failure"
-        return FailedRecipient(rcpt, _original(entry, i), status_code(detail), detail)
+        said = diagnosis(detail)
+        return FailedRecipient(
+            rcpt,
+            _original(entry, i),
+            status_code(detail),
+            detail,
+            remote_mta=said.remote_mta,
+            reply=said.reply,
+        )
 
     indices = [
         i
@@ -149,6 +201,7 @@ def delay_reports(entry: QueueEntry, retry_until: float) -> list[FailedRecipient
 
     def make(i, rcpt):
         detail = _one_line(entry.details[i]) or "delivery temporarily deferred"
+        said = diagnosis(detail)
         return FailedRecipient(
             rcpt,
             _original(entry, i),
@@ -156,6 +209,8 @@ def delay_reports(entry: QueueEntry, retry_until: float) -> list[FailedRecipient
             detail,
             DELAYED,
             retry_until,
+            remote_mta=said.remote_mta,
+            reply=said.reply,
         )
 
     indices = [
@@ -195,12 +250,16 @@ def success_reports(entry: QueueEntry, results: Sequence) -> list[FailedRecipien
             detail = _one_line(result.detail or (str(result.reply) if result.reply else ""))
         else:
             detail = _one_line(str(result.reply)) if result.reply else ""
+        remote_mta = getattr(result, "remote_mta", None)
+        peer_reply = result.reply if remote_mta is not None else None
         return FailedRecipient(
             rcpt,
             _original(entry, i),
             status_code(detail, "2.0.0", "2"),
             detail or "delivered",
             action,
+            remote_mta=remote_mta,
+            reply=_one_line(str(peer_reply)) if peer_reply is not None else None,
         )
 
     return _reports(entry, indices, DELIVERED, make)
@@ -218,8 +277,16 @@ def _addr_type(address: Address | str) -> str:
     return f"{'utf-8' if address.is_utf8 else 'rfc822'}; {address}"
 
 
+def _ascii(text: str) -> str:
+    """Text for a field of the (7-bit) delivery-status part: what a remote server
+    sent may hold anything; controls and non-ASCII become "?"."""
+    return _UNSAFE.sub("?", text)
+
+
 def _rfc2822_date(timestamp: float) -> str:
-    return email.utils.formatdate(timestamp, localtime=False)
+    """RFC 5322 date-time in UTC, written ``+0000`` (formatdate's ``-0000`` says the
+    local time is unknown, RFC 5322 3.3)."""
+    return email.utils.formatdate(timestamp, localtime=False)[:-5] + "+0000"
 
 
 HEADERS = "headers"  # text/rfc822-headers
@@ -315,12 +382,23 @@ def dsn_frame(
     per_message += [f"X-Queue-ID: {qid}", f"Arrival-Date: {_rfc2822_date(arrival)}"]
     status_groups = []
     for r in recipients:
-        group = [f"Final-Recipient: {_addr_type(r.final)}"]
+        # RFC 3464 2.3's order: Original-Recipient, Final-Recipient, Action, Status,
+        # Remote-MTA, Diagnostic-Code, Last-Attempt-Date, Will-Retry-Until.
+        group = []
         if r.original is not None:
             group.append(f"Original-Recipient: {_addr_type(r.original)}")
-        group += [f"Action: {r.action}", f"Status: {r.status}"]
-        if r.diagnostic and r.action in (FAILED, DELAYED):
-            group.append(f"Diagnostic-Code: smtp; {r.diagnostic}")
+        group += [
+            f"Final-Recipient: {_addr_type(r.final)}",
+            f"Action: {r.action}",
+            f"Status: {r.status}",
+        ]
+        if r.remote_mta:
+            group.append(f"Remote-MTA: dns; {_ascii(r.remote_mta)}")
+        if r.action in (FAILED, DELAYED):
+            if r.reply:
+                group.append(f"Diagnostic-Code: smtp; {_ascii(r.reply)}")
+            elif r.diagnostic:
+                group.append(f"Diagnostic-Code: {LOCAL_DIAGNOSTIC}; {_ascii(r.diagnostic)}")
         group.append(f"Last-Attempt-Date: {_rfc2822_date(now)}")
         if r.action == DELAYED and r.will_retry_until is not None:
             group.append(f"Will-Retry-Until: {_rfc2822_date(r.will_retry_until)}")

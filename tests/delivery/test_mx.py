@@ -139,6 +139,19 @@ async def test_address_literal():
     assert await mx.resolve("[127.0.0.5]") == [Target("[127.0.0.5]", "127.0.0.5", 25, 0)]
 
 
+def test_target_names_the_host_once_when_it_is_an_address():
+    assert str(Target("mx1.dest.test", "127.0.0.11", 25)) == "mx1.dest.test[127.0.0.11]:25"
+    assert str(Target("mx3.dest.test", "::1", 25)) == "mx3.dest.test[::1]:25"
+    # An address literal or a smarthost given by address: "[127.0.0.5]", not doubled.
+    literal = Target("[127.0.0.5]", "127.0.0.5", 25)
+    assert str(literal) == "[127.0.0.5]:25" and literal.peer == "[127.0.0.5]"
+    assert str(Target("127.0.0.1", "127.0.0.1", 2525)) == "[127.0.0.1]:2525"
+    assert str(Target("[IPv6:::1]", "::1", 25)) == "[::1]:25"
+    # A DSN's Remote-MTA: the host name, or the address when there is none.
+    assert Target("mx1.dest.test", "127.0.0.11", 25).remote_mta == "mx1.dest.test"
+    assert literal.remote_mta == "127.0.0.5"
+
+
 @pytest_twisted.ensureDeferred
 async def test_dnspython_resolver_uses_the_same_servers(dns_server):
     from twisted.internet import reactor

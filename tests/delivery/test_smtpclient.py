@@ -101,6 +101,35 @@ def test_dot_stuffing_adds_missing_line_end():
     assert s.feed(b"no newline") + s.finish() == b"no newline\r\n.\r\n"
 
 
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [b"a\r\n.\r\nb\r\n"],  # a line with a single dot, in the middle
+        [b"a\r\n", b".", b"\r\nb\r\n"],
+        [b"a\r", b"\n.\r", b"\nb\r\n"],
+    ],
+)
+def test_a_single_dot_line_is_stuffed_however_it_is_split(chunks):
+    s = DotStuffer()
+    assert b"".join(s.feed(c) for c in chunks) + s.finish() == b"a\r\n..\r\nb\r\n.\r\n"
+
+
+@pytest.mark.parametrize(
+    "chunks, wire",
+    [
+        # A bare LF or CR never reaches the peer, where it could end the DATA early.
+        ([b"a\n.\nMAIL FROM:<x@y>\n"], b"a\r\n..\r\nMAIL FROM:<x@y>\r\n.\r\n"),
+        ([b"a\r.\rb"], b"a\r\n..\r\nb\r\n.\r\n"),
+        ([b"a\r", b".\r", b"\n"], b"a\r\n..\r\n.\r\n"),
+        ([b"a\r\n", b"\n.\n"], b"a\r\n\r\n..\r\n.\r\n"),
+        ([b"end with a bare CR\r"], b"end with a bare CR\r\n.\r\n"),
+    ],
+)
+def test_bare_line_endings_become_crlf(chunks, wire):
+    s = DotStuffer()
+    assert b"".join(s.feed(c) for c in chunks) + s.finish() == wire
+
+
 def test_pipelined_transaction_per_recipient_replies():
     proto, transport, _ = connect()
     d = establish(proto, transport)
@@ -172,6 +201,25 @@ def test_smtputf8_required_but_not_offered():
     assert sd.result.replies[utf8] == Reply(
         553, "5.6.7", "SMTPUTF8 is required, but was not offered by mx.dest.test[127.0.0.1]"
     )
+    assert sd.result.local  # our refusal: the server said nothing of the kind
+
+
+def test_utf8_header_fields_need_smtputf8_too():
+    proto, transport, _ = connect()
+    establish(proto, transport)
+    sd = defer.Deferred.fromCoroutine(proto.send(message(BOB, smtputf8=True, utf8_headers=True)))
+    assert transport.value() == b""
+    assert sd.result.replies[BOB].enhanced == "5.6.7" and sd.result.local
+
+
+def test_size_refusal_is_ours_and_a_server_reply_is_not():
+    proto, transport, _ = connect()
+    establish(proto, transport)
+    sd = defer.Deferred.fromCoroutine(proto.send(message(BOB, size=5000)))
+    assert sd.result.local
+    sd = defer.Deferred.fromCoroutine(proto.send(message(BOB)))
+    proto.dataReceived(b"550 5.7.1 no\r\n550 5.7.1 no\r\n503 5.5.1 no\r\n")
+    assert sd.result.replies[BOB].code == 550 and not sd.result.local
 
 
 def test_smtputf8_offered_is_requested():
@@ -235,7 +283,8 @@ def test_bad_greeting():
     proto, transport, _ = connect()
     d = defer.Deferred.fromCoroutine(proto.establish("me.test"))
     proto.dataReceived(b"554 go away\r\n")
-    assert self_failure(d).reply.code == 554
+    err = self_failure(d)
+    assert err.reply.code == 554 and err.remote  # the server's own words
 
 
 def test_greeting_timeout_aborts():
@@ -246,6 +295,7 @@ def test_greeting_timeout_aborts():
     clock.advance(2)
     err = self_failure(d)
     assert err.reply.enhanced == "4.4.2" and err.stage == "greeting"
+    assert not err.remote  # our words: the server said nothing
     assert transport.disconnecting
 
 

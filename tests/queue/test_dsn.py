@@ -17,8 +17,8 @@ from mta.delivery.smtpclient import SMTPClientProtocol, Timeouts
 from mta.envelope import Address, DeliveryResult, Envelope, RecipientState, Reply
 from mta.queue.bounce import Bouncer
 from mta.queue.entry import QueueEntry
-from mta.queue.runner import QueueRunner
 from mta.queue.filestore import FileQueueStore
+from mta.queue.runner import QueueRunner
 from tests.queue.doubles import InlinePool, ThreadClock
 
 HEADERS = b"From: Sender <sender@remote.test>\r\nSubject: hello\r\nMessage-ID: <m1@remote.test>\r\n"
@@ -243,7 +243,9 @@ def test_one_delay_notice_when_notify_delay_after_delay_warning(tmp_path, clock)
     assert [r["Final-Recipient"] for r in per_rcpt] == ["rfc822; a@x.test"]  # b: no DELAY
     assert per_rcpt[0]["Action"] == "delayed"
     assert per_rcpt[0]["Status"] == "4.4.1"
-    assert per_rcpt[0]["Will-Retry-Until"] == email.utils.formatdate(1000.0)
+    assert per_rcpt[0]["Will-Retry-Until"] == "Thu, 01 Jan 1970 00:16:40 +0000"
+    assert "Remote-MTA" not in per_rcpt[0]  # the agent's own words: no server said it
+    assert per_rcpt[0]["Diagnostic-Code"] == "X-mta; 451 4.4.1 try later"
     assert returned.get_content_type() == "text/rfc822-headers"
     clock.advance(60)
     clock.advance(60)
@@ -330,6 +332,27 @@ def test_relayed_to_server_without_dsn_reports_relayed(tmp_path, clock):
     _, _, per_rcpt, _ = report(msg)
     assert per_rcpt[0]["Action"] == "relayed"
     assert per_rcpt[0]["Status"] == "2.0.0"
+    assert "Remote-MTA" not in per_rcpt[0]  # the result names no server
+
+
+def test_relayed_report_names_the_server_that_took_it(tmp_path, clock):
+    agent = Agent(
+        delivered_as=lambda r: DeliveryResult(
+            r,
+            RecipientState.DELIVERED,
+            "mx.x.test[192.0.2.1]:25 said: 250 2.0.0 ok",
+            Reply(250, "2.0.0", "ok"),
+            False,
+            "mx.x.test",
+        )
+    )
+    spool, _ = make(tmp_path, clock, agent)
+    submit(spool, "a@x.test", notify=("SUCCESS",))
+    [(_, msg, _)] = agent.dsns
+    _, _, per_rcpt, _ = report(msg)
+    assert per_rcpt[0]["Action"] == "relayed"
+    assert per_rcpt[0]["Remote-MTA"] == "dns; mx.x.test"
+    assert "Diagnostic-Code" not in per_rcpt[0]
 
 
 def test_relayed_to_server_with_dsn_leaves_success_to_it(tmp_path, clock):
