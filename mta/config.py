@@ -126,6 +126,19 @@ class DKIMConfig:
 
 
 @attrs.frozen
+class ChecksConfig:
+    """`[checks]`: how the policy pipeline treats a check that fails or hangs.
+
+    `timeout` bounds each asynchronous check (seconds); a check that times out or
+    raises answers 451 with `fail = "closed"`, or is skipped (and logged) with
+    `fail = "open"`.  The relay, sender and rate-limit rules are always closed.
+    """
+
+    timeout: float = 30.0
+    fail: str = "closed"
+
+
+@attrs.frozen
 class HTTPConfig:
     address: str | None = "127.0.0.1:8081"
 
@@ -161,6 +174,7 @@ class Config:
     relay: RelayConfig = RelayConfig()
     dns: DNSConfig = DNSConfig()
     dkim: DKIMConfig = DKIMConfig()
+    checks: ChecksConfig = ChecksConfig()
     http: HTTPConfig = HTTPConfig()
     manhole: ManholeConfig = ManholeConfig()
     log: LogConfig = LogConfig()
@@ -190,6 +204,7 @@ _SECTIONS: dict[str, type] = {
     "relay": RelayConfig,
     "dns": DNSConfig,
     "dkim": DKIMConfig,
+    "checks": ChecksConfig,
     "http": HTTPConfig,
     "manhole": ManholeConfig,
     "log": LogConfig,
@@ -198,6 +213,7 @@ _CHOICES = {
     "storage.backend": ("maildir", "mbox", "sqlite", "timeseries", "s3"),
     "queue.backend": ("local", "postgresql"),
     "relay.tls": ("opportunistic", "required", "none"),
+    "checks.fail": ("open", "closed"),
     "log.format": ("json", "text"),
     "log.level": ("debug", "info", "warn", "error", "critical"),
 }
@@ -209,7 +225,28 @@ _NOT_YET = {
 }
 # Sections of the operator contract implemented by later stages: accepted so that one
 # config file serves every version, validated only as tables.
-_RESERVED_SECTIONS = ("checks", "storage.s3")
+_RESERVED_SECTIONS = ("storage.s3",)
+# Keys of the operator contract in implemented sections whose feature comes later:
+# accepted (so one config file serves every version) but not used yet.
+_RESERVED_KEYS = frozenset(
+    f"checks.{key}"
+    for key in (
+        "spf",
+        "dkim",
+        "dmarc",
+        "arc_seal",
+        "dnsbl",
+        "dnsbl_action",
+        "dnswl",
+        "spamd",
+        "spam_threshold",
+        "spam_action",
+        "spam_max_size",
+        "clamd",
+        "virus_action",
+        "blocked_attachments",
+    )
+)
 
 
 def load_config(path: str | None = None, *, datadir: str | None = None) -> Config:
@@ -411,6 +448,8 @@ def _section(raw: Any, name: str, cls: type, err) -> Any:
         if key not in fields:
             if dotted in _RESERVED_SECTIONS and isinstance(value, dict):
                 continue
+            if dotted in _RESERVED_KEYS:
+                continue
             raise err(dotted, "unknown key")
         values[key] = _coerce(value, fields[key].default, dotted, err)
     section = cls(**values)
@@ -423,6 +462,8 @@ def _section(raw: Any, name: str, cls: type, err) -> Any:
                 key,
                 f"{getattr(section, field)!r} is not available in this version (use {', '.join(_NOT_YET[key])})",
             )
+    if name == "checks" and section.timeout <= 0:
+        raise err("checks.timeout", "must be a positive number of seconds")
     if name == "storage" and section.encrypt:
         raise err("storage.encrypt", "encryption at rest is not available in this version")
     for field in fields:

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import os
+
 import attrs
 from twisted.internet import defer
 from zope.interface import implementer
 
 from mta.envelope import Address, Envelope
-from mta.interfaces import ISpool, ISpoolFile, IUserDirectory
+from mta.interfaces import IMessageBody, IPolicyCheck, ISpool, ISpoolFile, IUserDirectory
 
 
 @attrs.define
@@ -38,6 +40,10 @@ class FakeSpoolFile:
         self._chunks.append(data)
         self.size += len(data)
         self.largest_write = max(self.largest_write, len(data))
+
+    def body(self) -> FakeMessageBody:
+        assert not self.aborted, "body after abort"
+        return FakeMessageBody(b"".join(self._chunks))
 
     def commit(self, envelope, trace_headers: bytes):
         message = CommittedMessage(self.queue_id, envelope, trace_headers, b"".join(self._chunks))
@@ -184,3 +190,87 @@ class FakeSenderPolicy:
         if sender.is_null or str(sender).lower() in self.owned.get(username, set()):
             return defer.succeed(None)
         return defer.succeed(SENDER_NOT_OWNED)
+
+
+@implementer(IMessageBody)
+class FakeMessageBody:
+    """An in-memory `IMessageBody` over `data` (what `FakeSpoolFile.body()` gives)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.size = len(data)
+
+    def header_block(self, limit: int = 65536) -> bytes:
+        head = self.data[:limit]
+        end = head.find(b"\r\n\r\n")
+        if end >= 0:
+            return head[: end + 2]
+        if len(head) < len(self.data) or len(head) >= limit:
+            cut = head.rfind(b"\r\n")
+            return head[: cut + 2] if cut >= 0 else b""
+        return head if head.endswith(b"\r\n") or not head else head + b"\r\n"
+
+    def chunks(self, chunk_size: int = 262144):
+        for i in range(0, len(self.data), chunk_size):
+            yield self.data[i : i + chunk_size]
+
+    def copy_into(self, fd: int) -> int:
+        view = memoryview(self.data)
+        while view:
+            view = view[os.write(fd, view) :]
+        return self.size
+
+
+@implementer(IPolicyCheck)
+class FakePolicyCheck:
+    """A policy check answering `verdicts[phase]` (default: `Verdict.ACCEPT`).
+
+    Every call is recorded in `calls` as (phase, context); at DATA the body the check
+    was shown is read into `bodies`.  With `hold=True` each answer is a Deferred kept
+    in `pending` until `release()`; `error` makes every call raise it.
+    """
+
+    def __init__(
+        self,
+        name: str = "fake",
+        phases=None,
+        verdicts: dict | None = None,
+        *,
+        hold: bool = False,
+        error: Exception | None = None,
+    ):
+        from mta.policy.verdict import Phase
+
+        self.name = name
+        self.verdicts = dict(verdicts or {})
+        self.phases = tuple(phases if phases is not None else (self.verdicts or tuple(Phase)))
+        self.hold = hold
+        self.error = error
+        self.calls: list = []
+        self.bodies: list[bytes] = []
+        self.pending: list[tuple[defer.Deferred, object]] = []
+
+    def check(self, phase, context):
+        from mta.policy.verdict import Verdict
+
+        self.calls.append((phase, context))
+        if context.body is not None:
+            self.bodies.append(b"".join(context.body.chunks()))
+        if self.error is not None:
+            raise self.error
+        verdict = self.verdicts.get(phase, Verdict.ACCEPT)
+        if not self.hold:
+            return verdict
+        d = defer.Deferred()
+        self.pending.append((d, verdict))
+        return d
+
+    @property
+    def phases_called(self) -> list:
+        return [phase for phase, _ in self.calls]
+
+    def release(self, verdict=None) -> None:
+        """Fire every pending answer (with `verdict` instead, when given)."""
+        pending, self.pending = self.pending, []
+        for d, held in pending:
+            d.callback(held if verdict is None else verdict)

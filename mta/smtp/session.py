@@ -13,36 +13,33 @@ keeps the class (so it is an `ESMTP` to anything that asks) but owns `dataReceiv
 * STARTTLS discards every byte that arrived before the handshake and resets the
   session (RFC 3207, CVE-2011-0411).
 
-Policy lives outside: recipients are decided by the relay policy, the spool makes
-messages durable, and this module never imports the queue runner or delivery.
+Policy lives outside: the session makes one `PolicyPipeline.run` call per phase
+(connect, HELO/EHLO, MAIL, RCPT, end of message) and never knows which checks ran;
+the spool makes messages durable (`mta.smtp.message`); MAIL/RCPT parameters are
+parsed by `mta.smtp.params`.  This module never imports the queue or delivery.
 """
 
 from __future__ import annotations
 
-import errno
 import itertools
 
 import attrs
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
 from twisted.mail import smtp
+from twisted.python.failure import Failure
 
 from mta.config import Config, ListenerConfig
-from mta.envelope import AddressError, BodyType, Envelope, Reply, parse_path
+from mta.envelope import BodyType, Envelope, Reply
 from mta.observe.logging import Logger
-from mta.policy.ratelimit import RATE_LIMITED
-from mta.policy.relay import ClientInfo, RecipientVerdict, RelayPolicy
+from mta.policy.pipeline import PolicyPipeline
+from mta.policy.verdict import Action, Phase, PolicyContext, Verdict
+from mta.smtp import message as M
 from mta.smtp import replies as R
 from mta.smtp import sasl, wire
-from mta.smtp.datastream import ChunkChecker, DotDecoder
-from mta.smtp.fixups import HeaderScanner, missing_headers
-from mta.smtp.parse import (
-    CommandError,
-    notify_param,
-    orcpt_param,
-    split_path_argument,
-    xtext_param,
-)
+from mta.smtp.fixups import missing_headers
+from mta.smtp.params import mail_params, parse_recipient, parse_sender, rcpt_params
+from mta.smtp.parse import CommandError, split_path_argument
 from mta.smtp.received import protocol_name, received_header
 from mta.smtp.tls import describe_tls
 
@@ -61,13 +58,12 @@ class SessionContext:
     config: Config
     listener: ListenerConfig
     spool: object  # ISpool
-    policy: RelayPolicy
+    # Every policy decision.  Its RCPT checks resolve recipients: a recipient no check
+    # resolves is accepted as given, so the relay check must be among them.
+    pipeline: PolicyPipeline
     clock: IReactorTime
     tls: object | None = None  # ServerTLSContext
     authenticator: object | None = None  # mta.smtp.auth.Authenticator, when AUTH is on
-    sender_policy: object | None = None  # mta.policy.sender.SenderPolicy
-    ip_limiter: object | None = None  # mta.policy.ratelimit.RateLimiter per client address
-    user_limiter: object | None = None  # the same per authenticated user
     on_close: object | None = None  # callable(session) for connection accounting
 
     @property
@@ -95,6 +91,8 @@ class SMTPSession(smtp.ESMTP):
         smtp.ESMTP.__init__(self, chal={}, contextFactory=context.tls)
         self._ctx = context
         self._limits = context.config.limits
+        self._pipeline = context.pipeline
+        self._policy_phases = context.pipeline.phases
         self.peer_ip = peer_ip
         # Ties a connection's connect/disconnect events to the messages it sent.
         self.session_id = f"{next(_session_ids):x}"
@@ -113,7 +111,14 @@ class SMTPSession(smtp.ESMTP):
         self.helo_name: str | None = None
         self._esmtp = False
         self.tls_active = context.listener.tls == "implicit"
+        self._tls_description: str | None = None
         self.authenticated_as: str | None = None
+        # Accepting verdicts with something to carry (headers, quarantine, discard),
+        # kept until the end of the message: from CONNECT, from the last HELO/EHLO,
+        # and from this transaction's MAIL and RCPT checks.
+        self._connect_verdicts: list[Verdict] = []
+        self._helo_verdicts: list[Verdict] = []
+        self._finishing: M.IncomingMessage | None = None  # committing, or in DATA checks
         self._clear_transaction()
 
     # -- connection ------------------------------------------------------------
@@ -124,7 +129,6 @@ class SMTPSession(smtp.ESMTP):
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             set_nodelay(True)
-        wire.send(self.transport, f"220 {self._ctx.hostname} ESMTP mta\r\n".encode())
         self.setTimeout(self._limits.idle_timeout or None)
         log.debug(
             "connection from {client} on {listener}",
@@ -133,11 +137,40 @@ class SMTPSession(smtp.ESMTP):
             client=self.peer_ip,
             listener=self._ctx.listener.name,
         )
+        if Phase.CONNECT not in self._policy_phases:
+            wire.send(self.transport, f"220 {self._ctx.hostname} ESMTP mta\r\n".encode())
+            return
+        context = PolicyContext(self.peer_ip, self._ctx.listener.name, self.session_id)
+        verdict = self._pipeline.run(Phase.CONNECT, context)
+        if isinstance(verdict, defer.Deferred):
+            verdict.addCallback(self._connect_checked)
+        else:
+            verdict = self._connect_checked(verdict)
+        self._settle(verdict)
+        self._flush()
+
+    def _connect_checked(self, verdict: Verdict):
+        if verdict.refuses:
+            log.info(
+                "connection from {client} refused by policy: {code} {reason}",
+                event="conn_refused",
+                client=self.peer_ip,
+                code=verdict.reply.code,
+                reason=verdict.reason,
+                session=self.session_id,
+            )
+            self._close_with(verdict.reply)
+            return None
+        _keep(self._connect_verdicts, verdict)
+        return Reply(220, "", f"{self._ctx.hostname} ESMTP mta")
 
     def connectionLost(self, reason=None):
         self.setTimeout(None)
         self._closing = True
         self._abort_message()
+        if self._finishing is not None:
+            self._finishing.abort()  # no-op once committed
+            self._finishing = None
         log.debug(
             "connection from {client} on {listener} closed",
             event="disconnect",
@@ -299,43 +332,80 @@ class SMTPSession(smtp.ESMTP):
         self._rcpt_count = 0
         self._body_type = BodyType.SEVEN_BIT
         self._smtputf8 = False
-        self._spoolfile = None
-        self._qid = None
-        self._size = 0
-        self._too_big = False
-        self._decoder = None
-        self._checker = None
-        self._headers = None
+        self._tx_verdicts: list[Verdict] = []
+        self._message: M.IncomingMessage | None = None
         self._bdat_remaining = 0
         self._bdat_last = False
         self._bdat_error = None
         self._started_at = 0.0
 
     def _abort_message(self) -> None:
-        if self._spoolfile is not None:
-            try:
-                self._spoolfile.abort()
-            except Exception:
-                log.failure("aborting spool file {qid}", qid=self._qid)
-            self._spoolfile = None
+        if self._message is not None:
+            self._message.abort()
 
     def _reset(self) -> None:
         self._abort_message()
         self._clear_transaction()
 
-    def _client(self) -> ClientInfo:
-        return ClientInfo(self.peer_ip, self.authenticated_as)
+    def _tls_info(self) -> str | None:
+        """The negotiated TLS version and cipher, None in plaintext (cached)."""
+        if not self.tls_active:
+            return None
+        if self._tls_description is None:
+            self._tls_description = describe_tls(self.transport)
+        return self._tls_description
 
     # -- commands --------------------------------------------------------------
 
     def do_EHLO(self, arg: str):
         if not arg:
             return R.EHLO_SYNTAX
+        return self._greet(arg, True)
+
+    def do_HELO(self, arg: str):
+        if not arg:
+            return R.HELO_SYNTAX
+        return self._greet(arg, False)
+
+    def _greet(self, name: str, esmtp: bool):
         self._reset()
-        self.helo_name = arg
-        self._esmtp = True
+        if Phase.HELO not in self._policy_phases:
+            return self._helo_checked(Verdict.ACCEPT, name, esmtp)
+        context = PolicyContext(
+            self.peer_ip,
+            self._ctx.listener.name,
+            self.session_id,
+            helo=name,
+            esmtp=esmtp,
+            tls=self._tls_info(),
+            authenticated_as=self.authenticated_as,
+        )
+        verdict = self._pipeline.run(Phase.HELO, context)
+        if isinstance(verdict, defer.Deferred):
+            return verdict.addCallback(self._helo_checked, name, esmtp)
+        return self._helo_checked(verdict, name, esmtp)
+
+    def _helo_checked(self, verdict: Verdict, name: str, esmtp: bool) -> Reply:
+        self._helo_verdicts = []
+        if verdict.refuses:
+            self.helo_name = None
+            self._esmtp = False
+            log.info(
+                "HELO {helo} refused by policy: {code} {reason}",
+                event="helo_refused",
+                helo=name,
+                code=verdict.reply.code,
+                reason=verdict.reason,
+                client=self.peer_ip,
+            )
+            return verdict.reply
+        _keep(self._helo_verdicts, verdict)
+        self.helo_name = name
+        self._esmtp = esmtp
+        if not esmtp:
+            return Reply(250, "", self._ctx.hostname)
         lines = [
-            f"{self._ctx.hostname} Hello {arg}"[:200],
+            f"{self._ctx.hostname} Hello {name}"[:200],
             "PIPELINING",
             f"SIZE {self._limits.max_message_size}",
             "8BITMIME",
@@ -358,14 +428,6 @@ class SMTPSession(smtp.ESMTP):
             and self._ctx.listener.auth != "none"
         )
 
-    def do_HELO(self, arg: str):
-        if not arg:
-            return R.HELO_SYNTAX
-        self._reset()
-        self.helo_name = arg
-        self._esmtp = False
-        return Reply(250, "", self._ctx.hostname)
-
     def do_MAIL(self, arg: str):
         if self.helo_name is None:
             return R.NEED_HELO
@@ -377,131 +439,85 @@ class SMTPSession(smtp.ESMTP):
         if listener.auth == "required" and not self.authenticated_as:
             return R.AUTH_REQUIRED
         pa = split_path_argument(arg, "FROM", "5.1.7")
-        params = pa.params
-        if params and not self._esmtp:
+        if pa.params and not self._esmtp:
             return R.PARAMS_NEED_EHLO
-        smtputf8 = False
-        body = BodyType.SEVEN_BIT
-        ret = envid = None
-        for name, value in params.items():
-            if name == "SIZE":
-                if not value or not value.isdigit() or len(value) > 20:
-                    return Reply(501, "5.5.4", "Bad SIZE parameter")
-                if int(value) > self._limits.max_message_size:
-                    return R.TOO_BIG
-            elif name == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    return Reply(555, "5.5.4", "Unsupported BODY type")
-                body = BodyType.EIGHT_BIT if value.upper() == "8BITMIME" else BodyType.SEVEN_BIT
-            elif name == "SMTPUTF8":
-                if value is not None:
-                    return Reply(555, "5.5.4", "SMTPUTF8 takes no value")
-                smtputf8 = True
-            elif name == "RET":
-                if value is None or value.upper() not in ("FULL", "HDRS"):
-                    return Reply(501, "5.5.4", "RET must be FULL or HDRS")
-                ret = value.upper()
-            elif name == "ENVID":
-                envid = xtext_param(value, 100)
-                if envid is None:
-                    return Reply(501, "5.5.4", "Bad ENVID parameter")
-            elif name == "AUTH" and self._ctx.authenticator is not None:
-                pass  # RFC 4954 5: accepted; we do not relay the submitter identity
-            else:
-                return Reply(555, "5.5.4", f"Unsupported parameter {name}")
-        try:
-            sender = parse_path(pa.path, utf8=smtputf8, allow_null=True)
-        except AddressError as e:
-            if not smtputf8 and not pa.path.isascii():
-                return R.NEED_SMTPUTF8
-            return Reply(501, "5.1.7", f"Bad sender address syntax: {e}")
-        if not sender.is_null and not sender.domain:
-            return Reply(501, "5.1.7", "Bad sender address syntax: domain required")
-        ctx = self._ctx
-        user = self.authenticated_as
-        if ctx.ip_limiter is not None and not ctx.ip_limiter.allow(self.peer_ip):
-            return RATE_LIMITED
-        if user and ctx.user_limiter is not None and not ctx.user_limiter.allow(user):
-            return RATE_LIMITED
-        if user and ctx.sender_policy is not None:
-            d = ctx.sender_policy.check(user, sender)
-            return d.addCallback(self._sender_checked, sender, smtputf8, body, ret, envid)
-        return self._accept_sender(sender, smtputf8, body, ret, envid)
+        params = mail_params(
+            pa.params,
+            max_size=self._limits.max_message_size,
+            auth_enabled=self._ctx.authenticator is not None,
+        )
+        sender = parse_sender(pa.path, params.smtputf8)
+        if Phase.MAIL not in self._policy_phases:
+            return self._mail_checked(Verdict.ACCEPT, sender, params)
+        context = PolicyContext(
+            self.peer_ip,
+            listener.name,
+            self.session_id,
+            self.helo_name,
+            self._esmtp,
+            self._tls_info(),
+            self.authenticated_as,
+            sender,
+            None,
+            (),
+            params.body,
+            params.smtputf8,
+            None,
+            params.size,
+        )
+        verdict = self._pipeline.run(Phase.MAIL, context)
+        if isinstance(verdict, defer.Deferred):
+            return verdict.addCallback(self._mail_checked, sender, params)
+        return self._mail_checked(verdict, sender, params)
 
-    def _sender_checked(self, refusal: Reply | None, *args) -> Reply:
-        if refusal is not None:
-            log.info(
-                "sender <{sender}> refused for {user}",
-                event="sender_refused",
-                sender=str(args[0]),
-                user=self.authenticated_as,
-                client=self.peer_ip,
-            )
-            return refusal
-        return self._accept_sender(*args)
-
-    def _accept_sender(self, sender, smtputf8: bool, body, ret, envid) -> Reply:
+    def _mail_checked(self, verdict: Verdict, sender, params) -> Reply:
+        if verdict.refuses:
+            return verdict.reply
         self._sender = sender
-        self._smtputf8 = smtputf8
-        self._body_type = body
-        self._dsn_ret, self._dsn_envid = ret, envid
+        self._smtputf8 = params.smtputf8
+        self._body_type = params.body
+        self._dsn_ret, self._dsn_envid = params.ret, params.envid
         self._started_at = self._ctx.clock.seconds()
+        _keep(self._tx_verdicts, verdict)
         return R.SENDER_OK
 
     def do_RCPT(self, arg: str):
         if self._sender is None:
             return R.NEED_MAIL
-        if self._spoolfile is not None:
+        if self._message is not None:
             return R.MIXED_DATA_BDAT
         pa = split_path_argument(arg, "TO", "5.1.3")
         notify = orcpt = ""
         if pa.params:
             if not self._esmtp:
                 return R.PARAMS_NEED_EHLO
-            for name, value in pa.params.items():
-                if name == "NOTIFY":
-                    notify = notify_param(value)
-                    if not notify:
-                        return Reply(
-                            501,
-                            "5.5.4",
-                            "NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY",
-                        )
-                elif name == "ORCPT":
-                    orcpt = orcpt_param(value)
-                    if not orcpt:
-                        return Reply(501, "5.5.4", "Bad ORCPT parameter")
-                else:
-                    return Reply(555, "5.5.4", f"Unsupported parameter {name}")
-        try:
-            rcpt = parse_path(pa.path, utf8=self._smtputf8)
-        except AddressError as e:
-            if not self._smtputf8 and not pa.path.isascii():
-                return R.NEED_SMTPUTF8
-            return Reply(501, "5.1.3", f"Bad recipient address syntax: {e}")
+            notify, orcpt = rcpt_params(pa.params)
+        rcpt = parse_recipient(pa.path, self._smtputf8)
         if self._rcpt_count >= self._limits.max_recipients:
             return R.TOO_MANY_RECIPIENTS
-        verdict = self._ctx.policy.check_recipient(self._client(), rcpt)
+        if Phase.RCPT not in self._policy_phases:
+            return self._rcpt_checked(Verdict.ACCEPT, rcpt, notify, orcpt)
+        context = PolicyContext(
+            self.peer_ip,
+            self._ctx.listener.name,
+            self.session_id,
+            self.helo_name,
+            self._esmtp,
+            self._tls_info(),
+            self.authenticated_as,
+            self._sender,
+            rcpt,
+            tuple(self._recipients),
+            self._body_type,
+            self._smtputf8,
+        )
+        verdict = self._pipeline.run(Phase.RCPT, context)
         if isinstance(verdict, defer.Deferred):
-            return verdict.addCallback(self._apply_verdict, rcpt, notify, orcpt)
-        return self._apply_verdict(verdict, rcpt, notify, orcpt)
+            return verdict.addCallback(self._rcpt_checked, rcpt, notify, orcpt)
+        return self._rcpt_checked(verdict, rcpt, notify, orcpt)
 
-    def _apply_verdict(
-        self, verdict: RecipientVerdict, rcpt, notify: str = "", orcpt: str = ""
-    ) -> Reply:
-        if verdict.reply.is_success:
-            if self._sender is None:  # RSET raced the lookup; cannot happen in order
-                return R.NEED_MAIL
-            self._rcpt_count += 1
-            for mailbox in verdict.recipients:
-                if mailbox not in self._recipients:
-                    self._recipients.append(mailbox)
-                    self._originals.append(rcpt)
-                    self._notify.append(notify)
-                    self._orcpt.append(orcpt)
-                    if notify or orcpt:
-                        self._dsn_used = True
-        else:
+    def _rcpt_checked(self, verdict: Verdict, rcpt, notify: str, orcpt: str) -> Reply:
+        if verdict.refuses:
             log.info(
                 "recipient rejected: {code} {rcpt} from {client}",
                 event="rcpt_rejected",
@@ -509,19 +525,30 @@ class SMTPSession(smtp.ESMTP):
                 rcpt=str(rcpt),
                 client=self.peer_ip,
             )
-        return verdict.reply
+            return verdict.reply
+        self._rcpt_count += 1
+        for mailbox in verdict.recipients or (rcpt,):
+            if mailbox not in self._recipients:
+                self._recipients.append(mailbox)
+                self._originals.append(rcpt)
+                self._notify.append(notify)
+                self._orcpt.append(orcpt)
+                if notify or orcpt:
+                    self._dsn_used = True
+        _keep(self._tx_verdicts, verdict)
+        reply = verdict.reply
+        return reply if reply is not None and reply.is_success else R.RECIPIENT_OK
 
     def do_DATA(self, arg: str):
         if arg:
             return R.NO_ARGUMENTS
         if self._sender is None:
             return R.NEED_MAIL
-        if self._spoolfile is not None:
+        if self._message is not None:
             return R.MIXED_DATA_BDAT
         if not self._recipients:
             return R.NEED_RCPT
-        self._open_message()
-        self._decoder = DotDecoder()
+        self._message = M.IncomingMessage(self._ctx.spool, self._limits.max_message_size)
         self._mode = DATA
         return R.START_DATA
 
@@ -536,14 +563,15 @@ class SMTPSession(smtp.ESMTP):
             return None
         self._bdat_remaining = int(parts[0])
         self._bdat_last = len(parts) == 2
-        if self._bdat_error is None and self._checker is None:
+        if self._bdat_error is None and self._message is None:
             if self._sender is None:
                 self._bdat_error = R.NEED_MAIL
-            elif self._decoder is not None or not self._recipients:
+            elif not self._recipients:
                 self._bdat_error = R.NEED_RCPT
             else:
-                self._open_message()
-                self._checker = ChunkChecker()
+                self._message = M.IncomingMessage(
+                    self._ctx.spool, self._limits.max_message_size, bdat=True
+                )
         self._mode = BDAT
         if self._bdat_remaining == 0:
             return self._bdat_chunk_done()
@@ -585,8 +613,10 @@ class SMTPSession(smtp.ESMTP):
         self._discarding = False
         self._reset()
         self.helo_name = None
+        self._helo_verdicts = []
         self._esmtp = False
         self.tls_active = True
+        self._tls_description = None
         self.transport.startTLS(self._ctx.tls)
         return None
 
@@ -637,35 +667,17 @@ class SMTPSession(smtp.ESMTP):
 
     # -- message body ----------------------------------------------------------
 
-    def _open_message(self) -> None:
-        spool = self._ctx.spool
-        self._qid = spool.new_queue_id()
-        self._spoolfile = spool.open(self._qid)
-        self._size = 0
-        self._headers = HeaderScanner()
-
-    def _write_body(self, data: bytes) -> None:
-        if not self._headers.done:
-            self._headers.feed(data)
-        self._size += len(data)
-        if self._too_big:
-            return
-        if self._size > self._limits.max_message_size:
-            self._too_big = True
-            self._abort_message()
-            return
-        self._spoolfile.write(data)
-
     def _consume_data(self) -> None:
         data = self._inbuf
         self._inbuf = b""
-        body, rest = self._decoder.feed(data)
+        message = self._message
+        body, rest = message.decoder.feed(data)
         if body:
-            self._write_body(body)
+            message.write(body)
         if rest is not None:
             self._inbuf = rest
             self._mode = COMMAND
-            self._settle(self._finish_message(self._decoder.bare_line_endings))
+            self._settle(self._finish_message())
 
     def _consume_bdat(self) -> None:
         buf = self._inbuf
@@ -674,8 +686,8 @@ class SMTPSession(smtp.ESMTP):
         self._inbuf = buf[len(chunk) :]
         self._bdat_remaining = n - len(chunk)
         if self._bdat_error is None:
-            self._checker.feed(chunk)
-            self._write_body(chunk)
+            self._message.checker.feed(chunk)
+            self._message.write(chunk)
         if self._bdat_remaining == 0:
             self._mode = COMMAND
             self._settle(self._bdat_chunk_done())
@@ -687,42 +699,24 @@ class SMTPSession(smtp.ESMTP):
             if self._bdat_last:
                 self._reset()
             return reply
+        message = self._message
         if not self._bdat_last:
-            if self._too_big:
+            if message.too_big:
                 return R.TOO_BIG
-            return Reply(250, "2.0.0", f"{self._size} octets received")
-        self._checker.finish()
-        return self._finish_message(self._checker.bare_line_endings)
+            return Reply(250, "2.0.0", f"{message.size} octets received")
+        message.checker.finish()
+        return self._finish_message()
 
-    def _finish_message(self, bare_line_endings: bool):
-        qid = self._qid
-        if self._too_big:
-            log.info("message rejected: too big", event="rejected", qid=qid, size=self._size)
+    def _finish_message(self):
+        message = self._message
+        refusal = message.refusal(self._limits.max_received_headers, self.peer_ip)
+        if refusal is not None:
             self._reset()
-            return R.TOO_BIG
-        if bare_line_endings:
-            log.info(
-                "message rejected: bare line endings",
-                event="rejected",
-                qid=qid,
-                client=self.peer_ip,
-            )
-            self._reset()
-            return R.BARE_LINE_ENDINGS
-        self._headers.finish()
-        if self._headers.received > self._limits.max_received_headers:
-            log.info(
-                "message rejected: {hops} Received headers (mail loop?)",
-                event="rejected",
-                qid=qid,
-                hops=self._headers.received,
-                client=self.peer_ip,
-            )
-            self._reset()
-            return R.TOO_MANY_HOPS
+            return refusal
+        qid = message.qid
         ctx = self._ctx
         now = ctx.clock.seconds()
-        tls = describe_tls(self.transport) if self.tls_active else None
+        tls = self._tls_info()
         envelope = Envelope(
             sender=self._sender,
             recipients=tuple(self._recipients),
@@ -757,52 +751,61 @@ class SMTPSession(smtp.ESMTP):
         )
         if self.authenticated_as:
             # RFC 6409 8: a submission server completes what the client left out.
-            trace += missing_headers(self._headers, queue_id=qid, hostname=ctx.hostname, now=now)
-        spoolfile, size, started = self._spoolfile, self._size, self._started_at
-        self._spoolfile = None
+            trace += missing_headers(message.headers, queue_id=qid, hostname=ctx.hostname, now=now)
+        verdict = self._data_verdict(message, envelope)
+        if verdict is None:
+            self._reset()
+            return M.write_failed(Failure(), qid)
+        started = self._started_at
+        self._finishing = message
         self._clear_transaction()
-        d = spoolfile.commit(envelope, trace)
-        d.addCallbacks(
-            self._committed,
-            self._commit_failed,
-            callbackArgs=(envelope, size, started),
-            errbackArgs=(qid,),
-        )
-        return d
+        return message.finish(verdict, envelope, trace, ctx, self.session_id, started)
 
-    def _committed(self, qid: str, envelope: Envelope, size: int, started: float):
-        ctx = self._ctx
-        log.info(
-            "{qid}: accepted from <{sender}> for {nrcpt} recipient(s), {size} bytes",
-            event="accepted",
-            qid=qid,
-            sender=str(envelope.sender),
-            recipients=[str(r) for r in envelope.recipients],
-            nrcpt=len(envelope.recipients),
-            size=size,
-            client=self.peer_ip,
-            session=self.session_id,
-            helo=envelope.helo,
-            listener=envelope.listener,
-            tls=envelope.tls,
-            user=envelope.authenticated_as,
-            duration=round(ctx.clock.seconds() - started, 6),
-        )
-        reply = Reply(250, "2.0.0", f"Ok: queued as {qid}")
-        queue = ctx.config.queue
-        if queue.in_flow_delay and ctx.spool.backlog() > queue.in_flow_limit:
-            # Arrivals outrun delivery: slow this client down instead of growing the
-            # backlog without bound (Postfix's in_flow_delay).
-            return task.deferLater(ctx.clock, queue.in_flow_delay, lambda: reply)
-        return reply
+    def _data_verdict(self, message: M.IncomingMessage, envelope: Envelope):
+        """The end-of-message verdict (or a Deferred) with what earlier phases said
+        folded in; None when the body cannot be read back (a spool write error)."""
+        earlier = self._connect_verdicts + self._helo_verdicts + self._tx_verdicts
+        for verdict in earlier:
+            if verdict.action is Action.DISCARD:
+                return verdict  # no point checking a message that will be dropped
+        if Phase.DATA in self._policy_phases:
+            try:
+                body = message.body()
+            except OSError:
+                return None
+            context = PolicyContext(
+                self.peer_ip,
+                envelope.listener,
+                self.session_id,
+                self.helo_name,
+                self._esmtp,
+                envelope.tls,
+                self.authenticated_as,
+                self._sender,
+                None,
+                envelope.recipients,
+                self._body_type,
+                self._smtputf8,
+                message.qid,
+                message.size,
+                body,
+            )
+            verdict = self._pipeline.run(Phase.DATA, context)
+        else:
+            verdict = Verdict.ACCEPT
+        if not earlier:
+            return verdict
+        if isinstance(verdict, defer.Deferred):
+            return verdict.addCallback(M.with_earlier, earlier)
+        return M.with_earlier(verdict, earlier)
 
-    def _commit_failed(self, failure, qid: str) -> Reply:
-        exc = failure.value
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            log.error("{qid}: spool full: {error}", qid=qid, error=str(exc))
-            return R.NO_SPACE
-        log.failure("{qid}: spool commit failed", failure=failure, qid=qid)
-        return R.QUEUE_WRITE_ERROR
+
+def _keep(kept: list[Verdict], verdict: Verdict) -> None:
+    """Remember an accepting verdict that carries something for the message."""
+    if verdict is Verdict.ACCEPT or verdict is Verdict.CONTINUE:
+        return
+    if verdict.headers or verdict.action is Action.QUARANTINE or verdict.action is Action.DISCARD:
+        kept.append(verdict)
 
 
 _COMMANDS = {
