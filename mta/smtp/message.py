@@ -20,15 +20,68 @@ import errno
 
 import attrs
 from twisted.internet import defer, task
+from twisted.python.failure import Failure
 
 from mta.envelope import Envelope, Reply
 from mta.observe.logging import Logger
-from mta.policy.verdict import Action, Verdict
+from mta.policy.verdict import Action, Phase, PolicyContext, Verdict
 from mta.smtp import replies as R
 from mta.smtp.datastream import ChunkChecker, DotDecoder
-from mta.smtp.fixups import HeaderScanner
+from mta.smtp.fixups import HeaderScanner, missing_headers
+from mta.smtp.received import received_for
 
 log = Logger()
+
+
+def end_of_message(tx, context: PolicyContext, ctx, earlier, *, tls_active: bool):
+    """The last byte of `tx`'s message arrived: refuse it, or run the end-of-message
+    checks (with the `earlier` phases' accepting verdicts folded in) and commit.
+
+    `context` is the session's `PolicyContext` for this transaction; `ctx` its
+    `SessionContext`.  Returns the reply, or a Deferred firing with it.
+    """
+    message = tx.message
+    refusal = message.refusal(ctx.config.limits.max_received_headers, context.client_address)
+    if refusal is not None:
+        message.abort()
+        return refusal
+    qid = message.qid
+    envelope = tx.envelope(context, ctx.clock.seconds())
+    trace = received_for(
+        envelope, hostname=ctx.hostname, queue_id=qid, esmtp=context.esmtp, tls=tls_active
+    )
+    if context.authenticated_as:
+        # RFC 6409 8: a submission server completes what the client left out.
+        trace += missing_headers(
+            message.headers, queue_id=qid, hostname=ctx.hostname, now=envelope.received_at
+        )
+    verdict = _data_verdict(message, context, ctx.pipeline, earlier)
+    if verdict is None:
+        message.abort()
+        return write_failed(Failure(), qid)
+    return message.finish(verdict, envelope, trace, ctx, context.session_id, tx.started_at)
+
+
+def _data_verdict(message, context: PolicyContext, pipeline, earlier):
+    """The end-of-message verdict (or a Deferred) with what earlier phases said
+    folded in; None when the body cannot be read back (a spool write error)."""
+    for verdict in earlier:
+        if verdict.action is Action.DISCARD:
+            return verdict  # no point checking a message that will be dropped
+    if Phase.DATA in pipeline.phases:
+        try:
+            body = message.body()
+        except OSError:
+            return None
+        context = attrs.evolve(context, queue_id=message.qid, size=message.size, body=body)
+        verdict = pipeline.run(Phase.DATA, context)
+    else:
+        verdict = Verdict.ACCEPT
+    if not earlier:
+        return verdict
+    if isinstance(verdict, defer.Deferred):
+        return verdict.addCallback(with_earlier, earlier)
+    return with_earlier(verdict, earlier)
 
 
 class IncomingMessage:
@@ -54,6 +107,18 @@ class IncomingMessage:
         self.decoder = None if bdat else DotDecoder()
         self.checker = ChunkChecker() if bdat else None
         self._max_size = max_size
+
+    def feed_data(self, data: bytes) -> bytes | None:
+        """Raw DATA bytes; once the terminating dot was seen, the bytes after it."""
+        body, rest = self.decoder.feed(data)
+        if body:
+            self.write(body)
+        return rest
+
+    def feed_chunk(self, chunk: bytes) -> None:
+        """One piece of a BDAT chunk (no unstuffing; bare line endings tracked)."""
+        self.checker.feed(chunk)
+        self.write(chunk)
 
     def write(self, data: bytes) -> None:
         """Body bytes (dot-unstuffed): counted always, stored while under the limit."""

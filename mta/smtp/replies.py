@@ -2,6 +2,28 @@
 
 from mta.envelope import Reply
 
+EHLO_KEYWORDS = (
+    "PIPELINING",
+    "SIZE {max_size}",
+    "8BITMIME",
+    "SMTPUTF8",
+    "ENHANCEDSTATUSCODES",
+    "CHUNKING",
+    "DSN",
+)
+
+
+def ehlo(hostname: str, client: str, max_size: int, *, starttls: bool, auth=()) -> Reply:
+    """The EHLO reply: greeting line, then the extensions we offer."""
+    lines = [f"{hostname} Hello {client}"[:200]]
+    lines += (k.format(max_size=max_size) for k in EHLO_KEYWORDS)
+    if starttls:
+        lines.append("STARTTLS")
+    if auth:
+        lines.append("AUTH " + " ".join(auth))
+    return Reply(250, "", "\n".join(lines))
+
+
 OK = Reply(250, "2.0.0", "Ok")
 SENDER_OK = Reply(250, "2.1.0", "Ok")
 RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
