@@ -31,6 +31,11 @@ def test_defaults_are_complete():
         ),
         ({"storage": {"backend": "floppy"}}, "storage.backend"),
         ({"queue": {"retry_schedule": [60, -1]}}, "queue.retry_schedule"),
+        ({"checks": {"fail": "maybe"}}, "checks.fail"),
+        ({"checks": {"timeout": 0}}, "checks.timeout"),
+        ({"checks": {"timeout": "soon"}}, "checks.timeout"),
+        ({"checks": {"spf_mode": "on"}}, "checks.spf_mode"),
+        ({"checks": []}, "checks"),
     ],
 )
 def test_errors_name_the_key(data, key):
@@ -73,3 +78,12 @@ def test_contract_values_this_version_cannot_serve_are_refused(data, key):
     with pytest.raises(ConfigError) as e:
         build_config(data, source="mta.toml")
     assert e.value.key == key and "not available in this version" in str(e.value)
+
+
+def test_checks_section_defaults_and_reserved_contract_keys():
+    cfg = build_config({})
+    assert (cfg.checks.timeout, cfg.checks.fail) == (30.0, "closed")
+    cfg = build_config(
+        {"checks": {"timeout": 5, "fail": "open", "spf": "enforce", "spamd": "127.0.0.1:783"}}
+    )
+    assert (cfg.checks.timeout, cfg.checks.fail) == (5.0, "open")
