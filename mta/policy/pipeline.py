@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 
 from mta.envelope import Reply
 from mta.observe.logging import Logger
-from mta.policy.verdict import FINAL_ACTIONS, Action, Phase, PolicyContext, Verdict
+from mta.policy.verdict import Action, Phase, PolicyContext, Verdict
 
 log = Logger()
 
@@ -45,6 +45,7 @@ CHECK_FAILED = Reply(451, "4.3.0", "Error: internal error, try again later")
 _ACCEPT = Verdict.ACCEPT
 _CONTINUE = Verdict.CONTINUE
 _QUARANTINE = Action.QUARANTINE
+_REJECT, _TEMPFAIL, _DISCARD = Action.REJECT, Action.TEMPFAIL, Action.DISCARD
 
 
 class PolicyPipeline:
@@ -75,6 +76,8 @@ class PolicyPipeline:
         for check in self.checks:
             for phase in check.phases:
                 by_phase[Phase(phase).value].append(check)
+        # Indexed by `phase._value_` (a plain attribute; `.value` and hashing an
+        # Enum member are Python-level calls).
         self._by_phase = tuple(tuple(checks) for checks in by_phase)
         self.phases = frozenset(p for p in Phase if self._by_phase[p.value])
 
@@ -82,13 +85,13 @@ class PolicyPipeline:
         return f"<PolicyPipeline {[c.name for c in self.checks]}>"
 
     def checks_for(self, phase: Phase) -> tuple:
-        return self._by_phase[phase.value]
+        return self._by_phase[phase._value_]
 
     def run(self, phase: Phase, context: PolicyContext) -> Verdict | defer.Deferred:
         """The combined `Verdict` of `phase`'s checks for `context`, or a Deferred
         firing with it when a check answers asynchronously.  Never raises and never
         fails: a broken check becomes a verdict by its failure mode."""
-        checks = self._by_phase[phase.value]
+        checks = self._by_phase[phase._value_]
         if not checks:
             return _ACCEPT
         return self._run_from(checks, 0, phase, context, None)
@@ -106,9 +109,10 @@ class PolicyPipeline:
                 if isinstance(verdict, defer.Deferred):
                     return self._wait(verdict, checks, i, phase, context, acc)
                 verdict = self._not_a_verdict(verdict, check, phase)
-            if verdict.action in FINAL_ACTIONS:
+            action = verdict.action
+            if action is _REJECT or action is _TEMPFAIL or action is _DISCARD:
                 return self._decided(verdict, check, phase)
-            acc = _combine(acc, verdict)
+            acc = verdict if acc is None else _combine(acc, verdict)
         if acc is None or acc is _CONTINUE:
             return _ACCEPT
         if acc.action is Action.CONTINUE:
@@ -126,7 +130,8 @@ class PolicyPipeline:
         check = checks[i]
         if type(verdict) is not Verdict:
             verdict = self._not_a_verdict(verdict, check, phase)
-        if verdict.action in FINAL_ACTIONS:
+        action = verdict.action
+        if action is _REJECT or action is _TEMPFAIL or action is _DISCARD:
             return self._decided(verdict, check, phase)
         return self._run_from(checks, i + 1, phase, context, _combine(acc, verdict))
 

@@ -16,7 +16,7 @@ synchronous check costs no allocation.
 from __future__ import annotations
 
 import enum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import attrs
 
@@ -44,6 +44,7 @@ class Action(enum.Enum):
 
 # Actions that end a phase: the first check answering one of these decides.
 FINAL_ACTIONS = frozenset((Action.REJECT, Action.TEMPFAIL, Action.DISCARD))
+_REJECT, _TEMPFAIL = Action.REJECT, Action.TEMPFAIL
 
 
 @attrs.frozen(slots=True)
@@ -70,7 +71,8 @@ class Verdict:
     @property
     def refuses(self) -> bool:
         """True for REJECT and TEMPFAIL: the client is told no."""
-        return self.action is Action.REJECT or self.action is Action.TEMPFAIL
+        action = self.action
+        return action is _REJECT or action is _TEMPFAIL
 
     @classmethod
     def accept(
@@ -117,15 +119,15 @@ Verdict.ACCEPT = Verdict(Action.ACCEPT)
 Verdict.CONTINUE = Verdict(Action.CONTINUE)
 
 
-@attrs.frozen(slots=True)
-class PolicyContext:
+class PolicyContext(NamedTuple):
     """What a check may look at, as of the phase it is asked at.
 
-    Built by the session only for phases that have checks.  `recipient` is the RCPT
-    being decided (RCPT phase); `recipients` the mailboxes accepted so far in this
-    transaction.  At DATA, `body` is the sealed `IMessageBody` of the message as
-    received (no trace headers yet; its methods block, so read it in a thread) and
-    `size` its size; at MAIL `size` is the client's SIZE= declaration or 0.
+    Built by the session only for phases that have checks (a NamedTuple: immutable
+    and cheap to make, on the hot path).  `recipient` is the RCPT being decided (RCPT
+    phase); `recipients` the mailboxes accepted so far in this transaction.  At
+    DATA, `body` is the sealed `IMessageBody` of the message as received (no trace
+    headers yet; its methods block, so read it in a thread) and `size` its size; at
+    MAIL `size` is the client's SIZE= declaration or 0.
     """
 
     client_address: str

@@ -28,52 +28,69 @@ from mta.policy.verdict import Action, Phase, PolicyContext, Verdict
 from mta.smtp import replies as R
 from mta.smtp.datastream import ChunkChecker, DotDecoder
 from mta.smtp.fixups import HeaderScanner, missing_headers
-from mta.smtp.received import received_for
+from mta.smtp.received import protocol_name, received_header
 
 log = Logger()
 
 
-def end_of_message(tx, context: PolicyContext, ctx, earlier, *, tls_active: bool):
+def end_of_message(tx, envelope: Envelope, context, ctx, earlier, esmtp, tls_active, session):
     """The last byte of `tx`'s message arrived: refuse it, or run the end-of-message
     checks (with the `earlier` phases' accepting verdicts folded in) and commit.
 
-    `context` is the session's `PolicyContext` for this transaction; `ctx` its
-    `SessionContext`.  Returns the reply, or a Deferred firing with it.
+    `envelope` is what the spool gets; `context` the session's `PolicyContext` for
+    this transaction when there are end-of-message checks (else None); `ctx` its
+    `SessionContext`; `esmtp`, `tls_active` and `session` (its id) describe the
+    session for the Received header and the logs.  Returns the reply, or a Deferred
+    firing with it.
     """
     message = tx.message
-    refusal = message.refusal(ctx.config.limits.max_received_headers, context.client_address)
+    refusal = message.refusal(ctx.config.limits.max_received_headers, envelope.client_address)
     if refusal is not None:
         message.abort()
         return refusal
     qid = message.qid
-    envelope = tx.envelope(context, ctx.clock.seconds())
-    trace = received_for(
-        envelope, hostname=ctx.hostname, queue_id=qid, esmtp=context.esmtp, tls=tls_active
+    originals = envelope.original_recipients
+    trace = received_header(
+        helo=envelope.helo,
+        client_ip=envelope.client_address,
+        hostname=ctx.hostname,
+        protocol=protocol_name(
+            esmtp=esmtp,
+            tls=tls_active,
+            auth=bool(envelope.authenticated_as),
+            utf8=envelope.smtputf8,
+        ),
+        queue_id=qid,
+        recipient=str(originals[0]) if len(originals) == 1 else None,
+        tls=envelope.tls,
+        now=envelope.received_at,
     )
-    if context.authenticated_as:
+    if envelope.authenticated_as:
         # RFC 6409 8: a submission server completes what the client left out.
         trace += missing_headers(
             message.headers, queue_id=qid, hostname=ctx.hostname, now=envelope.received_at
         )
-    verdict = _data_verdict(message, context, ctx.pipeline, earlier)
-    if verdict is None:
-        message.abort()
-        return write_failed(Failure(), qid)
-    return message.finish(verdict, envelope, trace, ctx, context.session_id, tx.started_at)
+    if earlier or context is not None:
+        verdict = _data_verdict(message, context, ctx.pipeline, earlier)
+        if verdict is None:
+            message.abort()
+            return write_failed(Failure(), qid)
+        return message.finish(verdict, envelope, trace, ctx, session, tx.started_at)
+    return message._commit(envelope, trace, ctx, session, tx.started_at)
 
 
-def _data_verdict(message, context: PolicyContext, pipeline, earlier):
+def _data_verdict(message, context: PolicyContext | None, pipeline, earlier):
     """The end-of-message verdict (or a Deferred) with what earlier phases said
     folded in; None when the body cannot be read back (a spool write error)."""
     for verdict in earlier:
         if verdict.action is Action.DISCARD:
             return verdict  # no point checking a message that will be dropped
-    if Phase.DATA in pipeline.phases:
+    if context is not None:
         try:
             body = message.body()
         except OSError:
             return None
-        context = attrs.evolve(context, queue_id=message.qid, size=message.size, body=body)
+        context = context._replace(queue_id=message.qid, size=message.size, body=body)
         verdict = pipeline.run(Phase.DATA, context)
     else:
         verdict = Verdict.ACCEPT
@@ -153,7 +170,8 @@ class IncomingMessage:
         if self.too_big:
             log.info("message rejected: too big", event="rejected", qid=qid, size=self.size)
             return R.TOO_BIG
-        if self.bare_line_endings:
+        decoder = self.decoder if self.decoder is not None else self.checker
+        if decoder.bare_line_endings:
             log.info(
                 "message rejected: bare line endings", event="rejected", qid=qid, client=client
             )

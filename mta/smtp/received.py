@@ -60,21 +60,3 @@ def received_header(
         lines[-1] += ";"
         lines.append(f"\t{date}")
     return ("\r\n".join(lines) + "\r\n").encode("utf-8")
-
-
-def received_for(envelope, *, hostname: str, queue_id: str, esmtp: bool, tls: bool) -> bytes:
-    """The Received header of a message received with `envelope` (an
-    `mta.envelope.Envelope`); `esmtp`/`tls` say how the session spoke."""
-    originals = envelope.original_recipients
-    return received_header(
-        helo=envelope.helo,
-        client_ip=envelope.client_address,
-        hostname=hostname,
-        protocol=protocol_name(
-            esmtp=esmtp, tls=tls, auth=bool(envelope.authenticated_as), utf8=envelope.smtputf8
-        ),
-        queue_id=queue_id,
-        recipient=str(originals[0]) if len(originals) == 1 else None,
-        tls=envelope.tls,
-        now=envelope.received_at,
-    )

@@ -69,8 +69,13 @@ class SMTPSession(OrderedSession):
     def __init__(self, context: SessionContext, peer_ip: str):
         OrderedSession.__init__(self, context.config.limits, context.tls)
         self._ctx = context
-        self._pipeline = context.pipeline
-        self._policy_phases = context.pipeline.phases
+        self._pipeline = pipeline = context.pipeline
+        # Which phases have checks (booleans: hashing an Enum member is slow).
+        self._connect_checks = bool(pipeline.checks_for(Phase.CONNECT))
+        self._helo_checks = bool(pipeline.checks_for(Phase.HELO))
+        self._mail_checks = bool(pipeline.checks_for(Phase.MAIL))
+        self._rcpt_checks = bool(pipeline.checks_for(Phase.RCPT))
+        self._data_checks = bool(pipeline.checks_for(Phase.DATA))
         self.peer_ip = peer_ip
         # Ties a connection's connect/disconnect events to the messages it sent.
         self.session_id = f"{next(_session_ids):x}"
@@ -106,7 +111,7 @@ class SMTPSession(OrderedSession):
             client=self.peer_ip,
             listener=self._ctx.listener.name,
         )
-        if Phase.CONNECT not in self._policy_phases:
+        if not self._connect_checks:
             wire.send(self.transport, f"220 {self._ctx.hostname} ESMTP mta\r\n".encode())
             return
         context = PolicyContext(self.peer_ip, self._ctx.listener.name, self.session_id)
@@ -206,7 +211,7 @@ class SMTPSession(OrderedSession):
         self._reset()
         self.helo_name, self._esmtp = name, esmtp
         self._helo_verdicts = []
-        if Phase.HELO not in self._policy_phases:
+        if not self._helo_checks:
             return self._helo_checked(Verdict.ACCEPT, name, esmtp)
         context = self._context(None, None, (), NO_MAIL_PARAMS)
         return self._check(Phase.HELO, context, self._helo_checked, name, esmtp)
@@ -261,10 +266,13 @@ class SMTPSession(OrderedSession):
             auth_enabled=self._ctx.authenticator is not None,
         )
         sender = parse_sender(pa.path, params.smtputf8)
-        if Phase.MAIL not in self._policy_phases:
+        if not self._mail_checks:
             return self._mail_checked(Verdict.ACCEPT, sender, params)
-        context = self._context(sender, None, (), params, size=params.size)
-        return self._check(Phase.MAIL, context, self._mail_checked, sender, params)
+        context = self._context(sender, None, (), params, None, params.size)
+        verdict = self._pipeline.run(Phase.MAIL, context)
+        if isinstance(verdict, defer.Deferred):
+            return verdict.addCallback(self._mail_checked, sender, params)
+        return self._mail_checked(verdict, sender, params)
 
     def _mail_checked(self, verdict: Verdict, sender, params) -> Reply:
         if verdict.refuses:
@@ -288,10 +296,13 @@ class SMTPSession(OrderedSession):
         rcpt = parse_recipient(pa.path, tx.params.smtputf8)
         if tx.rcpt_count >= self._limits.max_recipients:
             return R.TOO_MANY_RECIPIENTS
-        if Phase.RCPT not in self._policy_phases:
+        if not self._rcpt_checks:
             return self._rcpt_checked(Verdict.ACCEPT, rcpt, notify, orcpt)
         context = self._context(tx.sender, rcpt, tuple(tx.recipients), tx.params)
-        return self._check(Phase.RCPT, context, self._rcpt_checked, rcpt, notify, orcpt)
+        verdict = self._pipeline.run(Phase.RCPT, context)
+        if isinstance(verdict, defer.Deferred):
+            return verdict.addCallback(self._rcpt_checked, rcpt, notify, orcpt)
+        return self._rcpt_checked(verdict, rcpt, notify, orcpt)
 
     def _rcpt_checked(self, verdict: Verdict, rcpt, notify: str, orcpt: str) -> Reply:
         if verdict.refuses:
@@ -439,15 +450,29 @@ class SMTPSession(OrderedSession):
         message.checker.finish()
         return self._finish_message()
 
-    def _data_done(self):
-        return self._finish_message()
-
     def _finish_message(self):
         tx, self._tx = self._tx, None
         self._finishing = tx.message  # aborted if the connection is lost meanwhile
-        context = self._context(tx.sender, None, tuple(tx.recipients), tx.params)
-        earlier = self._connect_verdicts + self._helo_verdicts + tx.verdicts
-        return M.end_of_message(tx, context, self._ctx, earlier, tls_active=self.tls_active)
+        ctx = self._ctx
+        envelope = tx.envelope(
+            self.helo_name or "",
+            self.peer_ip,
+            self.authenticated_as,
+            ctx.listener.name,
+            self._tls_info(),
+            ctx.clock.seconds(),
+        )
+        context = None
+        if self._data_checks:
+            context = self._context(tx.sender, None, envelope.recipients, tx.params)
+        earlier = ()
+        if self._connect_verdicts or self._helo_verdicts or tx.verdicts:
+            earlier = self._connect_verdicts + self._helo_verdicts + tx.verdicts
+        return M.end_of_message(
+            tx, envelope, context, ctx, earlier, self._esmtp, self.tls_active, self.session_id
+        )
+
+    _data_done = _finish_message  # the end of DATA (OrderedSession's hook)
 
 
 def _keep(kept: list[Verdict], verdict: Verdict) -> None:

@@ -42,19 +42,26 @@ class Transaction:
                 if notify or orcpt:
                     self.dsn_used = True
 
-    def envelope(self, context, received_at: float) -> Envelope:
-        """The envelope for the spool; `context` is the session's `PolicyContext`
-        (the connection's side: client, HELO, AUTH identity, listener, TLS)."""
+    def envelope(
+        self,
+        helo: str,
+        client_address: str,
+        authenticated_as: str | None,
+        listener: str,
+        tls: str | None,
+        received_at: float,
+    ) -> Envelope:
+        """The envelope for the spool, with the connection's side given."""
         params = self.params
         return Envelope(
             sender=self.sender,
             recipients=tuple(self.recipients),
             original_recipients=tuple(self.originals),
-            helo=context.helo or "",
-            client_address=context.client_address,
-            authenticated_as=context.authenticated_as,
-            listener=context.listener,
-            tls=context.tls,
+            helo=helo,
+            client_address=client_address,
+            authenticated_as=authenticated_as,
+            listener=listener,
+            tls=tls,
             body=params.body,
             smtputf8=params.smtputf8,
             received_at=received_at,
