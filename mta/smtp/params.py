@@ -63,7 +63,7 @@ def mail_params(params: dict[str, str | None], *, max_size: int, auth_enabled: b
         elif name == "AUTH" and auth_enabled:
             pass  # RFC 4954 5: accepted; we do not relay the submitter identity
         else:
-            raise CommandError(Reply(555, "5.5.4", f"Unsupported parameter {name}"))
+            raise CommandError(Reply(555, "5.5.4", f"Unsupported parameter {R.printable(name)}"))
     return MailParams(body, smtputf8, ret, envid, size)
 
 
@@ -82,7 +82,7 @@ def rcpt_params(params: dict[str, str | None]) -> tuple[str, str]:
             if not orcpt:
                 raise CommandError(Reply(501, "5.5.4", "Bad ORCPT parameter"))
         else:
-            raise CommandError(Reply(555, "5.5.4", f"Unsupported parameter {name}"))
+            raise CommandError(Reply(555, "5.5.4", f"Unsupported parameter {R.printable(name)}"))
     return notify, orcpt
 
 

@@ -348,6 +348,8 @@ class SMTPSession(OrderedSession):
         return None
 
     def do_VRFY(self, arg: str):
+        if not arg:
+            return R.VRFY_SYNTAX  # RFC 5321 4.1.1.6: VRFY takes a string
         return R.VRFY
 
     def do_EXPN(self, arg: str):
