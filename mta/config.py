@@ -65,6 +65,8 @@ class LimitsConfig:
     messages_per_user_per_minute: int = 0
     max_line_length: int = 512
     max_received_headers: int = 50
+    min_data_rate: int = 500
+    bare_newlines: str = "normalize"
 
 
 @attrs.frozen
@@ -214,6 +216,7 @@ _CHOICES = {
     "queue.backend": ("local", "postgresql"),
     "relay.tls": ("opportunistic", "required", "none"),
     "checks.fail": ("open", "closed"),
+    "limits.bare_newlines": ("normalize", "reject"),
     "log.format": ("json", "text"),
     "log.level": ("debug", "info", "warn", "error", "critical"),
 }

@@ -32,6 +32,8 @@ def test_defaults_are_complete():
         ({"storage": {"backend": "floppy"}}, "storage.backend"),
         ({"queue": {"retry_schedule": [60, -1]}}, "queue.retry_schedule"),
         ({"checks": {"fail": "maybe"}}, "checks.fail"),
+        ({"limits": {"bare_newlines": "keep"}}, "limits.bare_newlines"),
+        ({"limits": {"min_data_rate": -1}}, "limits.min_data_rate"),
         ({"checks": {"timeout": 0}}, "checks.timeout"),
         ({"checks": {"timeout": "soon"}}, "checks.timeout"),
         ({"checks": {"spf_mode": "on"}}, "checks.spf_mode"),

@@ -112,17 +112,19 @@ class IncomingMessage:
         "headers",
         "decoder",
         "checker",
+        "received",
         "_max_size",
     )
 
-    def __init__(self, spool, max_size: int, *, bdat: bool = False):
+    def __init__(self, spool, max_size: int, *, bdat: bool = False, normalize: bool = True):
         self.qid = spool.new_queue_id()
         self.spoolfile = spool.open(self.qid)
         self.size = 0
         self.too_big = False
         self.headers = HeaderScanner()
-        self.decoder = None if bdat else DotDecoder()
-        self.checker = ChunkChecker() if bdat else None
+        self.decoder = None if bdat else DotDecoder(normalize)
+        self.checker = ChunkChecker(normalize) if bdat else None
+        self.received = 0  # BDAT octets received (before any normalising)
         self._max_size = max_size
 
     def feed_data(self, data: bytes) -> bytes | None:
@@ -134,8 +136,16 @@ class IncomingMessage:
 
     def feed_chunk(self, chunk: bytes) -> None:
         """One piece of a BDAT chunk (no unstuffing; bare line endings tracked)."""
-        self.checker.feed(chunk)
-        self.write(chunk)
+        self.received += len(chunk)
+        data = self.checker.feed(chunk)
+        if data:
+            self.write(data)
+
+    def last_chunk_done(self) -> None:
+        """BDAT LAST has been read: settle a CR the checker was holding back."""
+        data = self.checker.finish()
+        if data:
+            self.write(data)
 
     def write(self, data: bytes) -> None:
         """Body bytes (dot-unstuffed): counted always, stored while under the limit."""
@@ -171,6 +181,13 @@ class IncomingMessage:
             log.info("message rejected: too big", event="rejected", qid=qid, size=self.size)
             return R.TOO_BIG
         decoder = self.decoder if self.decoder is not None else self.checker
+        if decoder.normalized:
+            log.info(
+                "{qid}: bare line endings normalised to CRLF",
+                event="bare_newlines_normalized",
+                qid=qid,
+                client=client,
+            )
         if decoder.bare_line_endings:
             log.info(
                 "message rejected: bare line endings", event="rejected", qid=qid, client=client

@@ -70,9 +70,12 @@ class OrderedSession(smtp.ESMTP):
     _commands: dict = {}  # set by the subclass: command_table(Subclass)
     helo_name: str | None = None
 
-    def __init__(self, limits, tls_context=None):
+    def __init__(self, limits, clock, tls_context=None):
         smtp.ESMTP.__init__(self, chal={}, contextFactory=tls_context)
         self._limits = limits
+        self._clock = clock
+        self.callLater = clock.callLater  # TimeoutMixin's clock
+        self._deadline = 0.0  # when the DATA / BDAT transfer in progress times out
         self._inbuf = b""
         self._out: list[bytes] = []
         self._mode = COMMAND
@@ -104,7 +107,13 @@ class OrderedSession(smtp.ESMTP):
     def dataReceived(self, data: bytes) -> None:
         if self._closing:
             return
-        self.resetTimeout()
+        mode = self._mode
+        if mode == DATA or mode == BDAT:
+            self._transfer_progress(len(data))
+        elif not self._inbuf and not self._discarding:
+            # The first byte of a command line starts its clock: the line must be
+            # complete within idle_timeout of it, trickling bytes buys no time.
+            self.resetTimeout()
         self._inbuf = self._inbuf + data if self._inbuf else data
         if self._busy:
             if not self._paused and len(self._inbuf) > MAX_PENDING_INPUT:
@@ -232,6 +241,35 @@ class OrderedSession(smtp.ESMTP):
         """Read DATA into `sink` (after the 354) until `sink.feed_data` finds its end."""
         self._sink = sink
         self._mode = DATA
+        self._begin_transfer()
+
+    # A DATA or BDAT transfer starts with idle_timeout to live; every N bytes received
+    # add N / min_data_rate seconds, never past idle_timeout from now (Postfix's
+    # smtpd_min_data_rate).  A client slower than that is closed with 421 4.4.2.
+
+    def _begin_transfer(self) -> None:
+        idle = self._limits.idle_timeout
+        if idle:
+            self._deadline = self._clock.seconds() + idle
+            self.setTimeout(idle)
+
+    def _transfer_progress(self, received: int) -> None:
+        idle = self._limits.idle_timeout
+        if not idle:
+            return
+        now = self._clock.seconds()
+        rate = self._limits.min_data_rate
+        if rate:
+            deadline = min(self._deadline + received / rate, now + idle)
+        else:
+            deadline = now + idle
+        self._deadline = deadline
+        self.setTimeout(deadline - now)
+
+    def _end_transfer(self) -> None:
+        idle = self._limits.idle_timeout
+        if idle:
+            self.setTimeout(idle)
 
     def _consume_data(self) -> None:
         data = self._inbuf
@@ -241,6 +279,7 @@ class OrderedSession(smtp.ESMTP):
             self._inbuf = rest
             self._mode = COMMAND
             self._sink = None
+            self._end_transfer()
             self._settle(self._data_done())
 
     def do_BDAT(self, arg: str):
@@ -258,6 +297,7 @@ class OrderedSession(smtp.ESMTP):
         if self._bdat_remaining == 0:
             return self._chunk_done()
         self._mode = BDAT
+        self._begin_transfer()
         return None
 
     def _consume_bdat(self) -> None:
@@ -272,6 +312,8 @@ class OrderedSession(smtp.ESMTP):
             self._settle(self._chunk_done())
 
     def _chunk_done(self):
+        if self._mode == BDAT:
+            self._end_transfer()
         self._mode = COMMAND
         self._sink = None
         return self._bdat_done(self._bdat_last)

@@ -67,7 +67,7 @@ class SMTPSession(OrderedSession):
     """One inbound SMTP connection."""
 
     def __init__(self, context: SessionContext, peer_ip: str):
-        OrderedSession.__init__(self, context.config.limits, context.tls)
+        OrderedSession.__init__(self, context.config.limits, context.clock, context.tls)
         self._ctx = context
         self._pipeline = pipeline = context.pipeline
         # Which phases have checks (booleans: hashing an Enum member is slow).
@@ -77,9 +77,9 @@ class SMTPSession(OrderedSession):
         self._rcpt_checks = bool(pipeline.checks_for(Phase.RCPT))
         self._data_checks = bool(pipeline.checks_for(Phase.DATA))
         self.peer_ip = peer_ip
+        self._normalize = context.config.limits.bare_newlines == "normalize"
         # Ties a connection's connect/disconnect events to the messages it sent.
         self.session_id = f"{next(_session_ids):x}"
-        self.callLater = context.clock.callLater  # TimeoutMixin's clock
         self.helo_name: str | None = None
         self._esmtp = False
         self.tls_active = context.listener.tls == "implicit"
@@ -330,7 +330,9 @@ class SMTPSession(OrderedSession):
             return R.MIXED_DATA_BDAT
         if not tx.recipients:
             return R.NEED_RCPT
-        tx.message = M.IncomingMessage(self._ctx.spool, self._limits.max_message_size)
+        tx.message = M.IncomingMessage(
+            self._ctx.spool, self._limits.max_message_size, normalize=self._normalize
+        )
         self._begin_data(tx.message)
         return R.START_DATA
 
@@ -435,7 +437,9 @@ class SMTPSession(OrderedSession):
                 self._bdat_error = R.NEED_RCPT
             else:
                 limit = self._limits.max_message_size
-                tx.message = M.IncomingMessage(self._ctx.spool, limit, bdat=True)
+                tx.message = M.IncomingMessage(
+                    self._ctx.spool, limit, bdat=True, normalize=self._normalize
+                )
         return tx.message if self._bdat_error is None else None
 
     def _bdat_done(self, last: bool):
@@ -448,8 +452,8 @@ class SMTPSession(OrderedSession):
         if not last:
             if message.too_big:
                 return R.TOO_BIG
-            return Reply(250, "2.0.0", f"{message.size} octets received")
-        message.checker.finish()
+            return Reply(250, "2.0.0", f"{message.received} octets received")
+        message.last_chunk_done()
         return self._finish_message()
 
     def _finish_message(self):
