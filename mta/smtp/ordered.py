@@ -74,8 +74,9 @@ class OrderedSession(smtp.ESMTP):
         smtp.ESMTP.__init__(self, chal={}, contextFactory=tls_context)
         self._limits = limits
         self._clock = clock
-        self.callLater = clock.callLater  # TimeoutMixin's clock
-        self._deadline = 0.0  # when the DATA / BDAT transfer in progress times out
+        self.callLater = clock.callLater
+        self._timer = None  # the DelayedCall that enforces `_deadline`
+        self._deadline = 0.0
         self._inbuf = b""
         self._out: list[bytes] = []
         self._mode = COMMAND
@@ -89,9 +90,53 @@ class OrderedSession(smtp.ESMTP):
         self._bdat_remaining = 0
         self._bdat_last = False
 
-    def timeoutConnection(self):
+    # -- the deadline ------------------------------------------------------------
+    #
+    # One lazy timer per connection: moving the deadline is an assignment, and the
+    # DelayedCall is only re-armed when it fires early (the deadline never moves
+    # backwards, so the timer never fires late).  The deadline is idle_timeout after
+    # the first byte of the command line in progress (or after the last complete
+    # one); while a reply is pending it waits; a DATA or BDAT transfer starts with
+    # idle_timeout to live and every N bytes received add N / min_data_rate seconds,
+    # never more than idle_timeout ahead (Postfix's smtpd_min_data_rate).  Past it:
+    # 421 4.4.2 and the connection is closed.
+
+    def _start_timer(self) -> None:
+        idle = self._limits.idle_timeout
+        if idle:
+            self._deadline = self._clock.seconds() + idle
+            self._timer = self.callLater(idle, self._timer_fired)
+
+    def _stop_timer(self) -> None:
+        timer, self._timer = self._timer, None
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    def _touch(self) -> None:
+        """A new idle period starts now."""
+        if self._timer is not None:
+            self._deadline = self._clock.seconds() + self._limits.idle_timeout
+
+    def _transfer_progress(self, received: int) -> None:
+        if self._timer is None:
+            return
+        now = self._clock.seconds()
+        rate = self._limits.min_data_rate
+        idle = self._limits.idle_timeout
+        if rate:
+            self._deadline = min(self._deadline + received / rate, now + idle)
+        else:
+            self._deadline = now + idle
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        if self._closing:
+            return
+        now = self._clock.seconds()
         if self._busy:
-            self.resetTimeout()
+            self._deadline = max(self._deadline, now + self._limits.idle_timeout)
+        if now < self._deadline:
+            self._timer = self.callLater(self._deadline - now, self._timer_fired)
             return
         self._close_with(R.IDLE_TIMEOUT)
 
@@ -113,7 +158,7 @@ class OrderedSession(smtp.ESMTP):
         elif not self._inbuf and not self._discarding:
             # The first byte of a command line starts its clock: the line must be
             # complete within idle_timeout of it, trickling bytes buys no time.
-            self.resetTimeout()
+            self._touch()
         self._inbuf = self._inbuf + data if self._inbuf else data
         if self._busy:
             if not self._paused and len(self._inbuf) > MAX_PENDING_INPUT:
@@ -241,35 +286,7 @@ class OrderedSession(smtp.ESMTP):
         """Read DATA into `sink` (after the 354) until `sink.feed_data` finds its end."""
         self._sink = sink
         self._mode = DATA
-        self._begin_transfer()
-
-    # A DATA or BDAT transfer starts with idle_timeout to live; every N bytes received
-    # add N / min_data_rate seconds, never past idle_timeout from now (Postfix's
-    # smtpd_min_data_rate).  A client slower than that is closed with 421 4.4.2.
-
-    def _begin_transfer(self) -> None:
-        idle = self._limits.idle_timeout
-        if idle:
-            self._deadline = self._clock.seconds() + idle
-            self.setTimeout(idle)
-
-    def _transfer_progress(self, received: int) -> None:
-        idle = self._limits.idle_timeout
-        if not idle:
-            return
-        now = self._clock.seconds()
-        rate = self._limits.min_data_rate
-        if rate:
-            deadline = min(self._deadline + received / rate, now + idle)
-        else:
-            deadline = now + idle
-        self._deadline = deadline
-        self.setTimeout(deadline - now)
-
-    def _end_transfer(self) -> None:
-        idle = self._limits.idle_timeout
-        if idle:
-            self.setTimeout(idle)
+        self._touch()
 
     def _consume_data(self) -> None:
         data = self._inbuf
@@ -279,7 +296,7 @@ class OrderedSession(smtp.ESMTP):
             self._inbuf = rest
             self._mode = COMMAND
             self._sink = None
-            self._end_transfer()
+            self._touch()
             self._settle(self._data_done())
 
     def do_BDAT(self, arg: str):
@@ -297,7 +314,7 @@ class OrderedSession(smtp.ESMTP):
         if self._bdat_remaining == 0:
             return self._chunk_done()
         self._mode = BDAT
-        self._begin_transfer()
+        self._touch()
         return None
 
     def _consume_bdat(self) -> None:
@@ -313,7 +330,7 @@ class OrderedSession(smtp.ESMTP):
 
     def _chunk_done(self):
         if self._mode == BDAT:
-            self._end_transfer()
+            self._touch()
         self._mode = COMMAND
         self._sink = None
         return self._bdat_done(self._bdat_last)

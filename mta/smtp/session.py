@@ -103,7 +103,7 @@ class SMTPSession(OrderedSession):
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             set_nodelay(True)
-        self.setTimeout(self._limits.idle_timeout or None)
+        self._start_timer()
         log.debug(
             "connection from {client} on {listener}",
             event="connect",
@@ -134,7 +134,7 @@ class SMTPSession(OrderedSession):
         return Reply(220, "", f"{self._ctx.hostname} ESMTP mta")
 
     def connectionLost(self, reason=None):
-        self.setTimeout(None)
+        self._stop_timer()
         self._closing = True
         self._reset()
         if self._finishing is not None:
