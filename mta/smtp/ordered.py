@@ -9,8 +9,9 @@ still pending.  This base class owns `dataReceived` instead:
   go out in order (RFC 2920);
 * replies produced while draining one read go out in one write (RFC 2920 4);
 * over-long lines are answered once, at their end; too many errors close the
-  connection; an HTTP request before HELO is dropped.
-
+  connection; an HTTP request before HELO is dropped;
+* slow clients meet one deadline (see "the deadline" below): a command line has
+  idle_timeout from its first byte, DATA and BDAT must keep up min_data_rate;
 * DATA and BDAT are framed here, on whole buffers: DATA bytes go to a sink's
   `feed_data` (which finds the end, see `mta.smtp.datastream`) and BDAT chunks of
   the announced length to its `feed_chunk`; no body ever goes through the line
