@@ -33,9 +33,10 @@ from mta.directory import UserDirectory
 from mta.dns import make_resolver
 from mta.observe.logging import Logger, make_observer
 from mta.policy.lockout import LockoutRules, LockoutTracker
-from mta.policy.ratelimit import RateLimiter
-from mta.policy.relay import RelayPolicy
-from mta.policy.sender import SenderPolicy
+from mta.policy.pipeline import PolicyPipeline
+from mta.policy.ratelimit import RateLimitCheck, RateLimiter
+from mta.policy.relay import RelayCheck
+from mta.policy.sender import SenderCheck, SenderPolicy
 from mta.queue import adopt_orphaned_queues, open_queue_control, open_queue_store
 from mta.queue.bounce import Bouncer
 from mta.queue.control import QueueControl
@@ -235,6 +236,32 @@ def _submission(config: Config, reactor, root, database, db_pool, auth_pool):
     return authenticator, SenderPolicy(database, run_db)
 
 
+# Checks that guard the relay rule and abuse limits: never skipped because they failed.
+_ALWAYS_FAIL_CLOSED = ("relay", "sender", "rate-ip", "rate-user")
+
+
+def policy_pipeline(config: Config, clock, directory, sender_policy) -> PolicyPipeline:
+    """The policy checks, in order: rate limits and the sender rule at MAIL, then the
+    relay rule (recipient resolution) at RCPT; timeouts and failure mode from
+    `[checks]`."""
+    checks = []
+    limits = config.limits
+    if limits.messages_per_ip_per_minute:
+        checks.append(RateLimitCheck(RateLimiter(clock, limits.messages_per_ip_per_minute), "ip"))
+    if limits.messages_per_user_per_minute:
+        limiter = RateLimiter(clock, limits.messages_per_user_per_minute)
+        checks.append(RateLimitCheck(limiter, "user"))
+    checks.append(SenderCheck(sender_policy))
+    checks.append(RelayCheck(config.local_domains, config.relay_networks, directory))
+    return PolicyPipeline(
+        checks,
+        clock,
+        timeout=config.checks.timeout,
+        fail_open=config.checks.fail == "open",
+        fail_open_by_check=dict.fromkeys(_ALWAYS_FAIL_CLOSED, False),
+    )
+
+
 def _pool(name: str, size: int) -> ThreadPool:
     pool = ThreadPool(minthreads=0, maxthreads=size, name=f"mta-{name}")
     return pool
@@ -348,10 +375,8 @@ def build_service(
         tls = server_context(
             config.tls.certificate, config.tls.key, config.datadir, config.hostname
         )
-    policy = RelayPolicy(config.local_domains, config.relay_networks, directory)
     authenticator, sender_policy = _submission(config, reactor, root, database, db_pool, auth_pool)
-    ip_limiter = RateLimiter(reactor, config.limits.messages_per_ip_per_minute)
-    user_limiter = RateLimiter(reactor, config.limits.messages_per_user_per_minute)
+    pipeline = policy_pipeline(config, reactor, directory, sender_policy)
     tracker = ConnectionTracker(config.limits.max_connections, config.limits.max_connections_per_ip)
     balancer = None
     if config.workers > 1:
@@ -364,13 +389,10 @@ def build_service(
             config=config,
             listener=listener,
             spool=spool,
-            policy=policy,
+            pipeline=pipeline,
             clock=reactor,
             tls=tls if listener.tls != "none" else None,
             authenticator=authenticator if listener.auth != "none" else None,
-            sender_policy=sender_policy,
-            ip_limiter=ip_limiter if config.limits.messages_per_ip_per_minute else None,
-            user_limiter=user_limiter if config.limits.messages_per_user_per_minute else None,
         )
         factory = SMTPFactory(context, tracker)
         fd = (inherited or {}).get(listener.name)

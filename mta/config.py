@@ -108,6 +108,8 @@ class LimitsConfig:
     messages_per_user_per_minute: int = 0
     max_line_length: int = 512
     max_received_headers: int = 50
+    min_data_rate: int = 500
+    bare_newlines: str = "normalize"
 
 
 @attrs.frozen
@@ -169,6 +171,19 @@ class DKIMConfig:
 
 
 @attrs.frozen
+class ChecksConfig:
+    """`[checks]`: how the policy pipeline treats a check that fails or hangs.
+
+    `timeout` bounds each asynchronous check (seconds); a check that times out or
+    raises answers 451 with `fail = "closed"`, or is skipped (and logged) with
+    `fail = "open"`.  The relay, sender and rate-limit rules are always closed.
+    """
+
+    timeout: float = 30.0
+    fail: str = "closed"
+
+
+@attrs.frozen
 class HTTPConfig:
     address: str | None = "127.0.0.1:8081"
 
@@ -204,6 +219,7 @@ class Config:
     relay: RelayConfig = RelayConfig()
     dns: DNSConfig = DNSConfig()
     dkim: DKIMConfig = DKIMConfig()
+    checks: ChecksConfig = ChecksConfig()
     http: HTTPConfig = HTTPConfig()
     manhole: ManholeConfig = ManholeConfig()
     log: LogConfig = LogConfig()
@@ -233,6 +249,7 @@ _SECTIONS: dict[str, type] = {
     "relay": RelayConfig,
     "dns": DNSConfig,
     "dkim": DKIMConfig,
+    "checks": ChecksConfig,
     "http": HTTPConfig,
     "manhole": ManholeConfig,
     "log": LogConfig,
@@ -241,6 +258,8 @@ _CHOICES = {
     "storage.backend": ("maildir", "mbox", "sqlite", "timeseries", "s3"),
     "queue.backend": ("local", "postgresql"),
     "relay.tls": ("opportunistic", "required", "none"),
+    "checks.fail": ("open", "closed"),
+    "limits.bare_newlines": ("normalize", "reject"),
     "log.format": ("json", "text"),
     "log.level": ("debug", "info", "warn", "error", "critical"),
 }
@@ -252,7 +271,28 @@ _NOT_YET = {
 }
 # Sections of the operator contract implemented by later stages: accepted so that one
 # config file serves every version, validated only as tables.
-_RESERVED_SECTIONS = ("checks", "storage.s3")
+_RESERVED_SECTIONS = ("storage.s3",)
+# Keys of the operator contract in implemented sections whose feature comes later:
+# accepted (so one config file serves every version) but not used yet.
+_RESERVED_KEYS = frozenset(
+    f"checks.{key}"
+    for key in (
+        "spf",
+        "dkim",
+        "dmarc",
+        "arc_seal",
+        "dnsbl",
+        "dnsbl_action",
+        "dnswl",
+        "spamd",
+        "spam_threshold",
+        "spam_action",
+        "spam_max_size",
+        "clamd",
+        "virus_action",
+        "blocked_attachments",
+    )
+)
 
 
 def load_config(path: str | None = None, *, datadir: str | None = None) -> Config:
@@ -532,6 +572,8 @@ def _section(raw: Any, name: str, cls: type, err, collect=contextlib.nullcontext
         if key not in fields:
             if dotted in _RESERVED_SECTIONS and isinstance(value, dict):
                 continue
+            if dotted in _RESERVED_KEYS:
+                continue
             with collect():
                 raise err(dotted, "unknown key")
             continue
@@ -551,6 +593,9 @@ def _section(raw: Any, name: str, cls: type, err, collect=contextlib.nullcontext
                     key,
                     f"{value!r} is not available in this version (use {', '.join(_NOT_YET[key])})",
                 )
+    if name == "checks" and section.timeout <= 0:
+        with collect():
+            raise err("checks.timeout", "must be a positive number of seconds")
     if name == "storage" and section.encrypt:
         with collect():
             raise err("storage.encrypt", "encryption at rest is not available in this version")

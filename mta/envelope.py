@@ -231,6 +231,9 @@ class Envelope:
     dsn_envid: str | None = None
     dsn_notify: tuple[str, ...] = ()
     dsn_orcpt: tuple[str, ...] = ()
+    # Why a policy check quarantined the message (kept away from its recipients, see
+    # `mta.policy.verdict.Action.QUARANTINE`), or None for a normal message.
+    quarantine: str | None = None
 
 
 class RecipientState(enum.Enum):

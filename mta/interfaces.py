@@ -232,7 +232,12 @@ class IPolicyCheck(Interface):
 
     `mta.policy.pipeline.PolicyPipeline` runs the checks of a phase in order, each
     under a timeout, and the session makes one call per phase.  A check returns a
-    `mta.policy.verdict.Verdict` or a Deferred firing with one.
+    `mta.policy.verdict.Verdict` or a Deferred firing with one; the first REJECT,
+    TEMPFAIL or DISCARD ends the phase.  A check that answers synchronously costs no
+    Deferred: return the verdict itself (`Verdict.ACCEPT` for "fine").  A check never
+    blocks the reactor (lookups go through a thread pool or are asynchronous); if it
+    raises, hangs or fails, the pipeline turns that into a 451 (or skips it, failing
+    open), never a 5xx.
     """
 
     name = Attribute("Short name for logs, metrics and timeouts ('relay', 'spf').")

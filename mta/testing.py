@@ -11,6 +11,7 @@ from mta.envelope import Address, Envelope
 from mta.interfaces import (
     IMailStore,
     IMessageBody,
+    IPolicyCheck,
     IQueueControl,
     IQueueStore,
     ISpool,
@@ -49,6 +50,7 @@ class FakeSpoolFile:
 
     def body(self) -> MemoryBody:
         """The bytes written so far (for end-of-message checks)."""
+        assert not self.aborted, "body after abort"
         return MemoryBody(b"".join(self._chunks))
 
     def commit(self, envelope, trace_headers: bytes):
@@ -430,3 +432,62 @@ class FakeQueueControl:
     def act(self, action: str, qid=None) -> str:
         self.actions.append((action, qid))
         return f"{qid or 'queue'} {action}"
+
+
+# The name the policy tests know it by.
+FakeMessageBody = MemoryBody
+
+
+@implementer(IPolicyCheck)
+class FakePolicyCheck:
+    """A policy check answering `verdicts[phase]` (default: `Verdict.ACCEPT`).
+
+    Every call is recorded in `calls` as (phase, context); at DATA the body the check
+    was shown is read into `bodies`.  With `hold=True` each answer is a Deferred kept
+    in `pending` until `release()`; `error` makes every call raise it.
+    """
+
+    def __init__(
+        self,
+        name: str = "fake",
+        phases=None,
+        verdicts: dict | None = None,
+        *,
+        hold: bool = False,
+        error: Exception | None = None,
+    ):
+        from mta.policy.verdict import Phase
+
+        self.name = name
+        self.verdicts = dict(verdicts or {})
+        self.phases = tuple(phases if phases is not None else (self.verdicts or tuple(Phase)))
+        self.hold = hold
+        self.error = error
+        self.calls: list = []
+        self.bodies: list[bytes] = []
+        self.pending: list[tuple[defer.Deferred, object]] = []
+
+    def check(self, phase, context):
+        from mta.policy.verdict import Verdict
+
+        self.calls.append((phase, context))
+        if context.body is not None:
+            self.bodies.append(b"".join(context.body.chunks()))
+        if self.error is not None:
+            raise self.error
+        verdict = self.verdicts.get(phase, Verdict.ACCEPT)
+        if not self.hold:
+            return verdict
+        d = defer.Deferred()
+        self.pending.append((d, verdict))
+        return d
+
+    @property
+    def phases_called(self) -> list:
+        return [phase for phase, _ in self.calls]
+
+    def release(self, verdict=None) -> None:
+        """Fire every pending answer (with `verdict` instead, when given)."""
+        pending, self.pending = self.pending, []
+        for d, held in pending:
+            d.callback(held if verdict is None else verdict)

@@ -31,6 +31,13 @@ def test_defaults_are_complete():
         ),
         ({"storage": {"backend": "floppy"}}, "storage.backend"),
         ({"queue": {"retry_schedule": [60, -1]}}, "queue.retry_schedule"),
+        ({"checks": {"fail": "maybe"}}, "checks.fail"),
+        ({"limits": {"bare_newlines": "keep"}}, "limits.bare_newlines"),
+        ({"limits": {"min_data_rate": -1}}, "limits.min_data_rate"),
+        ({"checks": {"timeout": 0}}, "checks.timeout"),
+        ({"checks": {"timeout": "soon"}}, "checks.timeout"),
+        ({"checks": {"spf_mode": "on"}}, "checks.spf_mode"),
+        ({"checks": []}, "checks"),
     ],
 )
 def test_errors_name_the_key(data, key):
@@ -213,3 +220,12 @@ def test_a_machine_whose_fqdn_is_localhost_uses_its_host_name(monkeypatch):
     assert cfg.hostname == "box7"
     assert cfg.local_domains == ("localhost", "box7")
     assert cfg.is_local_domain("box7")
+
+
+def test_checks_section_defaults_and_reserved_contract_keys():
+    cfg = build_config({})
+    assert (cfg.checks.timeout, cfg.checks.fail) == (30.0, "closed")
+    cfg = build_config(
+        {"checks": {"timeout": 5, "fail": "open", "spf": "enforce", "spamd": "127.0.0.1:783"}}
+    )
+    assert (cfg.checks.timeout, cfg.checks.fail) == (5.0, "open")

@@ -8,6 +8,7 @@ carries no information and is evicted (buckets are kept in least-recently-used
 order, so eviction only looks at the front), and at most `max_keys` buckets exist at
 all (the least recently used one is dropped first, which only ever forgives).
 `limit_per_minute` 0 turns the limiter off.  Time comes from the injected clock.
+`RateLimitCheck` applies a limiter at MAIL, keyed by client address or by user.
 """
 
 from __future__ import annotations
@@ -15,9 +16,14 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Any
 
+from zope.interface import implementer
+
 from mta.envelope import Reply
+from mta.interfaces import IPolicyCheck
+from mta.policy.verdict import Phase, PolicyContext, Verdict
 
 RATE_LIMITED = Reply(451, "4.7.1", "Error: too many messages, slow down and try again later")
+_RATE_LIMITED = Verdict.tempfail(RATE_LIMITED)
 
 
 class RateLimiter:
@@ -58,3 +64,28 @@ class RateLimiter:
             if tokens + (now - updated) * self._rate < self.limit:
                 return
             del buckets[key]
+
+
+@implementer(IPolicyCheck)
+class RateLimitCheck:
+    """MAIL: one token per transaction from `limiter`, keyed by the client address
+    (`per="ip"`, check name `rate-ip`) or the authenticated user (`per="user"`,
+    `rate-user`; unauthenticated sessions are not counted)."""
+
+    phases = (Phase.MAIL,)
+
+    def __init__(self, limiter: RateLimiter, per: str):
+        if per not in ("ip", "user"):
+            raise ValueError("per must be 'ip' or 'user'")
+        self.limiter = limiter
+        self._per_user = per == "user"
+        self.name = f"rate-{per}"
+
+    def check(self, phase: Phase, context: PolicyContext) -> Verdict:
+        if self._per_user:
+            key = context.authenticated_as
+            if not key:
+                return Verdict.ACCEPT
+        else:
+            key = context.client_address
+        return Verdict.ACCEPT if self.limiter.allow(key) else _RATE_LIMITED

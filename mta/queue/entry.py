@@ -206,6 +206,8 @@ def encode_metadata(
             "notify": list(e.dsn_notify),
             "orcpt": list(e.dsn_orcpt),
         }
+    if e.quarantine is not None:
+        meta["quarantine"] = e.quarantine
     return _COMPACT.encode(meta).encode("ascii")
 
 
@@ -242,6 +244,7 @@ def decode_metadata(meta: dict, path: str) -> QueueEntry:
             body=BodyType(meta.get("body", "7BIT")),
             smtputf8=bool(meta.get("smtputf8", False)),
             received_at=float(meta.get("received_at", 0.0)),
+            quarantine=meta.get("quarantine"),
             **_dsn_fields(meta.get("dsn")),
         )
         return QueueEntry(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import attrs
 
 from mta.envelope import Reply
+from mta.smtp.replies import printable
 
 
 class CommandError(Exception):
@@ -54,7 +55,7 @@ def split_path_argument(arg: str, keyword: str, enhanced: str) -> PathArgument:
         name = name.upper()
         if not name or name in params:
             raise CommandError(
-                Reply(501, "5.5.4", f"Invalid or repeated parameter {name or item!r}")
+                Reply(501, "5.5.4", f"Invalid or repeated parameter {printable(name or item)!r}")
             )
         params[name] = value if sep else None
     return PathArgument(path, params)

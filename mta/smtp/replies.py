@@ -1,9 +1,48 @@
-"""The fixed replies of the SMTP server, each with its RFC 3463 enhanced code."""
+"""The fixed replies of the SMTP server, each with its RFC 3463 enhanced code.
+
+Client text echoed into a reply (the EHLO name, a parameter name) goes through
+`printable` first: a reply never carries a control character or a byte the client
+chose outside printable ASCII.
+"""
+
+import re
 
 from mta.envelope import Reply
 
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+def printable(text: str, limit: int = 100) -> str:
+    """`text` with every character outside printable ASCII replaced by '?', cut to
+    `limit` characters: safe to echo into a reply."""
+    return _UNPRINTABLE.sub("?", text[:limit])
+
+
+EHLO_KEYWORDS = (
+    "PIPELINING",
+    "SIZE {max_size}",
+    "8BITMIME",
+    "SMTPUTF8",
+    "ENHANCEDSTATUSCODES",
+    "CHUNKING",
+    "DSN",
+)
+
+
+def ehlo(hostname: str, client: str, max_size: int, *, starttls: bool, auth=()) -> Reply:
+    """The EHLO reply: greeting line, then the extensions we offer."""
+    lines = [f"{hostname} Hello {printable(client, 200)}"[:200]]
+    lines += (k.format(max_size=max_size) for k in EHLO_KEYWORDS)
+    if starttls:
+        lines.append("STARTTLS")
+    if auth:
+        lines.append("AUTH " + " ".join(auth))
+    return Reply(250, "", "\n".join(lines))
+
+
 OK = Reply(250, "2.0.0", "Ok")
 SENDER_OK = Reply(250, "2.1.0", "Ok")
+RECIPIENT_OK = Reply(250, "2.1.5", "Ok")
 BYE = Reply(221, "2.0.0", "Bye")
 START_DATA = Reply(354, "", "End data with <CR><LF>.<CR><LF>")
 START_TLS = Reply(220, "2.0.0", "Ready to start TLS")
@@ -11,6 +50,7 @@ HELP = Reply(
     214, "2.0.0", "Commands: EHLO HELO MAIL RCPT DATA BDAT RSET NOOP QUIT STARTTLS (RFC 5321)"
 )
 VRFY = Reply(252, "2.5.2", "Cannot VRFY user, but will accept message and attempt delivery")
+VRFY_SYNTAX = Reply(501, "5.5.4", "Syntax: VRFY address")
 
 UNKNOWN_COMMAND = Reply(500, "5.5.2", "Error: command not recognized")
 LINE_TOO_LONG = Reply(500, "5.5.2", "Error: line too long")

@@ -1,57 +1,43 @@
-"""The ESMTP server session: twisted.mail's ESMTP with its input handling replaced.
+"""The ESMTP server session: what each command means.
 
 Stock `twisted.mail.smtp.ESMTP` answers the next pipelined line while an asynchronous
 check is still pending, keeps processing plaintext that arrived with STARTTLS, parses
 and drops SIZE= and BODY=, and pushes DATA line by line through Python.  This session
-keeps the class (so it is an `ESMTP` to anything that asks) but owns `dataReceived`:
+keeps the class (so it is an `ESMTP` to anything that asks) but reads its input
+through `mta.smtp.ordered` (one command at a time, replies in order, DATA and BDAT
+framed on whole buffers) and streams each message into one spool file.  STARTTLS
+discards every byte that arrived before the handshake and resets the session
+(RFC 3207, CVE-2011-0411).
 
-* one command at a time: while a reply is a pending Deferred, later input waits in a
-  bounded buffer (reading pauses when it grows), so replies always go out in order
-  (RFC 2920);
-* DATA and BDAT bodies are decoded on whole buffers (`datastream`) and streamed into
-  one spool file per transaction;
-* STARTTLS discards every byte that arrived before the handshake and resets the
-  session (RFC 3207, CVE-2011-0411).
-
-Policy lives outside: recipients are decided by the relay policy, the spool makes
-messages durable, and this module never imports the queue runner or delivery.
+Policy lives outside: the session makes one `PolicyPipeline.run` call per phase
+(connect, HELO/EHLO, MAIL, RCPT, end of message) and never knows which checks ran;
+the spool makes messages durable (`mta.smtp.message`); MAIL/RCPT parameters are
+parsed by `mta.smtp.params`.  This module never imports the queue or delivery.
 """
 
 from __future__ import annotations
 
-import errno
 import itertools
 
 import attrs
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.mail import smtp
 
 from mta.config import Config, ListenerConfig
-from mta.envelope import AddressError, BodyType, Envelope, Reply, parse_path
+from mta.envelope import Reply
 from mta.observe.logging import Logger
-from mta.policy.ratelimit import RATE_LIMITED
-from mta.policy.relay import ClientInfo, RecipientVerdict, RelayPolicy
+from mta.policy.pipeline import PolicyPipeline
+from mta.policy.verdict import Action, Phase, PolicyContext, Verdict
+from mta.smtp import message as M
 from mta.smtp import replies as R
 from mta.smtp import sasl, wire
-from mta.smtp.datastream import ChunkChecker, DotDecoder
-from mta.smtp.fixups import HeaderScanner, missing_headers
-from mta.smtp.parse import (
-    CommandError,
-    notify_param,
-    orcpt_param,
-    split_path_argument,
-    xtext_param,
-)
-from mta.smtp.received import protocol_name, received_header
+from mta.smtp.ordered import COMMAND, SASL, OrderedSession, command_table
+from mta.smtp.params import NO_MAIL_PARAMS, mail_params, parse_recipient, parse_sender, rcpt_params
+from mta.smtp.parse import split_path_argument
 from mta.smtp.tls import describe_tls
+from mta.smtp.transaction import Transaction
 
 log = Logger()
-
-COMMAND, DATA, BDAT, SASL = 0, 1, 2, 3
-MAX_PENDING_INPUT = 64 * 1024
-MAX_ERRORS = 20
-_HTTP_VERBS = frozenset((b"GET", b"POST", b"HEAD", b"PUT", b"CONNECT", b"OPTIONS"))
 
 
 @attrs.define
@@ -61,13 +47,12 @@ class SessionContext:
     config: Config
     listener: ListenerConfig
     spool: object  # ISpool
-    policy: RelayPolicy
+    # Every policy decision.  Its RCPT checks resolve recipients: a recipient no check
+    # resolves is accepted as given, so the relay check must be among them.
+    pipeline: PolicyPipeline
     clock: IReactorTime
     tls: object | None = None  # ServerTLSContext
     authenticator: object | None = None  # mta.smtp.auth.Authenticator, when AUTH is on
-    sender_policy: object | None = None  # mta.policy.sender.SenderPolicy
-    ip_limiter: object | None = None  # mta.policy.ratelimit.RateLimiter per client address
-    user_limiter: object | None = None  # the same per authenticated user
     on_close: object | None = None  # callable(session) for connection accounting
 
     @property
@@ -75,46 +60,40 @@ class SessionContext:
         return self.config.hostname
 
 
-_reply_cache: dict[Reply, bytes] = {}
 _session_ids = itertools.count(1)
 
 
-def _encode(reply: Reply) -> bytes:
-    data = _reply_cache.get(reply)
-    if data is None:
-        data = reply.to_bytes()
-        if len(_reply_cache) < 256:
-            _reply_cache[reply] = data
-    return data
-
-
-class SMTPSession(smtp.ESMTP):
+class SMTPSession(OrderedSession):
     """One inbound SMTP connection."""
 
     def __init__(self, context: SessionContext, peer_ip: str):
-        smtp.ESMTP.__init__(self, chal={}, contextFactory=context.tls)
+        OrderedSession.__init__(self, context.config.limits, context.clock, context.tls)
         self._ctx = context
-        self._limits = context.config.limits
+        self._pipeline = pipeline = context.pipeline
+        # Which phases have checks (booleans: hashing an Enum member is slow).
+        self._connect_checks = bool(pipeline.checks_for(Phase.CONNECT))
+        self._helo_checks = bool(pipeline.checks_for(Phase.HELO))
+        self._mail_checks = bool(pipeline.checks_for(Phase.MAIL))
+        self._rcpt_checks = bool(pipeline.checks_for(Phase.RCPT))
+        self._data_checks = bool(pipeline.checks_for(Phase.DATA))
         self.peer_ip = peer_ip
+        self._normalize = context.config.limits.bare_newlines == "normalize"
         # Ties a connection's connect/disconnect events to the messages it sent.
         self.session_id = f"{next(_session_ids):x}"
-        self.callLater = context.clock.callLater  # TimeoutMixin's clock
-        self._inbuf = b""
-        # Replies produced while draining input go out together (one write for a
-        # pipelined group, RFC 2920 4), see _flush.
-        self._out: list[bytes] = []
-        self._mode = COMMAND
-        self._busy = False
-        self._draining = False
-        self._paused = False
-        self._closing = False
-        self._discarding = False
-        self._errors = 0
         self.helo_name: str | None = None
         self._esmtp = False
         self.tls_active = context.listener.tls == "implicit"
+        self._tls_description: str | None = None
         self.authenticated_as: str | None = None
-        self._clear_transaction()
+        # Accepting verdicts with something to carry (headers, quarantine, discard),
+        # kept until the end of the message: from CONNECT, from the last HELO/EHLO,
+        # and from this transaction's MAIL and RCPT checks.
+        self._connect_verdicts: list[Verdict] = []
+        self._helo_verdicts: list[Verdict] = []
+        self._finishing: M.IncomingMessage | None = None  # committing, or in DATA checks
+        self._tx: Transaction | None = None  # from MAIL FROM to the end of the message
+        self._sasl = None
+        self._bdat_error: Reply | None = None  # this BDAT transfer is refused
 
     # -- connection ------------------------------------------------------------
 
@@ -124,8 +103,7 @@ class SMTPSession(smtp.ESMTP):
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
         if set_nodelay is not None:
             set_nodelay(True)
-        wire.send(self.transport, f"220 {self._ctx.hostname} ESMTP mta\r\n".encode())
-        self.setTimeout(self._limits.idle_timeout or None)
+        self._start_timer()
         log.debug(
             "connection from {client} on {listener}",
             event="connect",
@@ -133,11 +111,35 @@ class SMTPSession(smtp.ESMTP):
             client=self.peer_ip,
             listener=self._ctx.listener.name,
         )
+        if not self._connect_checks:
+            wire.send(self.transport, f"220 {self._ctx.hostname} ESMTP mta\r\n".encode())
+            return
+        context = PolicyContext(self.peer_ip, self._ctx.listener.name, self.session_id)
+        self._settle(self._check(Phase.CONNECT, context, self._connect_checked))
+        self._flush()
+
+    def _connect_checked(self, verdict: Verdict):
+        if verdict.refuses:
+            log.info(
+                "connection from {client} refused by policy: {code} {reason}",
+                event="conn_refused",
+                client=self.peer_ip,
+                code=verdict.reply.code,
+                reason=verdict.reason,
+                session=self.session_id,
+            )
+            self._close_with(verdict.reply)
+            return None
+        _keep(self._connect_verdicts, verdict)
+        return Reply(220, "", f"{self._ctx.hostname} ESMTP mta")
 
     def connectionLost(self, reason=None):
-        self.setTimeout(None)
+        self._stop_timer()
         self._closing = True
-        self._abort_message()
+        self._reset()
+        if self._finishing is not None:
+            self._finishing.abort()  # no-op once committed
+            self._finishing = None
         log.debug(
             "connection from {client} on {listener} closed",
             event="disconnect",
@@ -148,207 +150,94 @@ class SMTPSession(smtp.ESMTP):
         if self._ctx.on_close is not None:
             self._ctx.on_close(self)
 
-    def timeoutConnection(self):
-        if self._busy:
-            self.resetTimeout()
-            return
-        self._close_with(R.IDLE_TIMEOUT)
-
-    def _close_with(self, reply: Reply) -> None:
-        self._closing = True
-        self._inbuf = b""
-        self._out.append(_encode(reply))
-        self._flush()
-        self.transport.loseConnection()
-
-    # -- input -----------------------------------------------------------------
-
-    def dataReceived(self, data: bytes) -> None:
-        if self._closing:
-            return
-        self.resetTimeout()
-        self._inbuf = self._inbuf + data if self._inbuf else data
-        if self._busy:
-            if not self._paused and len(self._inbuf) > MAX_PENDING_INPUT:
-                self._paused = True
-                self.transport.pauseProducing()
-            return
-        self._drain()
-
-    def _drain(self) -> None:
-        self._draining = True
-        try:
-            while self._inbuf and not self._busy and not self._closing:
-                mode = self._mode
-                if mode == COMMAND or mode == SASL:
-                    if not self._consume_line():
-                        break
-                elif mode == DATA:
-                    self._consume_data()
-                else:
-                    self._consume_bdat()
-        finally:
-            self._draining = False
-        self._flush()
-        if self._paused and not self._busy and not self._closing:
-            self._paused = False
-            self.transport.resumeProducing()
-
-    def _consume_line(self) -> bool:
-        buf = self._inbuf
-        max_line = self._limits.max_line_length
-        if self._mode == SASL or buf[:5].upper() == b"AUTH ":
-            max_line = sasl.MAX_LINE  # RFC 4954 4
-        i = buf.find(b"\n")
-        if i < 0:
-            if len(buf) > max_line:
-                # Drop the over-long line as it streams in; answer once at its end.
-                self._discarding = True
-                self._inbuf = b""
-            return False
-        line = buf[:i]
-        self._inbuf = buf[i + 1 :]
-        if self._discarding or len(line) + 1 > max_line:
-            self._discarding = False
-            self._respond(R.LINE_TOO_LONG)
-            return True
-        if line.endswith(b"\r"):
-            line = line[:-1]
-        if self._mode == SASL:
-            self._sasl_line(line)
-        else:
-            self._dispatch(line)
-        return True
-
-    def _dispatch(self, line: bytes) -> None:
-        verb, _, arg = line.partition(b" ")
-        verb = verb.upper()
-        handler = _COMMANDS.get(verb)
-        if handler is None:
-            if verb in _HTTP_VERBS and self.helo_name is None:
-                self._close_with(R.HTTP_PROBE)
-                return
-            self._respond(R.UNKNOWN_COMMAND)
-            return
-        try:
-            text = arg.decode("utf-8").strip(" ")
-        except UnicodeDecodeError:
-            self._respond(R.BAD_UTF8)
-            return
-        if "\x00" in text or "\r" in text:
-            self._respond(R.UNKNOWN_COMMAND)
-            return
-        try:
-            result = handler(self, text)
-        except CommandError as e:
-            result = e.reply
-        except Exception:
-            log.failure("unexpected error handling {verb}", verb=verb.decode("ascii", "replace"))
-            result = R.INTERNAL_ERROR
-        self._settle(result)
-
-    def _settle(self, result) -> None:
-        if result is None:
-            return
-        if isinstance(result, defer.Deferred):
-            self._busy = True
-            result.addErrback(self._internal_error)
-            result.addCallback(self._resume)
-            return
-        self._respond(result)
-
-    def _internal_error(self, failure) -> Reply:
-        log.failure("unexpected error in an asynchronous check", failure=failure)
-        return R.INTERNAL_ERROR
-
-    def _resume(self, reply: Reply | None) -> None:
-        self._busy = False
-        if reply is not None:
-            self._respond(reply)
-        if not self._draining:
-            if self._closing:
-                self._flush()
-            else:
-                self._drain()
-
-    def _respond(self, reply: Reply) -> None:
-        if self._closing:
-            return
-        self._out.append(_encode(reply))
-        if reply.code >= 500:
-            self._errors += 1
-            if self._errors >= MAX_ERRORS:
-                self._close_with(R.TOO_MANY_ERRORS)
-
-    def _flush(self) -> None:
-        if self._out:
-            out, self._out = self._out, []
-            wire.send(self.transport, out[0] if len(out) == 1 else b"".join(out))
-
-    # -- transaction state -----------------------------------------------------
-
-    def _clear_transaction(self) -> None:
-        self._sender = None
-        self._sasl = None
-        self._recipients: list = []
-        self._originals: list = []
-        self._notify: list[str] = []
-        self._orcpt: list[str] = []
-        self._dsn_used = False
-        self._dsn_ret = self._dsn_envid = None
-        self._rcpt_count = 0
-        self._body_type = BodyType.SEVEN_BIT
-        self._smtputf8 = False
-        self._spoolfile = None
-        self._qid = None
-        self._size = 0
-        self._too_big = False
-        self._decoder = None
-        self._checker = None
-        self._headers = None
-        self._bdat_remaining = 0
-        self._bdat_last = False
-        self._bdat_error = None
-        self._started_at = 0.0
-
-    def _abort_message(self) -> None:
-        if self._spoolfile is not None:
-            try:
-                self._spoolfile.abort()
-            except Exception:
-                log.failure("aborting spool file {qid}", qid=self._qid)
-            self._spoolfile = None
+    # -- state -----------------------------------------------------------------
 
     def _reset(self) -> None:
-        self._abort_message()
-        self._clear_transaction()
+        """End the transaction (RSET, HELO, STARTTLS, a refused message)."""
+        self._bdat_error = None
+        tx, self._tx = self._tx, None
+        if tx is not None and tx.message is not None:
+            tx.message.abort()
 
-    def _client(self) -> ClientInfo:
-        return ClientInfo(self.peer_ip, self.authenticated_as)
+    def _tls_info(self) -> str | None:
+        """The negotiated TLS version and cipher, None in plaintext (cached)."""
+        if not self.tls_active:
+            return None
+        if self._tls_description is None:
+            self._tls_description = describe_tls(self.transport)
+        return self._tls_description
+
+    def _context(self, sender, recipient, recipients, params, queue_id=None, size=0, body=None):
+        """The `PolicyContext` of this connection with the transaction fields given."""
+        return PolicyContext(
+            self.peer_ip,
+            self._ctx.listener.name,
+            self.session_id,
+            self.helo_name,
+            self._esmtp,
+            self._tls_info(),
+            self.authenticated_as,
+            sender,
+            recipient,
+            recipients,
+            params.body,
+            params.smtputf8,
+            queue_id,
+            size,
+            body,
+        )
+
+    def _check(self, phase: Phase, context: PolicyContext, then, *args):
+        """Run `phase`'s checks, then `then(verdict, *args)` (now, or when they
+        answer)."""
+        verdict = self._pipeline.run(phase, context)
+        if isinstance(verdict, defer.Deferred):
+            return verdict.addCallback(then, *args)
+        return then(verdict, *args)
 
     # -- commands --------------------------------------------------------------
 
     def do_EHLO(self, arg: str):
         if not arg:
             return R.EHLO_SYNTAX
+        return self._greet(arg, True)
+
+    def do_HELO(self, arg: str):
+        if not arg:
+            return R.HELO_SYNTAX
+        return self._greet(arg, False)
+
+    def _greet(self, name: str, esmtp: bool):
         self._reset()
-        self.helo_name = arg
-        self._esmtp = True
-        lines = [
-            f"{self._ctx.hostname} Hello {arg}"[:200],
-            "PIPELINING",
-            f"SIZE {self._limits.max_message_size}",
-            "8BITMIME",
-            "SMTPUTF8",
-            "ENHANCEDSTATUSCODES",
-            "CHUNKING",
-            "DSN",
-        ]
-        if self._ctx.tls is not None and not self.tls_active:
-            lines.append("STARTTLS")
-        if self._auth_offered():
-            lines.append("AUTH " + " ".join(sasl.MECHANISMS))
-        return Reply(250, "", "\n".join(lines))
+        self.helo_name, self._esmtp = name, esmtp
+        self._helo_verdicts = []
+        if not self._helo_checks:
+            return self._helo_checked(Verdict.ACCEPT, name, esmtp)
+        context = self._context(None, None, (), NO_MAIL_PARAMS)
+        return self._check(Phase.HELO, context, self._helo_checked, name, esmtp)
+
+    def _helo_checked(self, verdict: Verdict, name: str, esmtp: bool) -> Reply:
+        if verdict.refuses:
+            self.helo_name, self._esmtp = None, False
+            log.info(
+                "HELO {helo} refused by policy: {code} {reason}",
+                event="helo_refused",
+                helo=name,
+                code=verdict.reply.code,
+                reason=verdict.reason,
+                client=self.peer_ip,
+            )
+            return verdict.reply
+        _keep(self._helo_verdicts, verdict)
+        if not esmtp:
+            return Reply(250, "", self._ctx.hostname)
+        return R.ehlo(
+            self._ctx.hostname,
+            name,
+            self._limits.max_message_size,
+            starttls=self._ctx.tls is not None and not self.tls_active,
+            auth=sasl.MECHANISMS if self._auth_offered() else (),
+        )
 
     def _auth_offered(self) -> bool:
         # Never before TLS, on any listener (RFC 4954 4, RFC 8314).
@@ -358,18 +247,10 @@ class SMTPSession(smtp.ESMTP):
             and self._ctx.listener.auth != "none"
         )
 
-    def do_HELO(self, arg: str):
-        if not arg:
-            return R.HELO_SYNTAX
-        self._reset()
-        self.helo_name = arg
-        self._esmtp = False
-        return Reply(250, "", self._ctx.hostname)
-
     def do_MAIL(self, arg: str):
         if self.helo_name is None:
             return R.NEED_HELO
-        if self._sender is not None:
+        if self._tx is not None:
             return R.NESTED_MAIL
         listener = self._ctx.listener
         if listener.tls == "required" and not self.tls_active:
@@ -377,131 +258,54 @@ class SMTPSession(smtp.ESMTP):
         if listener.auth == "required" and not self.authenticated_as:
             return R.AUTH_REQUIRED
         pa = split_path_argument(arg, "FROM", "5.1.7")
-        params = pa.params
-        if params and not self._esmtp:
+        if pa.params and not self._esmtp:
             return R.PARAMS_NEED_EHLO
-        smtputf8 = False
-        body = BodyType.SEVEN_BIT
-        ret = envid = None
-        for name, value in params.items():
-            if name == "SIZE":
-                if not value or not value.isdigit() or len(value) > 20:
-                    return Reply(501, "5.5.4", "Bad SIZE parameter")
-                if int(value) > self._limits.max_message_size:
-                    return R.TOO_BIG
-            elif name == "BODY":
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    return Reply(555, "5.5.4", "Unsupported BODY type")
-                body = BodyType.EIGHT_BIT if value.upper() == "8BITMIME" else BodyType.SEVEN_BIT
-            elif name == "SMTPUTF8":
-                if value is not None:
-                    return Reply(555, "5.5.4", "SMTPUTF8 takes no value")
-                smtputf8 = True
-            elif name == "RET":
-                if value is None or value.upper() not in ("FULL", "HDRS"):
-                    return Reply(501, "5.5.4", "RET must be FULL or HDRS")
-                ret = value.upper()
-            elif name == "ENVID":
-                envid = xtext_param(value, 100)
-                if envid is None:
-                    return Reply(501, "5.5.4", "Bad ENVID parameter")
-            elif name == "AUTH" and self._ctx.authenticator is not None:
-                pass  # RFC 4954 5: accepted; we do not relay the submitter identity
-            else:
-                return Reply(555, "5.5.4", f"Unsupported parameter {name}")
-        try:
-            sender = parse_path(pa.path, utf8=smtputf8, allow_null=True)
-        except AddressError as e:
-            if not smtputf8 and not pa.path.isascii():
-                return R.NEED_SMTPUTF8
-            return Reply(501, "5.1.7", f"Bad sender address syntax: {e}")
-        if not sender.is_null and not sender.domain:
-            return Reply(501, "5.1.7", "Bad sender address syntax: domain required")
-        ctx = self._ctx
-        user = self.authenticated_as
-        if ctx.ip_limiter is not None and not ctx.ip_limiter.allow(self.peer_ip):
-            return RATE_LIMITED
-        if user and ctx.user_limiter is not None and not ctx.user_limiter.allow(user):
-            return RATE_LIMITED
-        if user and ctx.sender_policy is not None:
-            d = ctx.sender_policy.check(user, sender)
-            return d.addCallback(self._sender_checked, sender, smtputf8, body, ret, envid)
-        return self._accept_sender(sender, smtputf8, body, ret, envid)
+        params = mail_params(
+            pa.params,
+            max_size=self._limits.max_message_size,
+            auth_enabled=self._ctx.authenticator is not None,
+        )
+        sender = parse_sender(pa.path, params.smtputf8)
+        if not self._mail_checks:
+            return self._mail_checked(Verdict.ACCEPT, sender, params)
+        context = self._context(sender, None, (), params, None, params.size)
+        verdict = self._pipeline.run(Phase.MAIL, context)
+        if isinstance(verdict, defer.Deferred):
+            return verdict.addCallback(self._mail_checked, sender, params)
+        return self._mail_checked(verdict, sender, params)
 
-    def _sender_checked(self, refusal: Reply | None, *args) -> Reply:
-        if refusal is not None:
-            log.info(
-                "sender <{sender}> refused for {user}",
-                event="sender_refused",
-                sender=str(args[0]),
-                user=self.authenticated_as,
-                client=self.peer_ip,
-            )
-            return refusal
-        return self._accept_sender(*args)
-
-    def _accept_sender(self, sender, smtputf8: bool, body, ret, envid) -> Reply:
-        self._sender = sender
-        self._smtputf8 = smtputf8
-        self._body_type = body
-        self._dsn_ret, self._dsn_envid = ret, envid
-        self._started_at = self._ctx.clock.seconds()
+    def _mail_checked(self, verdict: Verdict, sender, params) -> Reply:
+        if verdict.refuses:
+            return verdict.reply
+        self._tx = Transaction(sender, params, self._ctx.clock.seconds())
+        _keep(self._tx.verdicts, verdict)
         return R.SENDER_OK
 
     def do_RCPT(self, arg: str):
-        if self._sender is None:
+        tx = self._tx
+        if tx is None:
             return R.NEED_MAIL
-        if self._spoolfile is not None:
+        if tx.message is not None:
             return R.MIXED_DATA_BDAT
         pa = split_path_argument(arg, "TO", "5.1.3")
         notify = orcpt = ""
         if pa.params:
             if not self._esmtp:
                 return R.PARAMS_NEED_EHLO
-            for name, value in pa.params.items():
-                if name == "NOTIFY":
-                    notify = notify_param(value)
-                    if not notify:
-                        return Reply(
-                            501,
-                            "5.5.4",
-                            "NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY",
-                        )
-                elif name == "ORCPT":
-                    orcpt = orcpt_param(value)
-                    if not orcpt:
-                        return Reply(501, "5.5.4", "Bad ORCPT parameter")
-                else:
-                    return Reply(555, "5.5.4", f"Unsupported parameter {name}")
-        try:
-            rcpt = parse_path(pa.path, utf8=self._smtputf8)
-        except AddressError as e:
-            if not self._smtputf8 and not pa.path.isascii():
-                return R.NEED_SMTPUTF8
-            return Reply(501, "5.1.3", f"Bad recipient address syntax: {e}")
-        if self._rcpt_count >= self._limits.max_recipients:
+            notify, orcpt = rcpt_params(pa.params)
+        rcpt = parse_recipient(pa.path, tx.params.smtputf8)
+        if tx.rcpt_count >= self._limits.max_recipients:
             return R.TOO_MANY_RECIPIENTS
-        verdict = self._ctx.policy.check_recipient(self._client(), rcpt)
+        if not self._rcpt_checks:
+            return self._rcpt_checked(Verdict.ACCEPT, rcpt, notify, orcpt)
+        context = self._context(tx.sender, rcpt, tuple(tx.recipients), tx.params)
+        verdict = self._pipeline.run(Phase.RCPT, context)
         if isinstance(verdict, defer.Deferred):
-            return verdict.addCallback(self._apply_verdict, rcpt, notify, orcpt)
-        return self._apply_verdict(verdict, rcpt, notify, orcpt)
+            return verdict.addCallback(self._rcpt_checked, rcpt, notify, orcpt)
+        return self._rcpt_checked(verdict, rcpt, notify, orcpt)
 
-    def _apply_verdict(
-        self, verdict: RecipientVerdict, rcpt, notify: str = "", orcpt: str = ""
-    ) -> Reply:
-        if verdict.reply.is_success:
-            if self._sender is None:  # RSET raced the lookup; cannot happen in order
-                return R.NEED_MAIL
-            self._rcpt_count += 1
-            for mailbox in verdict.recipients:
-                if mailbox not in self._recipients:
-                    self._recipients.append(mailbox)
-                    self._originals.append(rcpt)
-                    self._notify.append(notify)
-                    self._orcpt.append(orcpt)
-                    if notify or orcpt:
-                        self._dsn_used = True
-        else:
+    def _rcpt_checked(self, verdict: Verdict, rcpt, notify: str, orcpt: str) -> Reply:
+        if verdict.refuses:
             log.info(
                 "recipient rejected: {code} {rcpt} from {client}",
                 event="rcpt_rejected",
@@ -509,45 +313,28 @@ class SMTPSession(smtp.ESMTP):
                 rcpt=str(rcpt),
                 client=self.peer_ip,
             )
-        return verdict.reply
+            return verdict.reply
+        tx = self._tx
+        tx.add_recipient(rcpt, verdict.recipients or (rcpt,), notify, orcpt)
+        _keep(tx.verdicts, verdict)
+        reply = verdict.reply
+        return reply if reply is not None and reply.is_success else R.RECIPIENT_OK
 
     def do_DATA(self, arg: str):
         if arg:
             return R.NO_ARGUMENTS
-        if self._sender is None:
+        tx = self._tx
+        if tx is None:
             return R.NEED_MAIL
-        if self._spoolfile is not None:
+        if tx.message is not None:
             return R.MIXED_DATA_BDAT
-        if not self._recipients:
+        if not tx.recipients:
             return R.NEED_RCPT
-        self._open_message()
-        self._decoder = DotDecoder()
-        self._mode = DATA
+        tx.message = M.IncomingMessage(
+            self._ctx.spool, self._limits.max_message_size, normalize=self._normalize
+        )
+        self._begin_data(tx.message)
         return R.START_DATA
-
-    def do_BDAT(self, arg: str):
-        parts = arg.split()
-        if not 1 <= len(parts) <= 2 or not parts[0].isdigit() or len(parts[0]) > 18:
-            # The chunk length is unknown, so the stream cannot be resynchronised.
-            self._close_with(R.BDAT_SYNTAX)
-            return None
-        if len(parts) == 2 and parts[1].upper() != "LAST":
-            self._close_with(R.BDAT_SYNTAX)
-            return None
-        self._bdat_remaining = int(parts[0])
-        self._bdat_last = len(parts) == 2
-        if self._bdat_error is None and self._checker is None:
-            if self._sender is None:
-                self._bdat_error = R.NEED_MAIL
-            elif self._decoder is not None or not self._recipients:
-                self._bdat_error = R.NEED_RCPT
-            else:
-                self._open_message()
-                self._checker = ChunkChecker()
-        self._mode = BDAT
-        if self._bdat_remaining == 0:
-            return self._bdat_chunk_done()
-        return None
 
     def do_RSET(self, arg: str):
         if arg:
@@ -563,6 +350,8 @@ class SMTPSession(smtp.ESMTP):
         return None
 
     def do_VRFY(self, arg: str):
+        if not arg:
+            return R.VRFY_SYNTAX  # RFC 5321 4.1.1.6: VRFY takes a string
         return R.VRFY
 
     def do_EXPN(self, arg: str):
@@ -585,8 +374,10 @@ class SMTPSession(smtp.ESMTP):
         self._discarding = False
         self._reset()
         self.helo_name = None
+        self._helo_verdicts = []
         self._esmtp = False
         self.tls_active = True
+        self._tls_description = None
         self.transport.startTLS(self._ctx.tls)
         return None
 
@@ -599,7 +390,7 @@ class SMTPSession(smtp.ESMTP):
             return R.NEED_HELO
         if self.authenticated_as:
             return R.ALREADY_AUTHENTICATED
-        if self._sender is not None:
+        if self._tx is not None:
             return R.AUTH_IN_TRANSACTION
         try:
             return self._sasl_progress(sasl.start(*sasl.parse_auth_argument(arg)))
@@ -637,176 +428,65 @@ class SMTPSession(smtp.ESMTP):
 
     # -- message body ----------------------------------------------------------
 
-    def _open_message(self) -> None:
-        spool = self._ctx.spool
-        self._qid = spool.new_queue_id()
-        self._spoolfile = spool.open(self._qid)
-        self._size = 0
-        self._headers = HeaderScanner()
+    def _bdat_sink(self):
+        tx = self._tx
+        if self._bdat_error is None and (tx is None or tx.message is None):
+            if tx is None:
+                self._bdat_error = R.NEED_MAIL
+            elif not tx.recipients:
+                self._bdat_error = R.NEED_RCPT
+            else:
+                limit = self._limits.max_message_size
+                tx.message = M.IncomingMessage(
+                    self._ctx.spool, limit, bdat=True, normalize=self._normalize
+                )
+        return tx.message if self._bdat_error is None else None
 
-    def _write_body(self, data: bytes) -> None:
-        if not self._headers.done:
-            self._headers.feed(data)
-        self._size += len(data)
-        if self._too_big:
-            return
-        if self._size > self._limits.max_message_size:
-            self._too_big = True
-            self._abort_message()
-            return
-        self._spoolfile.write(data)
-
-    def _consume_data(self) -> None:
-        data = self._inbuf
-        self._inbuf = b""
-        body, rest = self._decoder.feed(data)
-        if body:
-            self._write_body(body)
-        if rest is not None:
-            self._inbuf = rest
-            self._mode = COMMAND
-            self._settle(self._finish_message(self._decoder.bare_line_endings))
-
-    def _consume_bdat(self) -> None:
-        buf = self._inbuf
-        n = self._bdat_remaining
-        chunk = buf[:n] if len(buf) > n else buf
-        self._inbuf = buf[len(chunk) :]
-        self._bdat_remaining = n - len(chunk)
-        if self._bdat_error is None:
-            self._checker.feed(chunk)
-            self._write_body(chunk)
-        if self._bdat_remaining == 0:
-            self._mode = COMMAND
-            self._settle(self._bdat_chunk_done())
-
-    def _bdat_chunk_done(self):
-        self._mode = COMMAND
+    def _bdat_done(self, last: bool):
         if self._bdat_error is not None:
             reply = self._bdat_error
-            if self._bdat_last:
+            if last:
                 self._reset()
             return reply
-        if not self._bdat_last:
-            if self._too_big:
+        message = self._tx.message
+        if not last:
+            if message.too_big:
                 return R.TOO_BIG
-            return Reply(250, "2.0.0", f"{self._size} octets received")
-        self._checker.finish()
-        return self._finish_message(self._checker.bare_line_endings)
+            return Reply(250, "2.0.0", f"{message.received} octets received")
+        message.last_chunk_done()
+        return self._finish_message()
 
-    def _finish_message(self, bare_line_endings: bool):
-        qid = self._qid
-        if self._too_big:
-            log.info("message rejected: too big", event="rejected", qid=qid, size=self._size)
-            self._reset()
-            return R.TOO_BIG
-        if bare_line_endings:
-            log.info(
-                "message rejected: bare line endings",
-                event="rejected",
-                qid=qid,
-                client=self.peer_ip,
-            )
-            self._reset()
-            return R.BARE_LINE_ENDINGS
-        self._headers.finish()
-        if self._headers.received > self._limits.max_received_headers:
-            log.info(
-                "message rejected: {hops} Received headers (mail loop?)",
-                event="rejected",
-                qid=qid,
-                hops=self._headers.received,
-                client=self.peer_ip,
-            )
-            self._reset()
-            return R.TOO_MANY_HOPS
+    def _finish_message(self):
+        tx, self._tx = self._tx, None
+        self._finishing = tx.message  # aborted if the connection is lost meanwhile
         ctx = self._ctx
-        now = ctx.clock.seconds()
-        tls = describe_tls(self.transport) if self.tls_active else None
-        envelope = Envelope(
-            sender=self._sender,
-            recipients=tuple(self._recipients),
-            original_recipients=tuple(self._originals),
-            helo=self.helo_name or "",
-            client_address=self.peer_ip,
-            authenticated_as=self.authenticated_as,
-            listener=ctx.listener.name,
-            tls=tls,
-            body=self._body_type,
-            smtputf8=self._smtputf8,
-            received_at=now,
-            dsn_ret=self._dsn_ret,
-            dsn_envid=self._dsn_envid,
-            dsn_notify=tuple(self._notify) if self._dsn_used else (),
-            dsn_orcpt=tuple(self._orcpt) if self._dsn_used else (),
+        envelope = tx.envelope(
+            self.helo_name or "",
+            self.peer_ip,
+            self.authenticated_as,
+            ctx.listener.name,
+            self._tls_info(),
+            ctx.clock.seconds(),
         )
-        trace = received_header(
-            helo=self.helo_name or "",
-            client_ip=self.peer_ip,
-            hostname=ctx.hostname,
-            protocol=protocol_name(
-                esmtp=self._esmtp,
-                tls=self.tls_active,
-                auth=bool(self.authenticated_as),
-                utf8=self._smtputf8,
-            ),
-            queue_id=qid,
-            recipient=str(self._originals[0]) if len(self._originals) == 1 else None,
-            tls=tls,
-            now=now,
+        context = None
+        if self._data_checks:
+            context = self._context(tx.sender, None, envelope.recipients, tx.params)
+        earlier = ()
+        if self._connect_verdicts or self._helo_verdicts or tx.verdicts:
+            earlier = self._connect_verdicts + self._helo_verdicts + tx.verdicts
+        return M.end_of_message(
+            tx, envelope, context, ctx, earlier, self._esmtp, self.tls_active, self.session_id
         )
-        if self.authenticated_as:
-            # RFC 6409 8: a submission server completes what the client left out.
-            trace += missing_headers(self._headers, queue_id=qid, hostname=ctx.hostname, now=now)
-        spoolfile, size, started = self._spoolfile, self._size, self._started_at
-        self._spoolfile = None
-        self._clear_transaction()
-        d = spoolfile.commit(envelope, trace)
-        d.addCallbacks(
-            self._committed,
-            self._commit_failed,
-            callbackArgs=(envelope, size, started),
-            errbackArgs=(qid,),
-        )
-        return d
 
-    def _committed(self, qid: str, envelope: Envelope, size: int, started: float):
-        ctx = self._ctx
-        log.info(
-            "{qid}: accepted from <{sender}> for {nrcpt} recipient(s), {size} bytes",
-            event="accepted",
-            qid=qid,
-            sender=str(envelope.sender),
-            recipients=[str(r) for r in envelope.recipients],
-            nrcpt=len(envelope.recipients),
-            size=size,
-            client=self.peer_ip,
-            session=self.session_id,
-            helo=envelope.helo,
-            listener=envelope.listener,
-            tls=envelope.tls,
-            user=envelope.authenticated_as,
-            duration=round(ctx.clock.seconds() - started, 6),
-        )
-        reply = Reply(250, "2.0.0", f"Ok: queued as {qid}")
-        queue = ctx.config.queue
-        if queue.in_flow_delay and ctx.spool.backlog() > queue.in_flow_limit:
-            # Arrivals outrun delivery: slow this client down instead of growing the
-            # backlog without bound (Postfix's in_flow_delay).
-            return task.deferLater(ctx.clock, queue.in_flow_delay, lambda: reply)
-        return reply
-
-    def _commit_failed(self, failure, qid: str) -> Reply:
-        exc = failure.value
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            log.error("{qid}: spool full: {error}", qid=qid, error=str(exc))
-            return R.NO_SPACE
-        log.failure("{qid}: spool commit failed", failure=failure, qid=qid)
-        return R.QUEUE_WRITE_ERROR
+    _data_done = _finish_message  # the end of DATA (OrderedSession's hook)
 
 
-_COMMANDS = {
-    name[3:].encode("ascii"): func
-    for name, func in vars(SMTPSession).items()
-    if name.startswith("do_") and callable(func)
-}
+def _keep(kept: list[Verdict], verdict: Verdict) -> None:
+    """Remember an accepting verdict that carries something for the message."""
+    if verdict is Verdict.ACCEPT or verdict is Verdict.CONTINUE:
+        return
+    if verdict.headers or verdict.action is Action.QUARANTINE or verdict.action is Action.DISCARD:
+        kept.append(verdict)
+
+
+SMTPSession._commands = command_table(SMTPSession)

@@ -13,8 +13,8 @@ from mta.envelope import DeliveryResult, RecipientState
 from mta.queue import control
 from mta.queue import entry as fmt
 from mta.queue.control import ControlError, QueueControl
-from mta.queue.runner import QueueRunner
 from mta.queue.filestore import FileQueueStore
+from mta.queue.runner import QueueRunner
 from tests.queue.doubles import InlinePool, ThreadClock, envelope
 
 

@@ -40,6 +40,15 @@ def test_round_trip_keeps_every_envelope_field(tmp_path):
     assert e.states == [RecipientState.PENDING] * 2
 
 
+def test_quarantine_reason_round_trips_and_is_absent_by_default(tmp_path):
+    env = Envelope(Address("a", "b.test"), (Address("c", "d.test"),), quarantine="spam: 12.5")
+    path = str(tmp_path / "00aa")
+    write_entry(path, env)
+    assert fmt.read_entry(path).envelope.quarantine == "spam: 12.5"
+    plain = fmt.encode_metadata("00ab", Envelope(Address("a", "b.test"), ()), b"", 0, 1.0)
+    assert b"quarantine" not in plain
+
+
 @pytest.mark.parametrize("damage", ["truncate", "append", "footer"])
 def test_damaged_files_are_rejected(tmp_path, damage):
     path = str(tmp_path / "00aa")

@@ -10,8 +10,8 @@ from twisted.internet.defer import Deferred, succeed
 from mta.delivery.local import LocalDelivery
 from mta.envelope import Address, DeliveryResult, RecipientState
 from mta.queue import entry as fmt
-from mta.queue.runner import QueueRunner
 from mta.queue.filestore import FileQueueStore
+from mta.queue.runner import QueueRunner
 from mta.storage import StoreItem
 from mta.storage.maildir import MaildirStore
 from tests.queue.doubles import InlinePool, ThreadClock, envelope

@@ -7,7 +7,10 @@ from twisted.internet import task
 from twisted.internet.testing import StringTransport
 
 from mta.config import ListenerConfig, build_config
-from mta.policy.relay import RelayPolicy
+from mta.policy.pipeline import PolicyPipeline
+from mta.policy.ratelimit import RateLimitCheck
+from mta.policy.relay import RelayCheck
+from mta.policy.sender import SenderCheck
 from mta.smtp.server import ConnectionTracker, SMTPFactory
 from mta.smtp.session import SessionContext
 from mta.testing import FakeDirectory, FakeSpool
@@ -67,8 +70,16 @@ def make_harness(
     peer: str = "192.0.2.10",
     tls: object | None = None,
     tracker: ConnectionTracker | None = None,
+    checks: tuple = (),
+    pipeline_options: dict | None = None,
+    sender_policy=None,
+    ip_limiter=None,
+    user_limiter=None,
     **context_fields,
 ) -> Harness:
+    """A session on a StringTransport.  Its pipeline is what the composition root
+    builds (rate limits, sender rule and relay rule, for those given) followed by
+    `checks`."""
     data = {
         "hostname": "mx.example.test",
         "local_domains": ["example.test", "localhost"],
@@ -87,12 +98,20 @@ def make_harness(
         },
         postmaster="postmaster@example.test",
     )
-    policy = RelayPolicy(cfg.local_domains, cfg.relay_networks, directory)
+    builtin = []
+    if ip_limiter is not None:
+        builtin.append(RateLimitCheck(ip_limiter, "ip"))
+    if user_limiter is not None:
+        builtin.append(RateLimitCheck(user_limiter, "user"))
+    if sender_policy is not None:
+        builtin.append(SenderCheck(sender_policy))
+    builtin.append(RelayCheck(cfg.local_domains, cfg.relay_networks, directory))
+    pipeline = PolicyPipeline([*builtin, *checks], clock, **(pipeline_options or {}))
     ctx = SessionContext(
         config=cfg,
         listener=listener,
         spool=spool,
-        policy=policy,
+        pipeline=pipeline,
         clock=clock,
         tls=tls,
         **context_fields,

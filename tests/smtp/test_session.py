@@ -223,7 +223,7 @@ def test_auth_refused_before_tls():
 )
 @pytest.mark.parametrize("step", [1000, 1])
 def test_bare_line_endings_never_end_data_and_are_rejected(smuggle, step):
-    h = make_harness()
+    h = make_harness(config={"limits": {"bare_newlines": "reject"}})
     h.ehlo()
     h.send(TX)
     h.replies()
@@ -243,7 +243,7 @@ def test_bare_line_endings_never_end_data_and_are_rejected(smuggle, step):
 
 
 def test_bdat_with_bare_lf_is_rejected():
-    h = make_harness()
+    h = make_harness(config={"limits": {"bare_newlines": "reject"}})
     h.ehlo()
     h.send("MAIL FROM:<a@remote.test>\r\nRCPT TO:<alice@example.test>\r\n")
     h.replies()
