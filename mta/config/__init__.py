@@ -21,6 +21,30 @@ from typing import Any
 
 import attrs
 
+from mta.config.model import (  # noqa: F401 (the sections are part of mta.config's API)
+    _CHOICES,
+    _NOT_YET,
+    _RESERVED_KEYS,
+    _RESERVED_SECTIONS,
+    _SECTIONS,
+    AUTH_MODES,
+    DEFAULT_LISTENERS,
+    TLS_MODES,
+    AuthConfig,
+    ChecksConfig,
+    Config,
+    DKIMConfig,
+    DNSConfig,
+    HTTPConfig,
+    LimitsConfig,
+    ListenerConfig,
+    LogConfig,
+    ManholeConfig,
+    QueueConfig,
+    RelayConfig,
+    StorageConfig,
+    TLSConfig,
+)
 from mta.envelope import AddressError, parse_mailbox
 
 
@@ -72,227 +96,6 @@ class _Errors:
     def raise_any(self) -> None:
         if self.found:
             raise ConfigError.combine(self.found)
-
-
-TLS_MODES = ("none", "starttls", "required", "implicit")
-AUTH_MODES = ("none", "optional", "required")
-
-
-@attrs.frozen
-class ListenerConfig:
-    name: str
-    host: str
-    port: int
-    tls: str = "none"
-    auth: str = "none"
-
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
-
-
-@attrs.frozen
-class TLSConfig:
-    certificate: str | None = None
-    key: str | None = None
-
-
-@attrs.frozen
-class LimitsConfig:
-    max_message_size: int = 50 * 1024 * 1024
-    max_recipients: int = 1000
-    idle_timeout: float = 300.0
-    max_connections: int = 2000
-    max_connections_per_ip: int = 100
-    messages_per_ip_per_minute: int = 0
-    messages_per_user_per_minute: int = 0
-    max_line_length: int = 512
-    max_received_headers: int = 50
-    min_data_rate: int = 500
-    bare_newlines: str = "normalize"
-
-
-@attrs.frozen
-class AuthConfig:
-    max_failures: int = 5
-    failure_window: float = 900.0
-    lockout_seconds: float = 900.0
-    time_cost: int = 3
-    memory_cost: int = 65536
-    parallelism: int = 4
-    threads: int = 2
-
-
-@attrs.frozen
-class StorageConfig:
-    backend: str = "maildir"
-    encrypt: bool = False
-
-
-@attrs.frozen
-class QueueConfig:
-    backend: str = "local"
-    dsn: str = ""
-    retry_schedule: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0, 14400.0)
-    max_age: float = 5 * 86400.0
-    in_flow_limit: int = 2000
-    in_flow_delay: float = 1.0
-    delivery_concurrency: int = 20
-    delay_warning: float = 4 * 3600.0
-    io_lanes: int = 1
-
-
-@attrs.frozen
-class RelayConfig:
-    smarthost: str | None = None
-    helo: str | None = None
-    tls: str = "opportunistic"
-    port: int = 25
-    connect_timeout: float = 30.0
-    command_timeout: float = 300.0
-    data_timeout: float = 600.0
-    destination_concurrency: int = 20
-    idle_timeout: float = 5.0
-    unreachable_for: float = 300.0
-
-
-@attrs.frozen
-class DNSConfig:
-    nameservers: tuple[str, ...] = ()
-    timeout: float = 5.0
-
-
-@attrs.frozen
-class DKIMConfig:
-    """`[dkim]`: sign outbound mail From these domains with <datadir>/dkim/<domain>.<selector>.key."""
-
-    selector: str = "mta"
-    domains: tuple[str, ...] = ()
-
-
-@attrs.frozen
-class ChecksConfig:
-    """`[checks]`: how the policy pipeline treats a check that fails or hangs.
-
-    `timeout` bounds each asynchronous check (seconds); a check that times out or
-    raises answers 451 with `fail = "closed"`, or is skipped (and logged) with
-    `fail = "open"`.  The relay, sender and rate-limit rules are always closed.
-    """
-
-    timeout: float = 30.0
-    fail: str = "closed"
-
-
-@attrs.frozen
-class HTTPConfig:
-    address: str | None = "127.0.0.1:8081"
-
-
-@attrs.frozen
-class ManholeConfig:
-    """The SSH console: off unless both are set; loopback only, public keys only."""
-
-    address: str | None = None
-    authorized_keys: str | None = None
-
-
-@attrs.frozen
-class LogConfig:
-    format: str = "text"
-    level: str = "info"
-
-
-@attrs.frozen
-class Config:
-    hostname: str
-    datadir: str
-    local_domains: tuple[str, ...]
-    relay_networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]
-    postmaster: str
-    listeners: tuple[ListenerConfig, ...]
-    workers: int = 1
-    tls: TLSConfig = TLSConfig()
-    limits: LimitsConfig = LimitsConfig()
-    auth: AuthConfig = AuthConfig()
-    storage: StorageConfig = StorageConfig()
-    queue: QueueConfig = QueueConfig()
-    relay: RelayConfig = RelayConfig()
-    dns: DNSConfig = DNSConfig()
-    dkim: DKIMConfig = DKIMConfig()
-    checks: ChecksConfig = ChecksConfig()
-    http: HTTPConfig = HTTPConfig()
-    manhole: ManholeConfig = ManholeConfig()
-    log: LogConfig = LogConfig()
-    source: str = "<defaults>"
-
-    def path(self, *parts: str) -> str:
-        """A path under the data directory."""
-        return os.path.join(self.datadir, *parts)
-
-    def is_local_domain(self, domain: str) -> bool:
-        return domain.lower() in self.local_domains
-
-
-DEFAULT_LISTENERS = (
-    ListenerConfig("smtp", "127.0.0.1", 2525, "starttls", "optional"),
-    ListenerConfig("submission", "127.0.0.1", 2587, "required", "required"),
-    ListenerConfig("smtps", "127.0.0.1", 2465, "implicit", "required"),
-)
-
-# section name -> (attrs class, {key: coercer})
-_SECTIONS: dict[str, type] = {
-    "tls": TLSConfig,
-    "limits": LimitsConfig,
-    "auth": AuthConfig,
-    "storage": StorageConfig,
-    "queue": QueueConfig,
-    "relay": RelayConfig,
-    "dns": DNSConfig,
-    "dkim": DKIMConfig,
-    "checks": ChecksConfig,
-    "http": HTTPConfig,
-    "manhole": ManholeConfig,
-    "log": LogConfig,
-}
-_CHOICES = {
-    "storage.backend": ("maildir", "mbox", "sqlite", "timeseries", "s3"),
-    "queue.backend": ("local", "postgresql"),
-    "relay.tls": ("opportunistic", "required", "none"),
-    "checks.fail": ("open", "closed"),
-    "limits.bare_newlines": ("normalize", "reject"),
-    "log.format": ("json", "text"),
-    "log.level": ("debug", "info", "warn", "error", "critical"),
-}
-# Values of the operator contract that this version validates but cannot serve yet:
-# refusing them at start is better than silently running something else.
-_NOT_YET = {
-    "storage.backend": ("maildir",),
-    "queue.backend": ("local",),
-}
-# Sections of the operator contract implemented by later stages: accepted so that one
-# config file serves every version, validated only as tables.
-_RESERVED_SECTIONS = ("storage.s3",)
-# Keys of the operator contract in implemented sections whose feature comes later:
-# accepted (so one config file serves every version) but not used yet.
-_RESERVED_KEYS = frozenset(
-    f"checks.{key}"
-    for key in (
-        "spf",
-        "dkim",
-        "dmarc",
-        "arc_seal",
-        "dnsbl",
-        "dnsbl_action",
-        "dnswl",
-        "spamd",
-        "spam_threshold",
-        "spam_action",
-        "spam_max_size",
-        "clamd",
-        "virus_action",
-        "blocked_attachments",
-    )
-)
 
 
 def load_config(path: str | None = None, *, datadir: str | None = None) -> Config:
