@@ -39,7 +39,7 @@ import attrs
 from twisted.application import service
 from twisted.internet import defer, task
 
-from mta.db import AuthFailure, Database
+from mta.db import AuthFailure, Database, fold
 from mta.observe.logging import Logger
 
 log = Logger()
@@ -48,7 +48,8 @@ IP_PREFIX = "ip:"
 
 
 def account_key(username: str) -> str:
-    return username.strip().lower()
+    """NFC and lower-case, as the users table stores names (mta.db.fold)."""
+    return fold(username.strip())
 
 
 def ip_key(client_ip: str) -> str:

@@ -34,7 +34,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mta.auth.passwords import password_hasher
-from mta.db import Database
+from mta.db import Database, fold
 from mta.envelope import Reply
 from mta.observe.logging import Logger
 from mta.policy.lockout import LockoutTracker
@@ -71,7 +71,7 @@ def _text(value: bytes | str) -> str:
 def normalise_username(value: bytes | str) -> str | None:
     """The lookup form of a login name, or None when it cannot be one."""
     try:
-        text = _text(value).strip().lower()
+        text = fold(_text(value).strip())
     except UnicodeDecodeError:
         return None
     if not text or len(text) > MAX_USERNAME or "\x00" in text:

@@ -21,7 +21,10 @@ def _date(now: float) -> str:
     global _last_date
     second = int(now)
     if _last_date[0] != second:
-        _last_date = (second, email.utils.formatdate(second, localtime=False))
+        # usegmt gives "+0000"-equivalent GMT; RFC 5322 3.3 reserves -0000 for "local
+        # time unknown", so spell UTC as +0000.
+        text = email.utils.formatdate(second, localtime=False)
+        _last_date = (second, text[:-5] + "+0000" if text.endswith("-0000") else text)
     return _last_date[1]
 
 

@@ -220,3 +220,12 @@ def test_service_purges_periodically(db, clock):
     clock.advance(60)
     assert db.auth_failures(["bob@example.test"]) == {}
     t.stopService()
+
+
+def test_account_keys_fold_nfc_and_case_like_the_users_table():
+    from mta.policy.lockout import account_key
+    from mta.smtp.auth import normalise_username
+
+    nfc, nfd = "Jos\u00e9@Example.Test", "jose\u0301@example.test"
+    assert account_key(nfc) == account_key(nfd) == "jos\u00e9@example.test"
+    assert normalise_username(nfd.encode()) == normalise_username(nfc) == "jos\u00e9@example.test"

@@ -104,3 +104,9 @@ def test_feeding_after_done_is_ignored():
 def test_received_fields_are_counted_for_loop_detection():
     s = scan(b"Received: a\r\nreceived: b\r\n\tfolded\r\nSubject: x\r\n\r\nReceived: body\r\n")
     assert s.received == 2
+
+
+def test_received_date_is_utc_plus_0000():
+    from mta.smtp.received import _date
+
+    assert _date(0.0).endswith(" +0000")  # -0000 means "local time unknown" (RFC 5322 3.3)
