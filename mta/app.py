@@ -20,16 +20,15 @@ from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 from twisted.python.threadpool import ThreadPool
 
-from mta.balance import Balancer
 from mta.config import Config, ConfigError, load_config
 from mta.db import DatabaseHandle
+from mta.db.directory import UserDirectory
 from mta.delivery.dkim import DKIMSigner
 from mta.delivery.local import LocalDelivery
 from mta.delivery.mx import MXResolver
 from mta.delivery.relay import RelayDelivery
 from mta.delivery.router import Router
 from mta.delivery.smtpclient import Timeouts
-from mta.directory import UserDirectory
 from mta.dns import make_resolver
 from mta.observe.logging import Logger, make_observer
 from mta.policy.lockout import LockoutRules, LockoutTracker
@@ -37,6 +36,9 @@ from mta.policy.pipeline import PolicyPipeline
 from mta.policy.ratelimit import RateLimitCheck, RateLimiter
 from mta.policy.relay import RelayCheck
 from mta.policy.sender import SenderCheck, SenderPolicy
+from mta.process.balance import Balancer
+from mta.process.threads import ThreadPoolService, WorkThreads
+from mta.process.workers import WorkerSupervisor
 from mta.queue import adopt_orphaned_queues, open_queue_control, open_queue_store
 from mta.queue.bounce import Bouncer
 from mta.queue.control import QueueControl
@@ -46,8 +48,6 @@ from mta.smtp.server import ConnectionTracker, ListenerService, SMTPFactory
 from mta.smtp.session import SessionContext
 from mta.smtp.tls import server_context
 from mta.storage import open_store
-from mta.workers import WorkerSupervisor
-from mta.workthreads import ThreadPoolService, WorkThreads
 
 log = Logger()
 
@@ -272,7 +272,7 @@ def _thread_pools(root: MTAService, config: Config) -> dict:
 
     Group-commit batches run `io_lanes` at a time (spool, status, removal) per
     worker.  The spool and delivery pools hop to a thread several times per message:
-    lean threads (see mta.workthreads) rather than Twisted's ThreadPool.  Argon2id
+    lean threads (see mta.process.threads) rather than Twisted's ThreadPool.  Argon2id
     verifies (~64 MB and ~0.2 s each) get their own bounded pool."""
     lanes = max(1, config.queue.io_lanes)
     pools = {

@@ -14,7 +14,7 @@ other method returns a value or a Deferred and never blocks the reactor.
 | `IPolicyCheck`  | mta.policy     | relay rule, sender rule, rate limits   |
 | `IDeliveryAgent`| mta.delivery   | local delivery, outbound relay, router |
 | `IMailStore`    | mta.storage    | `mta.storage.maildir.MaildirStore`     |
-| `IUserDirectory`| mta.directory  | `mta.directory.UserDirectory`          |
+| `IUserDirectory`| mta.db.directory  | `mta.db.directory.UserDirectory`          |
 """
 
 from __future__ import annotations

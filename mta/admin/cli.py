@@ -1,7 +1,7 @@
 """`mta-admin`: manage users, aliases, lockouts and the queue of an installed mta.
 
 A plain synchronous program (no reactor): it writes `<datadir>/mta.db` directly,
-and the running daemon notices within a second (see `mta.directory`).  Every
+and the running daemon notices within a second (see `mta.db.directory`).  Every
 user/alias change and its audit_log row are committed together.  Operator
 mistakes (unknown user, duplicate, bad address, bad config) end with a one-line
 message on stderr and exit status 1; usage errors exit 2, as argparse does.

@@ -5,7 +5,7 @@ in `PRAGMA user_version`: `mta.db.schema`) and a small *blocking* API over it,
 `Database`, one mixin per table: `users`, `aliases`, `lockouts` (auth_failures),
 `audit`.  Two kinds of callers share the file: `mta-admin` (a separate short-lived
 process) and the running daemon, which calls in only from a thread pool
-(`mta.directory`), never on the reactor.  WAL mode lets the daemon keep reading
+(`mta.db.directory`), never on the reactor.  WAL mode lets the daemon keep reading
 while the CLI writes.
 
 Addresses are validated and canonicalised in `mta.db.addresses` so that every writer

@@ -5,7 +5,7 @@ copy gets ``Return-Path:`` and ``Delivered-To:`` prepended, then the message as 
 queue's `IMessageBody` gives it (trace headers, body), which the store copies the
 cheapest way the body allows.
 
-Throughput comes from batching (`mta.batch.BatchWorker`): calls made while a batch
+Throughput comes from batching (`mta.process.batch.BatchWorker`): calls made while a batch
 runs in the thread pool are gathered into the next one, handed to the store's
 ``deliver_batch`` at once (Maildir fsyncs each distinct ``new/`` once per batch).  Storage trouble (full disk, quota,
 permissions, I/O error) is *transient*: the message stays queued and is retried; an
@@ -23,10 +23,10 @@ import errno
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from mta.batch import BatchWorker
 from mta.envelope import DeliveryResult, RecipientState, Reply
 from mta.interfaces import IDeliveryAgent
 from mta.observe.logging import Logger
+from mta.process.batch import BatchWorker
 from mta.storage import StoreItem, UnsafeMailboxName
 
 log = Logger()

@@ -2,7 +2,7 @@
 server runs (``mta-admin queue ...``).
 
 Each process owns one spool directory (``queue/`` or ``queue/w<k>/``, see
-`mta.workers`), and only its owner may move that spool's files: the queue runner
+`mta.process.workers`), and only its owner may move that spool's files: the queue runner
 could be delivering the very entry an operator wants to hold.  So the owner holds an
 exclusive ``flock`` on ``<spool>/control/lock`` while it runs, and listens on a
 command directory, ``<spool>/control/``:

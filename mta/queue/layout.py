@@ -22,7 +22,7 @@ STATUS_SUFFIX = ".status"
 
 def spool_dir(queue_root: str, worker: int) -> str:
     """The spool owned by worker process `worker`: the queue root for the first,
-    ``queue/w<k>/`` for the others (see mta.workers)."""
+    ``queue/w<k>/`` for the others (see mta.process.workers)."""
     return queue_root if worker == 0 else os.path.join(queue_root, f"w{worker}")
 
 

@@ -33,10 +33,10 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from mta.batch import BatchWorker
 from mta.fileio import fsync_dir, write_all
 from mta.interfaces import ISpool, ISpoolFile
 from mta.observe.logging import Logger
+from mta.process.batch import BatchWorker
 from mta.queue import entry as fmt
 from mta.queue import recovery
 from mta.queue.body import FileBody

@@ -18,9 +18,9 @@ from twisted.internet import protocol
 from twisted.internet.error import CannotListenError
 from twisted.protocols.tls import TLSMemoryBIOFactory
 
-from mta.balance import BalancingFactory
 from mta.config import ListenerConfig
 from mta.observe.logging import Logger
+from mta.process.balance import BalancingFactory
 from mta.smtp import replies as R
 from mta.smtp.session import SessionContext, SMTPSession
 

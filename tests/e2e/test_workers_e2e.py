@@ -74,7 +74,7 @@ def test_long_lived_connections_are_spread_evenly(mta_server_factory):
     hash did, and every one of them still works, TLS included."""
     import ssl
 
-    from mta.balance import LoadTable
+    from mta.process.balance import LoadTable
 
     server = mta_server_factory({"workers": 2})
     _wait_both_started(server)

@@ -1,5 +1,5 @@
-"""Entry point of a worker process (`python -m mta.worker_process`), spawned by
-`mta.workers.WorkerSupervisor`: builds the same service tree as the first process
+"""Entry point of a worker process (`python -m mta.process.child`), spawned by
+`mta.process.workers.WorkerSupervisor`: builds the same service tree as the first process
 around the listening sockets it inherited, and stops when its parent goes away
 (its stdin reaches EOF), so a `kill -9` of the parent never leaves orphans holding
 the ports.  Kept apart from the supervisor so that `mta.app` (which builds the
@@ -33,7 +33,7 @@ class _ParentWatch(protocol.Protocol):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="mta.worker_process")
+    parser = argparse.ArgumentParser(prog="mta.process.child")
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--config")
     parser.add_argument("--datadir")

@@ -1,4 +1,4 @@
-"""mta.workthreads.WorkThreads: results come back through deferToThreadPool, in
+"""mta.process.threads.WorkThreads: results come back through deferToThreadPool, in
 order on one thread, errors as failures, and stop waits for queued calls."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThreadPool
 
-from mta.workthreads import WorkThreads
+from mta.process.threads import WorkThreads
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Tests for mta.directory: resolution rules, snapshot refresh, service lifecycle.
+"""Tests for mta.db.directory: resolution rules, snapshot refresh, service lifecycle.
 
 Most tests run the "thread pool" synchronously through the injected
 `run_in_thread` and drive the refresh loop with `task.Clock`; one test uses a real
@@ -16,7 +16,7 @@ from zope.interface.verify import verifyObject
 
 from mta.config import build_config
 from mta.db import Database
-from mta.directory import MAX_DEPTH, UserDirectory, expand
+from mta.db.directory import MAX_DEPTH, UserDirectory, expand
 from mta.envelope import Address
 from mta.interfaces import IUserDirectory
 

@@ -6,7 +6,7 @@ import socket
 from twisted.internet import protocol
 from twisted.internet.testing import MemoryReactor
 
-from mta.balance import Balancer, LoadTable, choose_target
+from mta.process.balance import Balancer, LoadTable, choose_target
 
 
 def test_choose_target_only_hands_over_with_a_gap_of_two():

@@ -2,7 +2,7 @@
 
 One CPython process runs on one core, so `workers = N` makes the twistd process the
 first of N: it binds the listeners (before any privilege drop), then spawns N-1
-children (`python -m mta.worker_process`) that inherit those sockets and adopt them;
+children (`python -m mta.process.child`) that inherit those sockets and adopt them;
 the kernel gives each new connection to whichever process accepts it first.  Every
 process owns its own queue (with the file spool, `queue/` for the first, `queue/w<k>/`
 for worker k), so no two processes ever deliver the same entry; mailboxes are Maildirs,
@@ -66,7 +66,7 @@ class WorkerSupervisor(service.Service):
         argv = [
             sys.executable,
             "-m",
-            "mta.worker_process",
+            "mta.process.child",
             "--index",
             str(index),
             "--datadir",
