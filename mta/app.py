@@ -348,6 +348,56 @@ def _queue_and_delivery(root: MTAService, config: Config, reactor, pools, worker
     return store, runner
 
 
+def _listeners(
+    root: MTAService,
+    config: Config,
+    reactor,
+    spool,
+    pipeline: PolicyPipeline,
+    authenticator,
+    tls,
+    worker_index: int,
+    inherited: dict[str, int] | None,
+):
+    """One listening service per `[[listener]]`, sharing the connection limits (and,
+    with several workers, the balancer).  A worker process adopts the sockets it
+    inherited instead of binding."""
+    tracker = ConnectionTracker(config.limits.max_connections, config.limits.max_connections_per_ip)
+    balancer = None
+    if config.workers > 1:
+        balancer = Balancer(config.datadir, config.workers, worker_index, reactor)
+        tracker.on_change = balancer.set_load
+        _BalancerService(balancer).setServiceParent(root)
+    listeners = []
+    for listener in config.listeners:
+        context = SessionContext(
+            config=config,
+            listener=listener,
+            spool=spool,
+            pipeline=pipeline,
+            clock=reactor,
+            tls=tls if listener.tls != "none" else None,
+            authenticator=authenticator if listener.auth != "none" else None,
+        )
+        fd = (inherited or {}).get(listener.name)
+        if worker_index and fd is None:
+            raise ValueError(
+                f"worker {worker_index}: no inherited socket for listener {listener.name}"
+            )
+        service_ = ListenerService(
+            listener,
+            SMTPFactory(context, tracker),
+            reactor,
+            tls,
+            inherited_fd=fd,
+            shared=config.workers > 1,
+            balancer=balancer,
+        )
+        service_.setServiceParent(root)
+        listeners.append(service_)
+    return tracker, listeners
+
+
 def build_service(
     config: Config, reactor, *, worker_index: int = 0, inherited: dict[str, int] | None = None
 ) -> MTAService:
@@ -377,41 +427,9 @@ def build_service(
         )
     authenticator, sender_policy = _submission(config, reactor, root, database, db_pool, auth_pool)
     pipeline = policy_pipeline(config, reactor, directory, sender_policy)
-    tracker = ConnectionTracker(config.limits.max_connections, config.limits.max_connections_per_ip)
-    balancer = None
-    if config.workers > 1:
-        balancer = Balancer(config.datadir, config.workers, worker_index, reactor)
-        tracker.on_change = balancer.set_load
-        _BalancerService(balancer).setServiceParent(root)
-    listeners = []
-    for listener in config.listeners:
-        context = SessionContext(
-            config=config,
-            listener=listener,
-            spool=spool,
-            pipeline=pipeline,
-            clock=reactor,
-            tls=tls if listener.tls != "none" else None,
-            authenticator=authenticator if listener.auth != "none" else None,
-        )
-        factory = SMTPFactory(context, tracker)
-        fd = (inherited or {}).get(listener.name)
-        if worker_index and fd is None:
-            raise ValueError(
-                f"worker {worker_index}: no inherited socket for listener {listener.name}"
-            )
-        listeners.append(
-            ListenerService(
-                listener,
-                factory,
-                reactor,
-                tls,
-                inherited_fd=fd,
-                shared=config.workers > 1,
-                balancer=balancer,
-            )
-        )
-        listeners[-1].setServiceParent(root)
+    tracker, listeners = _listeners(
+        root, config, reactor, spool, pipeline, authenticator, tls, worker_index, inherited
+    )
     if worker_index == 0 and config.workers > 1:
         WorkerSupervisor(config, listeners, reactor, config.workers).setServiceParent(root)
 
