@@ -41,6 +41,7 @@ log = Logger()
 MAX_DEPTH = 10
 # Bound on addresses visited per resolution, so a wide alias fan-out stays cheap.
 MAX_EXPANSION = 1000
+_MAX_ANSWERS = 10000
 
 
 def expand(
@@ -153,6 +154,9 @@ class UserDirectory(service.Service):
         self._run = run_in_thread
         self._db: Database | None = None
         self._snapshot: Snapshot | None = None
+        # Answers computed from the current snapshot (dropped with it): the same few
+        # recipients arrive again and again, and expanding costs microseconds each.
+        self._answers: dict[Address, tuple[Address, ...]] = {}
         self._data_version: int | None = None
         self._loop: task.LoopingCall | None = None
         self._starting: defer.Deferred | None = None
@@ -298,6 +302,7 @@ class UserDirectory(service.Service):
                     generation=snapshot.generation,
                 )
             self._snapshot = snapshot
+            self._answers = {}
 
     # -- IUserDirectory ------------------------------------------------------
 
@@ -308,13 +313,20 @@ class UserDirectory(service.Service):
             if self._starting is None:
                 return defer.fail(RuntimeError("user directory is not started"))
             return self.start().addCallback(lambda _: self.resolve(address))
-        result = expand(
-            address,
-            is_user=snapshot.users.__contains__,
-            targets_of=lambda key: snapshot.aliases.get(key, ()),
-            local_domains=self._local_domains,
-            postmaster=self._postmaster,
-        )
+        answers = self._answers
+        result = answers.get(address)
+        if result is None:
+            result = expand(
+                address,
+                is_user=snapshot.users.__contains__,
+                targets_of=lambda key: snapshot.aliases.get(key, ()),
+                local_domains=self._local_domains,
+                postmaster=self._postmaster,
+            )
+            if result:
+                if len(answers) >= _MAX_ANSWERS:
+                    answers.clear()
+                answers[address] = result
         if result or address.domain.lower() not in self._local_domains or self._db is None:
             return result
         return self._run(self._resolve_from_db, self._db, address)

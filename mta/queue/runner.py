@@ -78,6 +78,9 @@ class QueueRunner(Service):
         self._active: dict[str, Deferred] = {}
         self._claiming = False
         self._again = False
+        # The last claim got less than it asked for and the store has not called
+        # on_ready since: an attempt that ends need not ask again.
+        self._drained = False
         self._stopping = False
         self.recovery: Deferred | None = None
 
@@ -86,14 +89,14 @@ class QueueRunner(Service):
     def startService(self) -> None:
         super().startService()
         self._stopping = False
-        self.store.on_ready = self._pump
+        self.store.on_ready = self._ready
         self.recovery = self.store.recover()
-        self.recovery.addCallbacks(lambda _: self._pump(), self._recovery_failed)
+        self.recovery.addCallbacks(lambda _: self._ready(), self._recovery_failed)
 
     def stopService(self):
         super().stopService()
         self._stopping = True
-        if self.store.on_ready == self._pump:
+        if self.store.on_ready == self._ready:
             self.store.on_ready = None
         self.store.stop()
         d = DeferredList(list(self._active.values()))
@@ -109,9 +112,14 @@ class QueueRunner(Service):
 
     # -- scheduling -----------------------------------------------------------------
 
+    def _ready(self) -> None:
+        """The store's on_ready: something may be due."""
+        self._drained = False
+        self._pump()
+
     def _pump(self) -> None:
-        """Claim as much due work as there are free slots (the store's on_ready)."""
-        if self._stopping or not self.running:
+        """Claim as much due work as there are free slots."""
+        if self._stopping or not self.running or self._drained:
             return
         if self._claiming:
             self._again = True  # claim again once the claim in flight is answered
@@ -129,9 +137,11 @@ class QueueRunner(Service):
             entries = []
             d.addCallbacks(entries.extend, self._claim_failed)
             self._claiming = False
+            if len(entries) < slots and not self._again:
+                self._drained = True
             for entry in entries:
                 self._begin(entry)
-            if not entries or len(entries) < slots and not self._again:
+            if self._drained:
                 return
 
     def _claimed_later(self, outcome) -> None:
@@ -141,6 +151,7 @@ class QueueRunner(Service):
                 self._begin(entry)
         else:
             self._claim_failed(outcome)
+        self._drained = False  # loads may have come back short: look again
         self._pump()
 
     def _claim_failed(self, f) -> None:

@@ -70,14 +70,21 @@ class MaildirStore:
         self._host = _maildir_host(hostname or socket.gethostname())
         self._fsync = fsync
         self._known: set[str] = set()
+        self._paths: dict = {}  # mailbox -> its directory (names checked once)
 
     # -- paths ----------------------------------------------------------------------
 
     def mailbox_path(self, mailbox) -> str:
         """The Maildir directory of `mailbox`; raises UnsafeMailboxName."""
-        domain = _safe_component(mailbox.domain, "domain")
-        local = _safe_component(mailbox.local, "local part")
-        return os.path.join(self.mail_root, domain, local)
+        path = self._paths.get(mailbox)
+        if path is None:
+            domain = _safe_component(mailbox.domain, "domain")
+            local = _safe_component(mailbox.local, "local part")
+            path = f"{self.mail_root}/{domain}/{local}"
+            if len(self._paths) >= 10000:
+                self._paths.clear()
+            self._paths[mailbox] = path
+        return path
 
     def ensure_mailbox(self, mailbox) -> None:
         self._ensure(self.mailbox_path(mailbox))

@@ -16,7 +16,10 @@ def safe_component(value: str, what: str) -> str:
     """`value` lower-cased and NFC-normalised, or UnsafeMailboxName: no ``/``, NUL or
     control characters, not empty, no leading ``.`` (so never ``.`` or ``..``), at
     most 255 bytes."""
-    value = unicodedata.normalize("NFC", value).lower()
+    if value.isascii():
+        value = value.lower()
+    else:  # lower-casing can denormalise: NFC again after it (as mta.db.fold does)
+        value = unicodedata.normalize("NFC", unicodedata.normalize("NFC", value).lower())
     if (
         not value
         or value.startswith(".")
