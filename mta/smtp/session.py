@@ -88,8 +88,10 @@ class SMTPSession(OrderedSession):
         # Accepting verdicts with something to carry (headers, quarantine, discard),
         # kept until the end of the message: from CONNECT, from the last HELO/EHLO,
         # and from this transaction's MAIL and RCPT checks.
-        self._connect_verdicts: list[Verdict] = []
-        self._helo_verdicts: list[Verdict] = []
+        # Accepting verdicts that carry something for the message (headers, a
+        # quarantine): tuples, so an idle connection holds none of its own.
+        self._connect_verdicts: tuple[Verdict, ...] = ()
+        self._helo_verdicts: tuple[Verdict, ...] = ()
         self._finishing: M.IncomingMessage | None = None  # committing, or in DATA checks
         self._tx: Transaction | None = None  # from MAIL FROM to the end of the message
         self._sasl = None
@@ -130,7 +132,7 @@ class SMTPSession(OrderedSession):
             )
             self._close_with(verdict.reply)
             return None
-        _keep(self._connect_verdicts, verdict)
+        self._connect_verdicts = _kept(self._connect_verdicts, verdict)
         return Reply(220, "", f"{self._ctx.hostname} ESMTP mta")
 
     def connectionLost(self, reason=None):
@@ -210,7 +212,7 @@ class SMTPSession(OrderedSession):
     def _greet(self, name: str, esmtp: bool):
         self._reset()
         self.helo_name, self._esmtp = name, esmtp
-        self._helo_verdicts = []
+        self._helo_verdicts = ()
         if not self._helo_checks:
             return self._helo_checked(Verdict.ACCEPT, name, esmtp)
         context = self._context(None, None, (), NO_MAIL_PARAMS)
@@ -228,7 +230,7 @@ class SMTPSession(OrderedSession):
                 client=self.peer_ip,
             )
             return verdict.reply
-        _keep(self._helo_verdicts, verdict)
+        self._helo_verdicts = _kept(self._helo_verdicts, verdict)
         if not esmtp:
             return Reply(250, "", self._ctx.hostname)
         return R.ehlo(
@@ -374,7 +376,7 @@ class SMTPSession(OrderedSession):
         self._discarding = False
         self._reset()
         self.helo_name = None
-        self._helo_verdicts = []
+        self._helo_verdicts = ()
         self._esmtp = False
         self.tls_active = True
         self._tls_description = None
@@ -473,7 +475,7 @@ class SMTPSession(OrderedSession):
             context = self._context(tx.sender, None, envelope.recipients, tx.params)
         earlier = ()
         if self._connect_verdicts or self._helo_verdicts or tx.verdicts:
-            earlier = self._connect_verdicts + self._helo_verdicts + tx.verdicts
+            earlier = [*self._connect_verdicts, *self._helo_verdicts, *tx.verdicts]
         return M.end_of_message(
             tx, envelope, context, ctx, earlier, self._esmtp, self.tls_active, self.session_id
         )
@@ -481,12 +483,24 @@ class SMTPSession(OrderedSession):
     _data_done = _finish_message  # the end of DATA (OrderedSession's hook)
 
 
-def _keep(kept: list[Verdict], verdict: Verdict) -> None:
-    """Remember an accepting verdict that carries something for the message."""
+def _keeps(verdict: Verdict) -> bool:
+    """An accepting verdict that carries something for the message."""
     if verdict is Verdict.ACCEPT or verdict is Verdict.CONTINUE:
-        return
-    if verdict.headers or verdict.action is Action.QUARANTINE or verdict.action is Action.DISCARD:
+        return False
+    return bool(
+        verdict.headers or verdict.action is Action.QUARANTINE or verdict.action is Action.DISCARD
+    )
+
+
+def _keep(kept: list[Verdict], verdict: Verdict) -> None:
+    """Remember `verdict` in `kept` when it carries something for the message."""
+    if _keeps(verdict):
         kept.append(verdict)
+
+
+def _kept(kept: tuple[Verdict, ...], verdict: Verdict) -> tuple[Verdict, ...]:
+    """`kept`, plus `verdict` when it carries something for the message."""
+    return (*kept, verdict) if _keeps(verdict) else kept
 
 
 SMTPSession._commands = command_table(SMTPSession)
