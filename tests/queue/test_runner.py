@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import attrs
 import pytest
 from twisted.internet.defer import Deferred, succeed
 
@@ -301,3 +302,33 @@ def test_only_entries_starting_now_keep_their_body_in_memory(queue_dir, clock):
     assert bodies == [(first, True), (second, False)]
     agent.release()
     assert files(queue_dir) == []
+
+
+def test_log_lines_say_null_sender_and_iso_retry_time(queue_dir, clock):
+    """Issue #11: an empty sender reads `<>`, a retry time is ISO-8601 UTC."""
+    import io
+
+    from twisted.logger import globalLogPublisher
+
+    from mta.envelope import NULL_ADDRESS
+    from mta.observe.logging import make_observer
+
+    stream = io.StringIO()
+    observer = make_observer("text", "info", stream)
+    globalLogPublisher.addObserver(observer)
+    try:
+        agent = ScriptedAgent(clock, lambda n, r: RecipientState.DEFERRED)
+        spool, runner = make(queue_dir, clock, agent, schedule=(60.0,))
+        runner.startService()
+        clock.advance(1796337844.74 - clock.seconds())
+        qid = spool.new_queue_id()
+        f = spool.open(qid)
+        f.write(b"Subject: t\r\n\r\nbody\r\n")
+        env = envelope("bob@example.test", received_at=clock.seconds())
+        f.commit(attrs.evolve(env, sender=NULL_ADDRESS), b"")
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    text = stream.getvalue()
+    assert f"queued {qid} from <> to 1 recipient(s)" in text
+    assert f"{qid} deferred until 2026-12-03T22:45:04Z" in text  # 1796337904.74
+    assert "deferred until 1796" not in text
