@@ -26,6 +26,7 @@ from mta.db.directory import UserDirectory
 from mta.delivery.dkim import DKIMSigner
 from mta.delivery.local import LocalDelivery
 from mta.delivery.mx import MXResolver
+from mta.delivery.quarantine import QuarantineAgent
 from mta.delivery.relay import RelayDelivery
 from mta.delivery.router import Router
 from mta.delivery.smtpclient import Timeouts
@@ -332,7 +333,12 @@ def _queue_and_delivery(root: MTAService, config: Config, reactor, pools, worker
     relay.setServiceParent(root)
     runner = QueueRunner(
         store,
-        Router(config.local_domains, local, remote_agent=relay),
+        Router(
+            config.local_domains,
+            local,
+            remote_agent=relay,
+            quarantine_agent=QuarantineAgent(config.path("quarantine"), delivery_pool, reactor),
+        ),
         reactor,
         retry_schedule=config.queue.retry_schedule,
         max_age=config.queue.max_age,
