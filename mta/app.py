@@ -32,6 +32,7 @@ from mta.delivery.router import Router
 from mta.delivery.smtpclient import Timeouts
 from mta.dns import make_resolver
 from mta.observe.logging import Logger, make_observer
+from mta.policy.attachments import AttachmentCheck
 from mta.policy.lockout import LockoutRules, LockoutTracker
 from mta.policy.pipeline import PolicyPipeline
 from mta.policy.ratelimit import RateLimitCheck, RateLimiter
@@ -243,7 +244,8 @@ _ALWAYS_FAIL_CLOSED = ("relay", "sender", "rate-ip", "rate-user")
 
 def policy_pipeline(config: Config, clock, directory, sender_policy) -> PolicyPipeline:
     """The policy checks, in order: rate limits and the sender rule at MAIL, then the
-    relay rule (recipient resolution) at RCPT; timeouts and failure mode from
+    relay rule (recipient resolution) at RCPT, the attachment rules at the end of
+    DATA; timeouts and failure mode from
     `[checks]`."""
     checks = []
     limits = config.limits
@@ -254,6 +256,12 @@ def policy_pipeline(config: Config, clock, directory, sender_policy) -> PolicyPi
         checks.append(RateLimitCheck(limiter, "user"))
     checks.append(SenderCheck(sender_policy))
     checks.append(RelayCheck(config.local_domains, config.relay_networks, directory))
+    if config.checks.blocked_attachments:
+        checks.append(
+            AttachmentCheck(
+                config.checks.blocked_attachments, action=config.checks.attachment_action
+            )
+        )
     return PolicyPipeline(
         checks,
         clock,

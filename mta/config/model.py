@@ -111,10 +111,17 @@ class ChecksConfig:
     `timeout` bounds each asynchronous check (seconds); a check that times out or
     raises answers 451 with `fail = "closed"`, or is skipped (and logged) with
     `fail = "open"`.  The relay, sender and rate-limit rules are always closed.
+
+    `blocked_attachments`: file-name extensions (lower case, no dot) and MIME types
+    (with a slash) refused at the end of DATA, also inside nested parts and zip
+    archives; `attachment_action` says whether such a message is rejected (554) or
+    quarantined.
     """
 
     timeout: float = 30.0
     fail: str = "closed"
+    blocked_attachments: tuple[str, ...] = ()
+    attachment_action: str = "reject"
 
 
 @attrs.frozen
@@ -193,6 +200,7 @@ _CHOICES = {
     "queue.backend": ("local", "postgresql"),
     "relay.tls": ("opportunistic", "required", "none"),
     "checks.fail": ("open", "closed"),
+    "checks.attachment_action": ("reject", "quarantine"),
     "limits.bare_newlines": ("normalize", "reject"),
     "log.format": ("json", "text"),
     "log.level": ("debug", "info", "warn", "error", "critical"),
@@ -224,6 +232,5 @@ _RESERVED_KEYS = frozenset(
         "spam_max_size",
         "clamd",
         "virus_action",
-        "blocked_attachments",
     )
 )
