@@ -33,6 +33,7 @@ from mta.delivery.smtpclient import Timeouts
 from mta.dns import make_resolver
 from mta.observe.logging import Logger, make_observer
 from mta.policy.attachments import AttachmentCheck
+from mta.policy.dnsbl import DNSBLCheck
 from mta.policy.lockout import LockoutRules, LockoutTracker
 from mta.policy.pipeline import PolicyPipeline
 from mta.policy.ratelimit import RateLimitCheck, RateLimiter
@@ -243,11 +244,22 @@ _ALWAYS_FAIL_CLOSED = ("relay", "sender", "rate-ip", "rate-user")
 
 
 def policy_pipeline(config: Config, clock, directory, sender_policy) -> PolicyPipeline:
-    """The policy checks, in order: rate limits and the sender rule at MAIL, then the
+    """The policy checks, in order: DNS block lists at CONNECT, rate limits and the
+    sender rule at MAIL, then the
     relay rule (recipient resolution) at RCPT, the attachment rules at the end of
     DATA; timeouts and failure mode from
     `[checks]`."""
     checks = []
+    if config.checks.dnsbl:
+        checks.append(
+            DNSBLCheck(
+                make_resolver(config.dns, clock),
+                config.checks.dnsbl,
+                action=config.checks.dnsbl_action,
+                allow_zones=config.checks.dnswl,
+                relay_networks=config.relay_networks,
+            )
+        )
     limits = config.limits
     if limits.messages_per_ip_per_minute:
         checks.append(RateLimitCheck(RateLimiter(clock, limits.messages_per_ip_per_minute), "ip"))

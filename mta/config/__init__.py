@@ -326,7 +326,8 @@ _ATTACHMENT_RE = re.compile(r"[a-z0-9][a-z0-9_.+-]*(?:/[a-z0-9][a-z0-9.+_-]*)?\Z
 
 
 def _checks(section: ChecksConfig, err, collect=contextlib.nullcontext) -> ChecksConfig:
-    """Extensions lower-cased without their dot; MIME types lower-cased."""
+    """Extensions lower-cased without their dot; MIME types lower-cased; DNS list
+    zones valid domain names."""
     blocked = []
     for i, value in enumerate(section.blocked_attachments):
         value = value.strip().lower().lstrip(".")
@@ -337,7 +338,19 @@ def _checks(section: ChecksConfig, err, collect=contextlib.nullcontext) -> Check
                     f"not a file-name extension or MIME type: {value!r}",
                 )
             blocked.append(value)
-    return attrs.evolve(section, blocked_attachments=tuple(dict.fromkeys(blocked)))
+    zones: dict[str, tuple[str, ...]] = {}
+    for key in ("dnsbl", "dnswl"):
+        names = []
+        for i, zone in enumerate(getattr(section, key)):
+            zone = zone.strip().lower().rstrip(".")
+            with collect():
+                try:
+                    parse_mailbox(f"x@{zone}")
+                except AddressError:
+                    raise err(f"checks.{key}[{i}]", f"not a DNS zone: {zone!r}") from None
+                names.append(zone)
+        zones[key] = tuple(dict.fromkeys(names))
+    return attrs.evolve(section, blocked_attachments=tuple(dict.fromkeys(blocked)), **zones)
 
 
 def _listeners(raw: Any, err, collect=contextlib.nullcontext) -> tuple[ListenerConfig, ...]:

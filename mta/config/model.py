@@ -116,12 +116,19 @@ class ChecksConfig:
     (with a slash) refused at the end of DATA, also inside nested parts and zip
     archives; `attachment_action` says whether such a message is rejected (554) or
     quarantined.
+
+    `dnsbl`: block-list zones asked at connect (`dnsbl_action`: tag adds an X-DNSBL
+    header, reject refuses the greeting); `dnswl`: allow-list zones whose clients
+    are not looked up in the block lists.
     """
 
     timeout: float = 30.0
     fail: str = "closed"
     blocked_attachments: tuple[str, ...] = ()
     attachment_action: str = "reject"
+    dnsbl: tuple[str, ...] = ()
+    dnsbl_action: str = "tag"
+    dnswl: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -201,6 +208,7 @@ _CHOICES = {
     "relay.tls": ("opportunistic", "required", "none"),
     "checks.fail": ("open", "closed"),
     "checks.attachment_action": ("reject", "quarantine"),
+    "checks.dnsbl_action": ("tag", "reject"),
     "limits.bare_newlines": ("normalize", "reject"),
     "log.format": ("json", "text"),
     "log.level": ("debug", "info", "warn", "error", "critical"),
@@ -223,9 +231,6 @@ _RESERVED_KEYS = frozenset(
         "dkim",
         "dmarc",
         "arc_seal",
-        "dnsbl",
-        "dnsbl_action",
-        "dnswl",
         "spamd",
         "spam_threshold",
         "spam_action",
