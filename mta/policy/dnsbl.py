@@ -129,7 +129,9 @@ class DNSBLCheck:
     def _lookup(self, ip, zone: str) -> defer.Deferred:
         name = query_name(ip, zone)
         d = self.resolver.lookupAddress(name)
-        return d.addCallbacks(self._answered, self._failed, (ip, zone), None, (ip, zone))
+        return d.addCallbacks(
+            self._answered, self._failed, callbackArgs=(ip, zone), errbackArgs=(ip, zone)
+        )
 
     @staticmethod
     def _answered(result, ip, zone: str) -> bool:
