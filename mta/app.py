@@ -26,11 +26,14 @@ from mta.db.directory import UserDirectory
 from mta.delivery.dkim import DKIMSigner
 from mta.delivery.local import LocalDelivery
 from mta.delivery.mx import MXResolver
+from mta.delivery.quarantine import QuarantineAgent
 from mta.delivery.relay import RelayDelivery
 from mta.delivery.router import Router
 from mta.delivery.smtpclient import Timeouts
 from mta.dns import make_resolver
 from mta.observe.logging import Logger, make_observer
+from mta.policy.attachments import AttachmentCheck
+from mta.policy.dnsbl import DNSBLCheck
 from mta.policy.lockout import LockoutRules, LockoutTracker
 from mta.policy.pipeline import PolicyPipeline
 from mta.policy.ratelimit import RateLimitCheck, RateLimiter
@@ -241,10 +244,22 @@ _ALWAYS_FAIL_CLOSED = ("relay", "sender", "rate-ip", "rate-user")
 
 
 def policy_pipeline(config: Config, clock, directory, sender_policy) -> PolicyPipeline:
-    """The policy checks, in order: rate limits and the sender rule at MAIL, then the
-    relay rule (recipient resolution) at RCPT; timeouts and failure mode from
+    """The policy checks, in order: DNS block lists at CONNECT, rate limits and the
+    sender rule at MAIL, then the
+    relay rule (recipient resolution) at RCPT, the attachment rules at the end of
+    DATA; timeouts and failure mode from
     `[checks]`."""
     checks = []
+    if config.checks.dnsbl:
+        checks.append(
+            DNSBLCheck(
+                make_resolver(config.dns, clock),
+                config.checks.dnsbl,
+                action=config.checks.dnsbl_action,
+                allow_zones=config.checks.dnswl,
+                relay_networks=config.relay_networks,
+            )
+        )
     limits = config.limits
     if limits.messages_per_ip_per_minute:
         checks.append(RateLimitCheck(RateLimiter(clock, limits.messages_per_ip_per_minute), "ip"))
@@ -253,6 +268,12 @@ def policy_pipeline(config: Config, clock, directory, sender_policy) -> PolicyPi
         checks.append(RateLimitCheck(limiter, "user"))
     checks.append(SenderCheck(sender_policy))
     checks.append(RelayCheck(config.local_domains, config.relay_networks, directory))
+    if config.checks.blocked_attachments:
+        checks.append(
+            AttachmentCheck(
+                config.checks.blocked_attachments, action=config.checks.attachment_action
+            )
+        )
     return PolicyPipeline(
         checks,
         clock,
@@ -332,7 +353,12 @@ def _queue_and_delivery(root: MTAService, config: Config, reactor, pools, worker
     relay.setServiceParent(root)
     runner = QueueRunner(
         store,
-        Router(config.local_domains, local, remote_agent=relay),
+        Router(
+            config.local_domains,
+            local,
+            remote_agent=relay,
+            quarantine_agent=QuarantineAgent(config.path("quarantine"), delivery_pool, reactor),
+        ),
         reactor,
         retry_schedule=config.queue.retry_schedule,
         max_age=config.queue.max_age,

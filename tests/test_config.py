@@ -38,6 +38,12 @@ def test_defaults_are_complete():
         ({"checks": {"timeout": "soon"}}, "checks.timeout"),
         ({"checks": {"spf_mode": "on"}}, "checks.spf_mode"),
         ({"checks": []}, "checks"),
+        ({"checks": {"blocked_attachments": "exe"}}, "checks.blocked_attachments"),
+        ({"checks": {"blocked_attachments": ["exe", "a b"]}}, "checks.blocked_attachments[1]"),
+        ({"checks": {"attachment_action": "drop"}}, "checks.attachment_action"),
+        ({"checks": {"dnsbl": ["zen.example", "no zone"]}}, "checks.dnsbl[1]"),
+        ({"checks": {"dnswl": "wl.example"}}, "checks.dnswl"),
+        ({"checks": {"dnsbl_action": "quarantine"}}, "checks.dnsbl_action"),
     ],
 )
 def test_errors_name_the_key(data, key):
@@ -220,6 +226,20 @@ def test_a_machine_whose_fqdn_is_localhost_uses_its_host_name(monkeypatch):
     assert cfg.hostname == "box7"
     assert cfg.local_domains == ("localhost", "box7")
     assert cfg.is_local_domain("box7")
+
+
+def test_blocked_attachments_are_normalised():
+    cfg = build_config(
+        {"checks": {"blocked_attachments": [".EXE", "js", "exe", "Application/X-Msdownload"]}}
+    )
+    assert cfg.checks.blocked_attachments == ("exe", "js", "application/x-msdownload")
+    assert cfg.checks.attachment_action == "reject"
+    cfg = build_config({"checks": {"dnsbl": ["Zen.Example.", "zen.example"], "dnswl": ["wl.test"]}})
+    assert (cfg.checks.dnsbl, cfg.checks.dnswl, cfg.checks.dnsbl_action) == (
+        ("zen.example",),
+        ("wl.test",),
+        "tag",
+    )
 
 
 def test_checks_section_defaults_and_reserved_contract_keys():

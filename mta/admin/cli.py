@@ -93,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Imported here: each of them imports the helpers below.
     from mta.admin import lockouts, queue, users
+    from mta.admin import quarantine as quarantine_commands
 
     users.add_user_commands(commands, leaf)
     users.add_alias_commands(commands, leaf)
@@ -100,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path", nargs="?", metavar="PATH")
 
     queue.add_commands(commands, leaf)
+    quarantine_commands.add_commands(commands, leaf)
 
     dkim = commands.add_parser("dkim", help="DKIM signing keys").add_subparsers(
         dest="action", metavar="ACTION", required=True

@@ -202,6 +202,8 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
             errors.found.append(err(name, "must be a table"))
     with collect():
         sections["dkim"] = _dkim(sections["dkim"], err, collect)
+    with collect():
+        sections["checks"] = _checks(sections["checks"], err, collect)
     http_addr = sections["http"].address
     if http_addr:
         with collect():
@@ -318,6 +320,37 @@ def _dkim(section: DKIMConfig, err, collect=contextlib.nullcontext) -> DKIMConfi
                 raise err(f"dkim.domains[{i}]", f"not a domain name: {domain!r}") from None
             domains.append(domain)
     return attrs.evolve(section, domains=tuple(dict.fromkeys(domains)))
+
+
+_ATTACHMENT_RE = re.compile(r"[a-z0-9][a-z0-9_.+-]*(?:/[a-z0-9][a-z0-9.+_-]*)?\Z")
+
+
+def _checks(section: ChecksConfig, err, collect=contextlib.nullcontext) -> ChecksConfig:
+    """Extensions lower-cased without their dot; MIME types lower-cased; DNS list
+    zones valid domain names."""
+    blocked = []
+    for i, value in enumerate(section.blocked_attachments):
+        value = value.strip().lower().lstrip(".")
+        with collect():
+            if not _ATTACHMENT_RE.match(value):
+                raise err(
+                    f"checks.blocked_attachments[{i}]",
+                    f"not a file-name extension or MIME type: {value!r}",
+                )
+            blocked.append(value)
+    zones: dict[str, tuple[str, ...]] = {}
+    for key in ("dnsbl", "dnswl"):
+        names = []
+        for i, zone in enumerate(getattr(section, key)):
+            zone = zone.strip().lower().rstrip(".")
+            with collect():
+                try:
+                    parse_mailbox(f"x@{zone}")
+                except AddressError:
+                    raise err(f"checks.{key}[{i}]", f"not a DNS zone: {zone!r}") from None
+                names.append(zone)
+        zones[key] = tuple(dict.fromkeys(names))
+    return attrs.evolve(section, blocked_attachments=tuple(dict.fromkeys(blocked)), **zones)
 
 
 def _listeners(raw: Any, err, collect=contextlib.nullcontext) -> tuple[ListenerConfig, ...]:

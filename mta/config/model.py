@@ -111,10 +111,24 @@ class ChecksConfig:
     `timeout` bounds each asynchronous check (seconds); a check that times out or
     raises answers 451 with `fail = "closed"`, or is skipped (and logged) with
     `fail = "open"`.  The relay, sender and rate-limit rules are always closed.
+
+    `blocked_attachments`: file-name extensions (lower case, no dot) and MIME types
+    (with a slash) refused at the end of DATA, also inside nested parts and zip
+    archives; `attachment_action` says whether such a message is rejected (554) or
+    quarantined.
+
+    `dnsbl`: block-list zones asked at connect (`dnsbl_action`: tag adds an X-DNSBL
+    header, reject refuses the greeting); `dnswl`: allow-list zones whose clients
+    are not looked up in the block lists.
     """
 
     timeout: float = 30.0
     fail: str = "closed"
+    blocked_attachments: tuple[str, ...] = ()
+    attachment_action: str = "reject"
+    dnsbl: tuple[str, ...] = ()
+    dnsbl_action: str = "tag"
+    dnswl: tuple[str, ...] = ()
 
 
 @attrs.frozen
@@ -193,6 +207,8 @@ _CHOICES = {
     "queue.backend": ("local", "postgresql"),
     "relay.tls": ("opportunistic", "required", "none"),
     "checks.fail": ("open", "closed"),
+    "checks.attachment_action": ("reject", "quarantine"),
+    "checks.dnsbl_action": ("tag", "reject"),
     "limits.bare_newlines": ("normalize", "reject"),
     "log.format": ("json", "text"),
     "log.level": ("debug", "info", "warn", "error", "critical"),
@@ -215,15 +231,11 @@ _RESERVED_KEYS = frozenset(
         "dkim",
         "dmarc",
         "arc_seal",
-        "dnsbl",
-        "dnsbl_action",
-        "dnswl",
         "spamd",
         "spam_threshold",
         "spam_action",
         "spam_max_size",
         "clamd",
         "virus_action",
-        "blocked_attachments",
     )
 )

@@ -4,7 +4,9 @@ Recipients in `local_domains` go to the local agent, the rest to the remote agen
 (the outbound relay).  Without a remote agent, remote recipients are *deferred* with
 "remote delivery not configured" rather than failed, so mail accepted for relay is
 kept until relaying exists.  Both agents run concurrently; an agent that errors
-defers its recipients (a bug defers, never bounces).
+defers its recipients (a bug defers, never bounces).  A message a policy check
+quarantined (`Envelope.quarantine` set) goes, every recipient of it, to the
+quarantine agent instead; without one it is deferred, never delivered.
 """
 
 from __future__ import annotations
@@ -19,19 +21,23 @@ from mta.observe.logging import Logger
 log = Logger()
 
 NOT_CONFIGURED = Reply(451, "4.4.0", "remote delivery not configured")
+NO_QUARANTINE = Reply(451, "4.3.0", "quarantine not configured")
 
 
 @implementer(IDeliveryAgent)
 class Router:
-    def __init__(self, local_domains, local_agent, remote_agent=None):
+    def __init__(self, local_domains, local_agent, remote_agent=None, quarantine_agent=None):
         self.local_domains = frozenset(d.lower().rstrip(".") for d in local_domains)
         self.local_agent = local_agent
         self.remote_agent = remote_agent
+        self.quarantine_agent = quarantine_agent
 
     def is_local(self, recipient) -> bool:
         return not recipient.domain or recipient.domain.lower() in self.local_domains
 
     def deliver(self, job, recipients):
+        if job.envelope.quarantine is not None:
+            return self._quarantine(job, recipients)
         local = [r for r in recipients if self.is_local(r)]
         remote = [r for r in recipients if not self.is_local(r)]
         calls = []
@@ -51,6 +57,18 @@ class Router:
             return d.addErrback(self._failed, job, rcpts)
         d = DeferredList([c for _, c in calls], consumeErrors=True)
         return d.addCallback(self._combine, job, [rcpts for rcpts, _ in calls])
+
+    def _quarantine(self, job, recipients):
+        recipients = list(recipients)
+        if self.quarantine_agent is None:
+            return succeed(
+                [
+                    DeliveryResult(r, RecipientState.DEFERRED, str(NO_QUARANTINE), NO_QUARANTINE)
+                    for r in recipients
+                ]
+            )
+        d = self._call(self.quarantine_agent, job, recipients)
+        return d.addErrback(self._failed, job, recipients)
 
     @staticmethod
     def _call(agent, job, recipients):

@@ -40,6 +40,15 @@ def open_queue_control(config):
     return FileQueueControl(config.path("queue"))
 
 
+def hold_message(config, envelope, message: bytes, trace_headers: bytes = b"") -> str:
+    """Put `message` into the queue on hold (release it with the queue control's
+    ``release``); its queue id.  For `mta-admin quarantine release`."""
+    _check(config)
+    from mta.queue.inject import hold_message as hold
+
+    return hold(config.path("queue"), envelope, message, trace_headers)
+
+
 def adopt_orphaned_queues(config) -> int:
     """Before any worker starts: take over what workers that no longer exist left."""
     _check(config)

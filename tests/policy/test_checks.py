@@ -113,3 +113,25 @@ def test_composition_root_pipeline_keeps_the_relay_rule_fail_closed():
     d = pipeline.run(Phase.RCPT, ctx(recipient=ALICE))
     clock.advance(5)
     assert d.result.reply == CHECK_TIMEOUT, "a hung directory must never open the relay"
+
+
+def test_composition_root_adds_dnsbl_and_attachment_checks_when_configured():
+    config = build_config(
+        {
+            "local_domains": ["example.test"],
+            "postmaster": "pm@example.test",
+            "dns": {"nameservers": ["127.0.0.1:5353"]},
+            "checks": {
+                "dnsbl": ["bl.test"],
+                "dnsbl_action": "reject",
+                "blocked_attachments": ["exe"],
+                "attachment_action": "quarantine",
+            },
+        }
+    )
+    pipeline = policy_pipeline(config, task.Clock(), FakeDirectory({}), FakeSenderPolicy({}))
+    assert [c.name for c in pipeline.checks] == ["dnsbl", "sender", "relay", "attachments"]
+    dnsbl, attachments = pipeline.checks[0], pipeline.checks[-1]
+    assert (dnsbl.zones, dnsbl.action) == (("bl.test",), "reject")
+    assert attachments.action == "quarantine"
+    assert Phase.CONNECT in pipeline.phases and Phase.DATA in pipeline.phases

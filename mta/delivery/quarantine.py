@@ -1,0 +1,222 @@
+"""Quarantine: where a message a policy check held goes instead of its recipients.
+
+The router sends every recipient of a job whose `Envelope.quarantine` is set to the
+`QuarantineAgent`, which keeps the message ONCE (not per recipient) as
+``<datadir>/quarantine/<qid>.eml`` (the message as it would have been delivered:
+trace headers, then the body) next to a JSON sidecar ``<qid>.json`` (envelope,
+recipients, reasons, time), and answers DELIVERED for every recipient: the queue's
+work is done, the operator decides (`mta-admin quarantine list|show|release|delete`).
+
+Both files are written durably on a thread pool, as the mail stores do: a ``tmp.*``
+file, fsync, rename, and one fsync of the directory; the sidecar is renamed last, so
+a message is listed only once its body is in place.  Writing the same queue id again
+(a retry after a crash) replaces the files with identical content.
+
+The blocking helpers at the bottom (`list_quarantine`, `read_record`, `read_message`,
+`delete_quarantined`) are what `mta-admin` uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+from twisted.internet.threads import deferToThreadPool
+from zope.interface import implementer
+
+from mta.envelope import Address, DeliveryResult, Envelope, RecipientState, Reply
+from mta.fileio import fsync_dir, write_all
+from mta.interfaces import IDeliveryAgent
+from mta.observe.logging import Logger
+
+log = Logger()
+
+FORMAT_VERSION = 1
+QUARANTINED = Reply(250, "2.0.0", "quarantined")
+_ID_RE = re.compile(r"[0-9A-Za-z_-]{1,64}\Z")
+_CHUNK = 1 << 20
+
+
+class NotQuarantined(KeyError):
+    """No message with that id in the quarantine."""
+
+    def __str__(self) -> str:
+        return f"{self.args[0]}: no such message in the quarantine"
+
+
+def is_quarantine_id(qid: str) -> bool:
+    return bool(_ID_RE.match(qid))
+
+
+def envelope_record(qid: str, envelope: Envelope, recipients, now: float) -> dict:
+    """The sidecar's content: enough to show the message and to release it."""
+    e = envelope
+    return {
+        "version": FORMAT_VERSION,
+        "qid": qid,
+        "quarantined_at": now,
+        "reasons": [r for r in (e.quarantine or "").split("; ") if r],
+        "sender": [e.sender.local, e.sender.domain],
+        "recipients": [[r.local, r.domain] for r in recipients],
+        "original_recipients": [[r.local, r.domain] for r in e.original_recipients],
+        "helo": e.helo,
+        "client_address": e.client_address,
+        "client_name": e.client_name,
+        "authenticated_as": e.authenticated_as,
+        "listener": e.listener,
+        "tls": e.tls,
+        "body": e.body.value,
+        "smtputf8": e.smtputf8,
+        "received_at": e.received_at,
+    }
+
+
+def record_envelope(record: dict) -> Envelope:
+    """The envelope of a quarantined message (quarantine cleared), from its sidecar."""
+    from mta.envelope import BodyType
+
+    def unaddr(v) -> Address:
+        return Address(str(v[0]), str(v[1]))
+
+    recipients = tuple(unaddr(r) for r in record["recipients"])
+    originals = tuple(unaddr(r) for r in record.get("original_recipients", ()))
+    return Envelope(
+        sender=unaddr(record["sender"]),
+        recipients=recipients,
+        original_recipients=originals if len(originals) == len(recipients) else (),
+        helo=record.get("helo", ""),
+        client_address=record.get("client_address", ""),
+        client_name=record.get("client_name", ""),
+        authenticated_as=record.get("authenticated_as"),
+        listener=record.get("listener", ""),
+        tls=record.get("tls"),
+        body=BodyType(record.get("body", "7BIT")),
+        smtputf8=bool(record.get("smtputf8", False)),
+        received_at=float(record.get("received_at", 0.0)),
+    )
+
+
+@implementer(IDeliveryAgent)
+class QuarantineAgent:
+    """Keeps quarantined messages under `directory` (``<datadir>/quarantine``),
+    writing on `threadpool`; `clock` gives the time recorded in the sidecar."""
+
+    def __init__(self, directory: str, threadpool, reactor, *, fsync=os.fsync):
+        self.directory = directory
+        self._pool = threadpool
+        self._reactor = reactor
+        self._fsync = fsync
+
+    def deliver(self, job, recipients):
+        recipients = list(recipients)
+        now = self._reactor.seconds()
+        record = envelope_record(job.qid, job.envelope, recipients, now)
+        d = deferToThreadPool(self._reactor, self._pool, self._store, job, record)
+        return d.addCallback(self._results, job, recipients)
+
+    def _results(self, _, job, recipients) -> list[DeliveryResult]:
+        reason = job.envelope.quarantine or "policy"
+        log.info(
+            "{qid} quarantined: {reason}",
+            event="quarantined",
+            qid=job.qid,
+            reason=reason,
+            recipients=len(recipients),
+        )
+        detail = f"quarantined: {reason}"
+        return [
+            DeliveryResult(r, RecipientState.DELIVERED, detail, QUARANTINED) for r in recipients
+        ]
+
+    def _store(self, job, record: dict) -> None:
+        """Thread: message then sidecar, each tmp + fsync + rename; the directory once."""
+        if not is_quarantine_id(job.qid):
+            raise ValueError(f"{job.qid!r} cannot name a quarantined message")
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        base = os.path.join(self.directory, job.qid)
+        self._write(base + ".eml", job.body.chunks(_CHUNK))
+        data = json.dumps(record, sort_keys=True, ensure_ascii=True).encode("ascii") + b"\n"
+        self._write(base + ".json", [data])
+        fsync_dir(self.directory, self._fsync)
+
+    def _write(self, path: str, chunks) -> None:
+        tmp = f"{os.path.dirname(path)}/tmp.{os.getpid()}.{os.path.basename(path)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                for chunk in chunks:
+                    write_all(fd, [chunk])
+            finally:
+                close = getattr(chunks, "close", None)
+                if close is not None:
+                    close()
+            self._fsync(fd)
+        except BaseException:
+            os.close(fd)
+            _unlink(tmp)
+            raise
+        os.close(fd)
+        os.rename(tmp, path)
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+# -- blocking helpers for mta-admin ------------------------------------------------
+
+
+def _path(directory: str, qid: str, suffix: str) -> str:
+    if not is_quarantine_id(qid):
+        raise NotQuarantined(qid)
+    return os.path.join(directory, qid + suffix)
+
+
+def read_record(directory: str, qid: str) -> dict:
+    """The sidecar of `qid`; NotQuarantined when there is none."""
+    try:
+        with open(_path(directory, qid, ".json"), "rb") as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        raise NotQuarantined(qid) from None
+
+
+def read_message(directory: str, qid: str) -> bytes:
+    """The quarantined message as it would have been delivered."""
+    try:
+        with open(_path(directory, qid, ".eml"), "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise NotQuarantined(qid) from None
+
+
+def list_quarantine(directory: str) -> list[dict]:
+    """Every sidecar, oldest first (unreadable ones are skipped)."""
+    try:
+        names = sorted(os.listdir(directory))
+    except FileNotFoundError:
+        return []
+    out = []
+    for name in names:
+        if name.startswith("tmp.") or not name.endswith(".json"):
+            continue
+        try:
+            out.append(read_record(directory, name[:-5]))
+        except (NotQuarantined, ValueError):
+            continue
+    out.sort(key=lambda r: (r.get("quarantined_at", 0.0), r.get("qid", "")))
+    return out
+
+
+def delete_quarantined(directory: str, qid: str, fsync=os.fsync) -> None:
+    """Remove `qid` (sidecar first, so a half-deleted message is never listed)."""
+    sidecar = _path(directory, qid, ".json")
+    if not os.path.exists(sidecar):
+        raise NotQuarantined(qid)
+    _unlink(sidecar)
+    _unlink(_path(directory, qid, ".eml"))
+    fsync_dir(directory, fsync)
