@@ -200,7 +200,7 @@ _CHOICES = {
 # Values of the operator contract that this version validates but cannot serve yet:
 # refusing them at start is better than silently running something else.
 _NOT_YET = {
-    "storage.backend": ("maildir",),
+    "storage.backend": ("maildir", "mbox", "timeseries"),
     "queue.backend": ("local",),
 }
 # Sections of the operator contract implemented by later stages: accepted so that one

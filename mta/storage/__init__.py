@@ -20,7 +20,7 @@ __all__ = [
     "safe_component",
 ]
 
-BACKENDS = ("maildir",)
+BACKENDS = ("maildir", "mbox", "timeseries")
 
 
 class UnknownBackend(ValueError):
@@ -35,6 +35,18 @@ def open_store(config, *, fsync=None):
 
         kwargs = {} if fsync is None else {"fsync": fsync}
         return MaildirStore(config.path("mail"), config.hostname, **kwargs)
+    if backend == "mbox":
+        from mta.storage.mbox import MboxStore
+
+        kwargs = {} if fsync is None else {"fsync": fsync}
+        return MboxStore(config.path("mail"), **kwargs)
+    if backend == "timeseries":
+        from mta.storage.timeseries import ArchiveStore
+
+        # has_delivered looks back as far as a message can stay queued, plus slack.
+        days = int(config.queue.max_age // 86400) + 2
+        kwargs = {} if fsync is None else {"fsync": fsync}
+        return ArchiveStore(config.path("archive"), lookback_days=days, **kwargs)
     raise UnknownBackend(
         f"[storage] backend = {backend!r} is not available (choose one of {', '.join(BACKENDS)})"
     )
