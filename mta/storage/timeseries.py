@@ -2,7 +2,7 @@
 
 ``<archive_root>/<domain>/<local>/YYYY/MM/DD/<unique>.eml``, written the Maildir
 way: the prefix and the body are copied into ``<mailbox>/tmp/<unique>``, fsynced,
-renamed into the day directory, and that directory is fsynced (new directories are
+linked into the day directory (a link never replaces a file of the same name), and that directory is fsynced (new directories are
 made durable by fsyncing each one and its parent).  A delivery killed midway leaves
 at most a file in ``tmp/``, which nothing lists.
 
@@ -227,7 +227,14 @@ class ArchiveStore:
             day_dir = f"{box}/{time.strftime('%Y/%m/%d', time.gmtime(now))}"
             self._ensure(day_dir)
             final = f"{day_dir}/{name}"
-            os.rename(tmp, final)
+            while True:  # link, not rename: never replace a message of the same name
+                try:
+                    os.link(tmp, final)
+                    break
+                except FileExistsError:
+                    attempt += 1
+                    final = f"{day_dir}/{name.replace('P', f'_{attempt}P', 1)}"
+            os.unlink(tmp)
         except BaseException:
             try:
                 os.unlink(tmp)
