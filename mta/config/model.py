@@ -158,6 +158,8 @@ class Config:
     manhole: ManholeConfig = ManholeConfig()
     log: LogConfig = LogConfig()
     source: str = "<defaults>"
+    # (domain, backend) from [storage."<domain>"] tables: a local domain kept elsewhere
+    storage_domains: tuple[tuple[str, str], ...] = ()
 
     def path(self, *parts: str) -> str:
         """A path under the data directory."""

@@ -28,8 +28,22 @@ class UnknownBackend(ValueError):
 
 
 def open_store(config, *, fsync=None):
-    """The `IMailStore` that `config`'s ``[storage]`` asks for."""
-    backend = config.storage.backend
+    """The `IMailStore` that `config`'s ``[storage]`` asks for: the backend's store,
+    or a `RoutingStore` when ``[storage."<domain>"]`` tables send domains elsewhere."""
+    default = _open_backend(config, config.storage.backend, fsync)
+    per_domain = getattr(config, "storage_domains", ())
+    if not per_domain:
+        return default
+    from mta.storage.routing import RoutingStore
+
+    stores = {config.storage.backend: default}
+    for _, backend in per_domain:
+        if backend not in stores:
+            stores[backend] = _open_backend(config, backend, fsync)
+    return RoutingStore(default, {domain: stores[backend] for domain, backend in per_domain})
+
+
+def _open_backend(config, backend: str, fsync):
     if backend == "maildir":
         from mta.storage.maildir import MaildirStore
 
