@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     # Imported here: each of them imports the helpers below.
-    from mta.admin import lockouts, queue, users
+    from mta.admin import lockouts, mail, queue, users
     from mta.admin import quarantine as quarantine_commands
 
     users.add_user_commands(commands, leaf)
@@ -124,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--limit", type=int, default=1000, help="newest N entries (default 1000)")
 
     lockouts.add_commands(commands, leaf)
+    mail.add_commands(commands, leaf)
     return parser
 
 

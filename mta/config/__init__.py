@@ -200,6 +200,9 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
     for name in _RESERVED_SECTIONS:
         if "." not in name and name in data and not isinstance(data[name], dict):
             errors.found.append(err(name, "must be a table"))
+    storage_domains: tuple = ()
+    with collect():
+        storage_domains = _storage_domains(data.get("storage", {}), local_domains, err, collect)
     with collect():
         sections["dkim"] = _dkim(sections["dkim"], err, collect)
     with collect():
@@ -221,6 +224,7 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
         listeners=listeners,
         workers=workers,
         source=source,
+        storage_domains=storage_domains,
         **sections,
     )
 
@@ -398,6 +402,41 @@ def _listeners(raw: Any, err, collect=contextlib.nullcontext) -> tuple[ListenerC
     return tuple(out)
 
 
+def _storage_domains(raw: Any, local_domains, err, collect) -> tuple:
+    """[storage."<domain>"] tables, as (domain, backend): one local domain's mail
+    in another backend."""
+    if not isinstance(raw, dict):
+        return ()
+    found = []
+    for key, value in raw.items():
+        dotted = f"storage.{key}"
+        if not isinstance(value, dict) or dotted in _RESERVED_SECTIONS:
+            continue
+        domain = key.lower().rstrip(".")
+        with collect():
+            if local_domains is not None and domain not in local_domains:
+                raise err(
+                    dotted,
+                    f"{domain!r} is not in local_domains"
+                    ' (a domain with dots needs quotes: [storage."example.test"])',
+                )
+            for k in value:
+                if k != "backend":
+                    raise err(f"{dotted}.{k}", "unknown key")
+            backend = value.get("backend")
+            choices = _CHOICES["storage.backend"]
+            if backend not in choices:
+                raise err(f"{dotted}.backend", f"must be one of {', '.join(choices)}")
+            if backend not in _NOT_YET["storage.backend"]:
+                raise err(
+                    f"{dotted}.backend",
+                    f"{backend!r} is not available in this version"
+                    f" (use {', '.join(_NOT_YET['storage.backend'])})",
+                )
+            found.append((domain, backend))
+    return tuple(found)
+
+
 def _section(raw: Any, name: str, cls: type, err, collect=contextlib.nullcontext) -> Any:
     if not isinstance(raw, dict):
         raise err(name, "must be a table")
@@ -405,6 +444,8 @@ def _section(raw: Any, name: str, cls: type, err, collect=contextlib.nullcontext
     values = {}
     for key, value in raw.items():
         dotted = f"{name}.{key}"
+        if name == "storage" and isinstance(value, dict) and dotted not in _RESERVED_SECTIONS:
+            continue  # [storage."<domain>"]: read by _storage_domains
         if key not in fields:
             if dotted in _RESERVED_SECTIONS and isinstance(value, dict):
                 continue

@@ -20,7 +20,7 @@ __all__ = [
     "safe_component",
 ]
 
-BACKENDS = ("maildir",)
+BACKENDS = ("maildir", "mbox", "timeseries")
 
 
 class UnknownBackend(ValueError):
@@ -28,13 +28,39 @@ class UnknownBackend(ValueError):
 
 
 def open_store(config, *, fsync=None):
-    """The `IMailStore` that `config`'s ``[storage]`` asks for."""
-    backend = config.storage.backend
+    """The `IMailStore` that `config`'s ``[storage]`` asks for: the backend's store,
+    or a `RoutingStore` when ``[storage."<domain>"]`` tables send domains elsewhere."""
+    default = _open_backend(config, config.storage.backend, fsync)
+    per_domain = getattr(config, "storage_domains", ())
+    if not per_domain:
+        return default
+    from mta.storage.routing import RoutingStore
+
+    stores = {config.storage.backend: default}
+    for _, backend in per_domain:
+        if backend not in stores:
+            stores[backend] = _open_backend(config, backend, fsync)
+    return RoutingStore(default, {domain: stores[backend] for domain, backend in per_domain})
+
+
+def _open_backend(config, backend: str, fsync):
     if backend == "maildir":
         from mta.storage.maildir import MaildirStore
 
         kwargs = {} if fsync is None else {"fsync": fsync}
         return MaildirStore(config.path("mail"), config.hostname, **kwargs)
+    if backend == "mbox":
+        from mta.storage.mbox import MboxStore
+
+        kwargs = {} if fsync is None else {"fsync": fsync}
+        return MboxStore(config.path("mail"), **kwargs)
+    if backend == "timeseries":
+        from mta.storage.timeseries import ArchiveStore
+
+        # has_delivered looks back as far as a message can stay queued, plus slack.
+        days = int(config.queue.max_age // 86400) + 2
+        kwargs = {} if fsync is None else {"fsync": fsync}
+        return ArchiveStore(config.path("archive"), lookback_days=days, **kwargs)
     raise UnknownBackend(
         f"[storage] backend = {backend!r} is not available (choose one of {', '.join(BACKENDS)})"
     )
