@@ -7,7 +7,7 @@ trace headers, then the body) next to a JSON sidecar ``<qid>.json`` (envelope,
 recipients, reasons, time), and answers DELIVERED for every recipient: the queue's
 work is done, the operator decides (`mta-admin quarantine list|show|release|delete`).
 
-Both files are written durably on a thread pool, as the mail stores do: a ``tmp.*``
+Both files are written durably on a thread pool, as the mail stores do: a ``tmp.*.part``
 file, fsync, rename, and one fsync of the directory; the sidecar is renamed last, so
 a message is listed only once its body is in place.  Writing the same queue id again
 (a retry after a crash) replaces the files with identical content.
@@ -141,7 +141,7 @@ class QuarantineAgent:
         fsync_dir(self.directory, self._fsync)
 
     def _write(self, path: str, chunks) -> None:
-        tmp = f"{os.path.dirname(path)}/tmp.{os.getpid()}.{os.path.basename(path)}"
+        tmp = f"{os.path.dirname(path)}/tmp.{os.getpid()}.{os.path.basename(path)}.part"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
             try:
@@ -202,7 +202,7 @@ def list_quarantine(directory: str) -> list[dict]:
         return []
     out = []
     for name in names:
-        if name.startswith("tmp.") or not name.endswith(".json"):
+        if name.startswith("tmp.") or not name.endswith(".json"):  # (tmp.* end in .part)
             continue
         try:
             out.append(read_record(directory, name[:-5]))
