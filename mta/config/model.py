@@ -110,11 +110,23 @@ class ChecksConfig:
 
     `timeout` bounds each asynchronous check (seconds); a check that times out or
     raises answers 451 with `fail = "closed"`, or is skipped (and logged) with
-    `fail = "open"`.  The relay, sender and rate-limit rules are always closed.
+    `fail = "open"`.  The relay, sender and rate-limit rules and the virus scan are
+    always closed.
+
+    `spamd` (host:port or a unix socket path; None: no spam check) and what spam
+    means: `spam_threshold` (None: spamd's own required score), `spam_action`, and
+    `spam_max_size` (bytes; bigger messages are tagged as not scanned).  `clamd`
+    (host:port or a socket path; None: no virus scan) and `virus_action`.
     """
 
     timeout: float = 30.0
     fail: str = "closed"
+    spamd: str | None = None
+    spam_threshold: float | None = None
+    spam_action: str = "tag"
+    spam_max_size: int = 512 * 1024
+    clamd: str | None = None
+    virus_action: str = "reject"
 
 
 @attrs.frozen
@@ -193,10 +205,14 @@ _CHOICES = {
     "queue.backend": ("local", "postgresql"),
     "relay.tls": ("opportunistic", "required", "none"),
     "checks.fail": ("open", "closed"),
+    "checks.spam_action": ("tag", "quarantine", "reject"),
+    "checks.virus_action": ("reject", "quarantine"),
     "limits.bare_newlines": ("normalize", "reject"),
     "log.format": ("json", "text"),
     "log.level": ("debug", "info", "warn", "error", "critical"),
 }
+# Keys whose default is None but whose value is a number (None: "not set").
+_OPTIONAL_NUMBERS = frozenset(("checks.spam_threshold",))
 # Values of the operator contract that this version validates but cannot serve yet:
 # refusing them at start is better than silently running something else.
 _NOT_YET = {
@@ -218,12 +234,6 @@ _RESERVED_KEYS = frozenset(
         "dnsbl",
         "dnsbl_action",
         "dnswl",
-        "spamd",
-        "spam_threshold",
-        "spam_action",
-        "spam_max_size",
-        "clamd",
-        "virus_action",
         "blocked_attachments",
     )
 )
