@@ -90,6 +90,8 @@ async def connect(endpoint, protocol: Protocol) -> Protocol:
 
 
 class _OneProtocol(Factory):
+    noisy = False  # no "Starting factory" line per scanned message
+
     def __init__(self, protocol: Protocol):
         self._protocol = protocol
 
