@@ -260,7 +260,7 @@ def policy_pipeline(config: Config, clock, directory, sender_policy) -> PolicyPi
     scan = config.checks
     if scan.clamd:
         clamd = ClamdClient(daemon_endpoint(clock, scan.clamd), clock)
-        checks.append(VirusCheck(clamd, scan.virus_action))
+        checks.append(VirusCheck(clamd, scan.virus_action, clock))
     if scan.spamd:
         spamd = SpamdClient(daemon_endpoint(clock, scan.spamd))
         checks.append(

@@ -136,6 +136,7 @@ class VirusCheck:
 
     client: ClamdClient
     action: str = "reject"
+    clock: object = None  # IReactorTime, for the scan's duration in the log
     name: str = "clamd"
     phases: tuple = (Phase.DATA,)
 
@@ -146,20 +147,36 @@ class VirusCheck:
     def check(self, phase: Phase, context: PolicyContext):
         if context.body is None:
             return Verdict.CONTINUE
+        started = self.clock.seconds() if self.clock is not None else None
         d = self.client.scan(context.body)
-        d.addCallback(self.verdict, context.queue_id)
+        d.addCallback(self._scanned, context.queue_id, started)
         return d
 
-    def verdict(self, result: ScanResult, qid: str | None = None) -> Verdict:
-        """The verdict for clamd's `result`."""
+    def _scanned(self, result: ScanResult, qid, started) -> Verdict:
+        duration = None if started is None else self.clock.seconds() - started
+        return self.verdict(result, qid, duration)
+
+    def verdict(
+        self, result: ScanResult, qid: str | None = None, duration: float | None = None
+    ) -> Verdict:
+        """The verdict for clamd's `result` (logged with the queue id)."""
         if result.virus is None:
-            log.info("{qid}: clamd: clean", event="virus_checked", qid=qid, outcome="clean")
+            log.info(
+                "{qid}: clamd: clean",
+                event="check",
+                check=self.name,
+                result="clean",
+                qid=qid,
+                duration=duration,
+            )
             return Verdict.CONTINUE
         log.warn(
             "{qid}: clamd: virus {virus} found ({action})",
-            event="virus_checked",
+            event="check",
+            check=self.name,
+            result="infected",
             qid=qid,
-            outcome="infected",
+            duration=duration,
             virus=result.virus,
             action=self.action,
         )

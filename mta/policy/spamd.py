@@ -139,13 +139,24 @@ class SpamCheck:
             raise ValueError(f"spam action must be one of {', '.join(ACTIONS)}")
 
     def check(self, phase: Phase, context: PolicyContext):
-        if context.authenticated_as is not None or context.body is None:
+        if context.body is None:
+            return Verdict.CONTINUE
+        if context.authenticated_as is not None:
+            log.debug(
+                "{qid}: spamd: not asked for an authenticated submission",
+                event="check",
+                check=self.name,
+                result="skipped",
+                qid=context.queue_id,
+            )
             return Verdict.CONTINUE
         size = context.size or context.body.size
         if size > self.max_size:
             log.info(
                 "{qid}: spamd: not scanned, {size} bytes > spam_max_size {max_size}",
-                event="spam_skipped",
+                event="check",
+                check=self.name,
+                result="skipped",
                 qid=context.queue_id,
                 size=size,
                 max_size=self.max_size,
@@ -158,25 +169,30 @@ class SpamCheck:
         return defer.Deferred.fromCoroutine(self._scan(context))
 
     async def _scan(self, context: PolicyContext) -> Verdict:
-        body = context.body
+        started = self.reactor.seconds()
         pool = self.reactor.getThreadPool()
         message = await threads.deferToThreadPool(
-            self.reactor, pool, _read_all, body, self.max_size
+            self.reactor, pool, _read_all, context.body, self.max_size
         )
         result = await self.client.symbols(message)
-        return self.verdict(result, context.queue_id)
+        return self.verdict(result, context.queue_id, self.reactor.seconds() - started)
 
-    def verdict(self, result: SpamResult, qid: str | None = None) -> Verdict:
-        """The verdict and tags for spamd's `result`."""
+    def verdict(
+        self, result: SpamResult, qid: str | None = None, duration: float | None = None
+    ) -> Verdict:
+        """The verdict and tags for spamd's `result` (logged with the queue id and how
+        long the scan took)."""
         required = result.required if self.threshold is None else self.threshold
         spam = result.is_spam if self.threshold is None else result.score >= required
         headers = spam_headers(result.score, required, result.tests, spam)
         outcome = "spam" if spam else "ham"
         log.info(
-            "{qid}: spamd: {outcome}, score {score} required {required} ({action})",
-            event="spam_checked",
+            "{qid}: spamd: {result}, score {score} required {required} ({action})",
+            event="check",
+            check=self.name,
+            result=outcome,
             qid=qid,
-            outcome=outcome,
+            duration=duration,
             score=result.score,
             required=required,
             tests=",".join(result.tests),
