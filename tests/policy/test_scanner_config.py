@@ -31,16 +31,16 @@ def test_values():
             "checks": {
                 "spamd": "127.0.0.1:783",
                 "spam_threshold": 6,
-                "spam_action": "quarantine",
+                "spam_action": "reject",
                 "spam_max_size": 1000,
                 "clamd": "/run/clamav/clamd.ctl",
-                "virus_action": "quarantine",
+                "virus_action": "reject",
             }
         }
     ).checks
     assert checks.spamd == "127.0.0.1:783" and checks.clamd == "/run/clamav/clamd.ctl"
     assert checks.spam_threshold == 6.0 and isinstance(checks.spam_threshold, float)
-    assert (checks.spam_action, checks.virus_action) == ("quarantine", "quarantine")
+    assert (checks.spam_action, checks.virus_action) == ("reject", "reject")
     assert build_config({"checks": {"spamd": "", "clamd": ""}}).checks.spamd is None
 
 
@@ -55,6 +55,9 @@ def test_values():
         ("spam_threshold", "high"),
         ("spam_action", "drop"),
         ("virus_action", "tag"),
+        # Not until delivery holds quarantined messages back.
+        ("virus_action", "quarantine"),
+        ("spam_action", "quarantine"),
         ("spam_max_size", 0),
         ("spam_max_size", 1.5),
     ],
@@ -84,11 +87,10 @@ def test_pipeline_builds_clamd_then_spamd_and_clamd_fails_closed():
             "spam_action": "reject",
             "spam_threshold": 4.5,
             "spam_max_size": 2048,
-            "virus_action": "quarantine",
         }
     )
     virus, spam = p.checks_for(Phase.DATA)
-    assert isinstance(virus, VirusCheck) and virus.action == "quarantine"
+    assert isinstance(virus, VirusCheck) and virus.action == "reject"
     assert isinstance(spam, SpamCheck)
     assert (spam.action, spam.threshold, spam.max_size) == ("reject", 4.5, 2048)
     assert p._fail_open["clamd"] is False and p._fail_open["spamd"] is True
