@@ -5,7 +5,10 @@
 from the `IMessageBody` one at a time on a thread (the next chunk is read only when
 the previous one was handed to the transport and the transport is not pushing back,
 so memory holds about one chunk), then a zero-length chunk; clamd answers
-`stream: OK`, `stream: <name> FOUND` or `<text> ERROR`, NUL-terminated.
+`stream: OK`, `stream: <name> FOUND` or `<text> ERROR`, NUL-terminated.  A message
+over clamd's StreamMaxLength is passed unscanned, tagged `X-Virus-Status: Unscanned`
+and logged as a warning (like clamav-milter): set StreamMaxLength to at least
+`[limits] max_message_size` to scan everything.
 
 `VirusCheck` (the `clamd` check, `Phase.DATA`) scans every message, authenticated
 submissions included.  An infected message is refused with `554 5.7.0`
@@ -41,9 +44,11 @@ def virus_reply(name: str) -> Reply:
 
 @attrs.frozen
 class ScanResult:
-    """clamd's answer: `virus` is the signature name, None for a clean message."""
+    """clamd's answer: `virus` is the signature name, None for a clean message;
+    `skipped` says why clamd did not scan it all (over its StreamMaxLength)."""
 
     virus: str | None
+    skipped: str | None = None
 
 
 def parse_reply(data: bytes) -> ScanResult:
@@ -54,6 +59,8 @@ def parse_reply(data: bytes) -> ScanResult:
         return ScanResult(rest[: -len(" FOUND")].strip() or "unknown")
     if text.endswith(": OK") or text == "OK":
         return ScanResult(None)
+    if "size limit exceeded" in text:
+        return ScanResult(None, "over clamd's StreamMaxLength")
     raise DaemonError(f"clamd: {text[:200] or 'no answer'}")
 
 
@@ -112,16 +119,15 @@ class ClamdClient:
         chunks = body.chunks(self._chunk_size)
         try:
             stream.transport.write(b"zINSTREAM\0")
-            while not stream.reply.called:
+            while True:
                 chunk = await threads.deferToThreadPool(self._reactor, pool, next, chunks, b"")
-                if not chunk or stream.reply.called:
+                if stream.reply.called:
+                    break  # clamd answered early (a size limit): its answer says why
+                if not chunk:
+                    stream.transport.write(struct.pack("!L", 0))
                     break
                 stream.transport.write(struct.pack("!L", len(chunk)) + chunk)
                 await stream.writable()
-            else:
-                # clamd answered before the end (a size limit): its answer says why.
-                return parse_reply(await stream.reply)
-            stream.transport.write(struct.pack("!L", 0))
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
@@ -160,6 +166,18 @@ class VirusCheck:
         self, result: ScanResult, qid: str | None = None, duration: float | None = None
     ) -> Verdict:
         """The verdict for clamd's `result` (logged with the queue id)."""
+        if result.virus is None and result.skipped:
+            log.warn(
+                "{qid}: clamd: not scanned: {why}",
+                event="check",
+                check=self.name,
+                result="skipped",
+                qid=qid,
+                duration=duration,
+                why=result.skipped,
+            )
+            header = f"X-Virus-Status: Unscanned, {result.skipped}\r\n".encode()
+            return Verdict.continue_(headers=(header,))
         if result.virus is None:
             log.info(
                 "{qid}: clamd: clean",

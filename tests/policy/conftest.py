@@ -139,7 +139,7 @@ def write_clamd_config(directory: Path, port: int) -> Path:
                 f"LogFile {directory / 'clamd.log'}",
                 f"PidFile {directory / 'clamd.pid'}",
                 "MaxThreads 4",
-                "StreamMaxLength 25M",
+                "StreamMaxLength 1M",
                 "SelfCheck 0",
                 "",
             ]

@@ -62,7 +62,8 @@ def test_parse_reply():
     assert parse_reply(b"stream: Eicar-Test-Signature FOUND\0") == ScanResult(
         "Eicar-Test-Signature"
     )
-    for junk in (b"", b"INSTREAM size limit exceeded. ERROR\0", b"what?\0"):
+    assert parse_reply(b"INSTREAM size limit exceeded. ERROR\0").skipped
+    for junk in (b"", b"Can't allocate memory ERROR\0", b"what?\0"):
         with pytest.raises(DaemonError):
             parse_reply(junk)
 
@@ -164,3 +165,14 @@ async def test_silent_clamd_times_out():
         pipeline = PolicyPipeline([virus_check(reactor, address)], reactor, timeout=0.5)
         verdict = await pipeline.run(Phase.DATA, context(EICAR))
     assert verdict.action is Action.TEMPFAIL and verdict.reply == CHECK_TIMEOUT
+
+
+@pytest_twisted.ensureDeferred
+async def test_over_clamds_stream_limit(clamd_server):
+    """The fixture's clamd takes at most 1 MiB (StreamMaxLength)."""
+    from twisted.internet import reactor
+
+    big = HEAD + b"\r\n" + b"y" * 1_500_000
+    verdict = await virus_check(reactor, clamd_server.address).check(Phase.DATA, context(big))
+    assert verdict.action is Action.CONTINUE
+    assert verdict.headers == (b"X-Virus-Status: Unscanned, over clamd's StreamMaxLength\r\n",)
