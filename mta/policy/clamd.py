@@ -128,11 +128,22 @@ class ClamdClient:
                     break
                 stream.transport.write(struct.pack("!L", len(chunk)) + chunk)
                 await stream.writable()
+        except BaseException:
+            # Cancelled (the pipeline's timeout) or the body could not be read.
+            stream.transport.abortConnection()
+            raise
         finally:
             close = getattr(chunks, "close", None)
             if close is not None:
-                await threads.deferToThreadPool(self._reactor, pool, close)
+                await threads.deferToThreadPool(self._reactor, pool, _close_quietly, close)
         return parse_reply(await stream.reply)
+
+
+def _close_quietly(close) -> None:
+    try:
+        close()
+    except ValueError:
+        pass  # a cancelled read still runs the generator; it closes when collected
 
 
 @implementer(IPolicyCheck)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import socket
+import threading
 
 import pytest
 import pytest_twisted
@@ -176,3 +177,42 @@ async def test_over_clamds_stream_limit(clamd_server):
     verdict = await virus_check(reactor, clamd_server.address).check(Phase.DATA, context(big))
     assert verdict.action is Action.CONTINUE
     assert verdict.headers == (b"X-Virus-Status: Unscanned, over clamd's StreamMaxLength\r\n",)
+
+
+class StuckBody(MemoryBody):
+    """A body whose first read blocks until released (a hung disk)."""
+
+    def __init__(self, data: bytes):
+        super().__init__(data)
+        self.release = threading.Event()
+
+    def chunks(self, chunk_size: int = 262144):
+        self.release.wait(30)
+        yield from super().chunks(chunk_size)
+
+
+@pytest_twisted.ensureDeferred
+async def test_timeout_while_reading_closes_the_connection():
+    from twisted.internet import reactor
+
+    body = StuckBody(CLEAN)
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(5)
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        pipeline = PolicyPipeline([virus_check(reactor, address)], reactor, timeout=0.5)
+        try:
+            verdict = await pipeline.run(Phase.DATA, context(CLEAN, body))
+        finally:
+            body.release.set()
+        assert verdict.reply == CHECK_TIMEOUT
+        conn, _ = server.accept()
+        with conn:
+            conn.settimeout(30)  # a hang here fails the test: the client must close
+            received = b""
+            try:
+                while chunk := conn.recv(65536):
+                    received += chunk
+            except ConnectionResetError:
+                pass  # aborted: closed with a reset
+    assert b"\0\0\0" not in received  # no chunk was sent
