@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import smtplib
+import socket
 
 import pytest
 
@@ -48,3 +49,18 @@ def test_virus_rejected_spam_tagged_clean_delivered(mta_server_factory, spamd_se
     assert all(e.get("qid") and e["duration"] >= 0 for e in checks)
     assert {e["result"] for e in checks if e["check"] == "clamd"} == {"infected", "clean"}
     assert {e["result"] for e in checks if e["check"] == "spamd"} == {"spam", "ham"}
+
+
+def test_clamd_down_defers_even_with_fail_open(mta_server_factory):
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    server = mta_server_factory({"checks": {"clamd": address, "fail": "open"}})
+    with smtplib.SMTP(server.host, server.smtp_port, timeout=90) as client:
+        client.ehlo("client.remote.test")
+        with pytest.raises(smtplib.SMTPDataError) as e:
+            client.sendmail("sender@remote.test", ["postmaster@localhost"], message(b"x", b"hi"))
+    assert e.value.smtp_code == 451 and e.value.smtp_error.startswith(b"4.3.0")
+    assert not (server.maildir("postmaster@localhost") / "new").exists() or not list(
+        (server.maildir("postmaster@localhost") / "new").iterdir()
+    )
