@@ -8,6 +8,7 @@ import threading
 
 import pytest
 import pytest_twisted
+from twisted.internet import threads
 from zope.interface.verify import verifyObject
 
 from mta.interfaces import IPolicyCheck
@@ -206,13 +207,19 @@ async def test_timeout_while_reading_closes_the_connection():
         finally:
             body.release.set()
         assert verdict.reply == CHECK_TIMEOUT
-        conn, _ = server.accept()
-        with conn:
-            conn.settimeout(30)  # a hang here fails the test: the client must close
-            received = b""
-            try:
-                while chunk := conn.recv(65536):
-                    received += chunk
-            except ConnectionResetError:
-                pass  # aborted: closed with a reset
+        # Read on a thread: the reactor must keep running to close the socket.
+        received = await threads.deferToThread(read_until_closed, server)
     assert b"\0\0\0" not in received  # no chunk was sent
+
+
+def read_until_closed(server: socket.socket) -> bytes:
+    conn, _ = server.accept()
+    with conn:
+        conn.settimeout(30)  # a hang here fails the test: the client must close
+        received = b""
+        try:
+            while chunk := conn.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass  # aborted: closed with a reset
+    return received
