@@ -33,12 +33,15 @@ from mta.delivery.smtpclient import Timeouts
 from mta.dns import make_resolver
 from mta.observe.logging import Logger, make_observer
 from mta.policy.attachments import AttachmentCheck
+from mta.policy.clamd import ClamdClient, VirusCheck
+from mta.policy.daemons import daemon_endpoint
 from mta.policy.dnsbl import DNSBLCheck
 from mta.policy.lockout import LockoutRules, LockoutTracker
 from mta.policy.pipeline import PolicyPipeline
 from mta.policy.ratelimit import RateLimitCheck, RateLimiter
 from mta.policy.relay import RelayCheck
 from mta.policy.sender import SenderCheck, SenderPolicy
+from mta.policy.spamd import SpamCheck, SpamdClient
 from mta.process.balance import Balancer
 from mta.process.threads import ThreadPoolService, WorkThreads
 from mta.process.workers import WorkerSupervisor
@@ -240,15 +243,14 @@ def _submission(config: Config, reactor, root, database, db_pool, auth_pool):
 
 
 # Checks that guard the relay rule and abuse limits: never skipped because they failed.
-_ALWAYS_FAIL_CLOSED = ("relay", "sender", "rate-ip", "rate-user")
+_ALWAYS_FAIL_CLOSED = ("relay", "sender", "rate-ip", "rate-user", "clamd")
 
 
 def policy_pipeline(config: Config, clock, directory, sender_policy) -> PolicyPipeline:
     """The policy checks, in order: DNS block lists at CONNECT, rate limits and the
-    sender rule at MAIL, then the
-    relay rule (recipient resolution) at RCPT, the attachment rules at the end of
-    DATA; timeouts and failure mode from
-    `[checks]`."""
+    sender rule at MAIL, then the relay rule (recipient resolution) at RCPT, then
+    clamd, spamd and the attachment rules at the end of DATA when configured;
+    timeouts and failure mode from `[checks]` (the virus scan always fails closed)."""
     checks = []
     if config.checks.dnsbl:
         checks.append(
@@ -268,6 +270,15 @@ def policy_pipeline(config: Config, clock, directory, sender_policy) -> PolicyPi
         checks.append(RateLimitCheck(limiter, "user"))
     checks.append(SenderCheck(sender_policy))
     checks.append(RelayCheck(config.local_domains, config.relay_networks, directory))
+    scan = config.checks
+    if scan.clamd:
+        clamd = ClamdClient(daemon_endpoint(clock, scan.clamd), clock)
+        checks.append(VirusCheck(clamd, scan.virus_action, clock))
+    if scan.spamd:
+        spamd = SpamdClient(daemon_endpoint(clock, scan.spamd))
+        checks.append(
+            SpamCheck(spamd, clock, scan.spam_threshold, scan.spam_action, scan.spam_max_size)
+        )
     if config.checks.blocked_attachments:
         checks.append(
             AttachmentCheck(

@@ -24,6 +24,7 @@ import attrs
 from mta.config.model import (  # noqa: F401 (the sections are part of mta.config's API)
     _CHOICES,
     _NOT_YET,
+    _OPTIONAL_NUMBERS,
     _RESERVED_KEYS,
     _RESERVED_SECTIONS,
     _SECTIONS,
@@ -455,7 +456,8 @@ def _section(raw: Any, name: str, cls: type, err, collect=contextlib.nullcontext
                 raise err(dotted, "unknown key")
             continue
         with collect():
-            values[key] = _coerce(value, fields[key].default, dotted, err)
+            default = 0.0 if dotted in _OPTIONAL_NUMBERS else fields[key].default
+            values[key] = _coerce(value, default, dotted, err)
     section = cls(**values)
     for key, choices in _CHOICES.items():
         sec, _, field = key.partition(".")
@@ -470,9 +472,8 @@ def _section(raw: Any, name: str, cls: type, err, collect=contextlib.nullcontext
                     key,
                     f"{value!r} is not available in this version (use {', '.join(_NOT_YET[key])})",
                 )
-    if name == "checks" and section.timeout <= 0:
-        with collect():
-            raise err("checks.timeout", "must be a positive number of seconds")
+    if name == "checks":
+        section = _checks(section, err, collect)
     if name == "storage" and section.encrypt:
         with collect():
             raise err("storage.encrypt", "encryption at rest is not available in this version")
@@ -482,6 +483,27 @@ def _section(raw: Any, name: str, cls: type, err, collect=contextlib.nullcontext
             with collect():
                 raise err(f"{name}.{field}", "must not be negative")
     return section
+
+
+def _checks(section: ChecksConfig, err, collect) -> ChecksConfig:
+    """`[checks]`: positive timeout and size; where spamd and clamd listen ("" is off)."""
+    with collect():
+        if section.timeout <= 0:
+            raise err("checks.timeout", "must be a positive number of seconds")
+    with collect():
+        if section.spam_max_size <= 0:
+            raise err("checks.spam_max_size", "must be a positive number of bytes")
+    daemons = {}
+    for key in ("spamd", "clamd"):
+        address = getattr(section, key) or None
+        daemons[key] = address
+        if address is None or address.startswith("/"):
+            continue
+        with collect():
+            host, _ = _host_port(address, f"checks.{key}", err)
+            if not address.rpartition(":")[0].strip("[]"):
+                raise err(f"checks.{key}", f"expected host:port or a socket path, got {address!r}")
+    return attrs.evolve(section, **daemons)
 
 
 def _coerce(value: Any, default: Any, key: str, err) -> Any:

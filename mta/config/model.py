@@ -110,7 +110,13 @@ class ChecksConfig:
 
     `timeout` bounds each asynchronous check (seconds); a check that times out or
     raises answers 451 with `fail = "closed"`, or is skipped (and logged) with
-    `fail = "open"`.  The relay, sender and rate-limit rules are always closed.
+    `fail = "open"`.  The relay, sender and rate-limit rules and the virus scan are
+    always closed.
+
+    `spamd` (host:port or a unix socket path; None: no spam check) and what spam
+    means: `spam_threshold` (None: spamd's own required score), `spam_action`, and
+    `spam_max_size` (bytes; bigger messages are tagged as not scanned).  `clamd`
+    (host:port or a socket path; None: no virus scan) and `virus_action`.
 
     `blocked_attachments`: file-name extensions (lower case, no dot) and MIME types
     (with a slash) refused at the end of DATA, also inside nested parts and zip
@@ -124,6 +130,12 @@ class ChecksConfig:
 
     timeout: float = 30.0
     fail: str = "closed"
+    spamd: str | None = None
+    spam_threshold: float | None = None
+    spam_action: str = "tag"
+    spam_max_size: int = 512 * 1024
+    clamd: str | None = None
+    virus_action: str = "reject"
     blocked_attachments: tuple[str, ...] = ()
     attachment_action: str = "reject"
     dnsbl: tuple[str, ...] = ()
@@ -209,12 +221,16 @@ _CHOICES = {
     "queue.backend": ("local", "postgresql"),
     "relay.tls": ("opportunistic", "required", "none"),
     "checks.fail": ("open", "closed"),
+    "checks.spam_action": ("tag", "quarantine", "reject"),
+    "checks.virus_action": ("reject", "quarantine"),
     "checks.attachment_action": ("reject", "quarantine"),
     "checks.dnsbl_action": ("tag", "reject"),
     "limits.bare_newlines": ("normalize", "reject"),
     "log.format": ("json", "text"),
     "log.level": ("debug", "info", "warn", "error", "critical"),
 }
+# Keys whose default is None but whose value is a number (None: "not set").
+_OPTIONAL_NUMBERS = frozenset(("checks.spam_threshold",))
 # Values of the operator contract that this version validates but cannot serve yet:
 # refusing them at start is better than silently running something else.
 _NOT_YET = {
@@ -233,11 +249,5 @@ _RESERVED_KEYS = frozenset(
         "dkim",
         "dmarc",
         "arc_seal",
-        "spamd",
-        "spam_threshold",
-        "spam_action",
-        "spam_max_size",
-        "clamd",
-        "virus_action",
     )
 )

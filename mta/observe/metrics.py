@@ -147,6 +147,9 @@ class MetricsObserver:
             "expired": lambda e: self.metrics.expired.inc(),
             "bounced": lambda e: self.metrics.bounces.inc(),
             "check": self._check,
+            # The pipeline's word on a check that timed out or broke.
+            "policy_timeout": self._check_failed("timeout"),
+            "policy_error": self._check_failed("error"),
         }
 
     def __call__(self, event: Mapping[str, Any]) -> None:
@@ -211,6 +214,13 @@ class MetricsObserver:
         result = e.get("result")
         if isinstance(result, str):
             self.metrics.check_results.labels(check=check, result=result).inc()
+
+    def _check_failed(self, result: str) -> Callable[[Mapping[str, Any]], None]:
+        def handle(e: Mapping[str, Any]) -> None:
+            check = str(e.get("check", "unknown"))
+            self.metrics.check_results.labels(check=check, result=result).inc()
+
+        return handle
 
 
 class ServiceCollector:
