@@ -206,8 +206,6 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
         storage_domains = _storage_domains(data.get("storage", {}), local_domains, err, collect)
     with collect():
         sections["dkim"] = _dkim(sections["dkim"], err, collect)
-    with collect():
-        sections["checks"] = _checks(sections["checks"], err, collect)
     http_addr = sections["http"].address
     if http_addr:
         with collect():
@@ -330,7 +328,7 @@ def _dkim(section: DKIMConfig, err, collect=contextlib.nullcontext) -> DKIMConfi
 _ATTACHMENT_RE = re.compile(r"[a-z0-9][a-z0-9_.+-]*(?:/[a-z0-9][a-z0-9.+_-]*)?\Z")
 
 
-def _checks(section: ChecksConfig, err, collect=contextlib.nullcontext) -> ChecksConfig:
+def _checks_lists(section: ChecksConfig, err, collect=contextlib.nullcontext) -> ChecksConfig:
     """Extensions lower-cased without their dot; MIME types lower-cased; DNS list
     zones valid domain names."""
     blocked = []
@@ -486,7 +484,8 @@ def _section(raw: Any, name: str, cls: type, err, collect=contextlib.nullcontext
 
 
 def _checks(section: ChecksConfig, err, collect) -> ChecksConfig:
-    """`[checks]`: positive timeout and size; where spamd and clamd listen ("" is off)."""
+    """`[checks]`: positive timeout and size; where spamd and clamd listen ("" is off);
+    the attachment and DNS-list entries (`_checks_lists`)."""
     with collect():
         if section.timeout <= 0:
             raise err("checks.timeout", "must be a positive number of seconds")
@@ -503,7 +502,7 @@ def _checks(section: ChecksConfig, err, collect) -> ChecksConfig:
             host, _ = _host_port(address, f"checks.{key}", err)
             if not address.rpartition(":")[0].strip("[]"):
                 raise err(f"checks.{key}", f"expected host:port or a socket path, got {address!r}")
-    return attrs.evolve(section, **daemons)
+    return _checks_lists(attrs.evolve(section, **daemons), err, collect)
 
 
 def _coerce(value: Any, default: Any, key: str, err) -> Any:
