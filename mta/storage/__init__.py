@@ -20,7 +20,7 @@ __all__ = [
     "safe_component",
 ]
 
-BACKENDS = ("maildir",)
+BACKENDS = ("maildir", "sql")
 
 
 class UnknownBackend(ValueError):
@@ -35,6 +35,10 @@ def open_store(config, *, fsync=None):
 
         kwargs = {} if fsync is None else {"fsync": fsync}
         return MaildirStore(config.path("mail"), config.hostname, **kwargs)
+    if backend in ("sql", "sqlite"):  # "sqlite": the spelling of earlier configs
+        from mta.storage.sql import SQLStore
+
+        return SQLStore(config.path("mta.db"))
     raise UnknownBackend(
         f"[storage] backend = {backend!r} is not available (choose one of {', '.join(BACKENDS)})"
     )
