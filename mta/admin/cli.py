@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     # Imported here: each of them imports the helpers below.
-    from mta.admin import lockouts, queue, users
+    from mta.admin import lockouts, queue, search, users
 
     users.add_user_commands(commands, leaf)
     users.add_alias_commands(commands, leaf)
@@ -122,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--limit", type=int, default=1000, help="newest N entries (default 1000)")
 
     lockouts.add_commands(commands, leaf)
+    search.add_commands(commands, leaf)
     return parser
 
 

@@ -373,4 +373,3 @@ def _body_text(msg) -> str:
         if size >= _MAX_INDEXED_TEXT:
             break
     return "\n".join(parts)[:_MAX_INDEXED_TEXT]
-
