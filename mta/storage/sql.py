@@ -39,7 +39,7 @@ __all__ = ["SQLStore", "SearchHit", "fts_query"]
 
 _MAX_INDEXED_TEXT = 1 << 20  # characters of body text indexed per message
 _TAG_RE = re.compile(r"<[^>]*>")  # HTML tags, dropped from indexed text
-_TOKEN_RE = re.compile(r"\S+")
+_TOKEN_RE = re.compile(r"[^\s\x00-\x1f\x7f]+")  # FTS5 stops reading at a NUL
 
 
 @attrs.frozen
@@ -57,7 +57,7 @@ class SearchHit:
 def fts_query(text: str) -> str:
     """An FTS5 query matching messages that contain every word of `text`.
 
-    Each whitespace-separated word becomes a quoted phrase (quotes doubled), so no
+    Each word (separated by white space or control characters) becomes a quoted phrase (quotes doubled), so no
     input is FTS5 syntax: ``AND``, ``*``, ``:``, ``(`` and unbalanced quotes are
     searched for as text, never parsed.  Punctuation inside a word splits it into a
     phrase (``foo.bar`` finds "foo" followed by "bar").
