@@ -259,25 +259,29 @@ class SQLStore:
         limit: int = 50,
     ) -> list[SearchHit]:
         """Messages containing every word of `query` (in subject, from, to or body
-        text), newest first (by Date:, best match first on a tie).  `user` is a
+        text), newest first (by Date:, then the latest delivered).  `user` is a
         ``local@domain`` (folded here); `since` a Unix time."""
         match = fts_query(query)
         if not match:
             return []
-        sql = (
-            "SELECT m.id, m.user, m.folder, m.date, m.from_addr, m.subject"
-            " FROM messages_fts JOIN messages AS m ON m.id = messages_fts.rowid"
-            " WHERE messages_fts MATCH ?"
-        )
+        # The matches are sorted and cut to `limit` through the small index first;
+        # only those rows are then read (FTS5's own rank would score every match).
+        where = ""
         params: list = [match]
         if user is not None:
-            sql += " AND m.user = ?"
+            where += " AND m.user = ?"
             params.append(lookup_key(user))
         if since is not None:
-            sql += " AND m.date >= ?"
+            where += " AND m.date >= ?"
             params.append(since)
-        sql += " ORDER BY m.date DESC, messages_fts.rank LIMIT ?"
         params.append(max(0, limit))
+        sql = (
+            "SELECT id, user, folder, date, from_addr, subject FROM messages WHERE id IN ("
+            " SELECT m.id FROM messages_fts"
+            " JOIN messages AS m INDEXED BY messages_for_search ON m.id = messages_fts.rowid"
+            f" WHERE messages_fts MATCH ?{where} ORDER BY m.date DESC, m.id DESC LIMIT ?"
+            ") ORDER BY date DESC, id DESC"
+        )
         with self._conn().read() as conn:
             rows = conn.execute(sql, params).fetchall()
         return [

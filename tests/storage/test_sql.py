@@ -179,7 +179,8 @@ def test_a_failed_commit_fails_every_item(store, tmp_path):
 def test_delete_removes_from_search(store):
     deliver(store, BOB, message(subject="quarterly report"), tag="a")
     deliver(store, BOB, message(subject="quarterly figures"), tag="b")
-    [hit1, hit2] = store.search("quarterly")
+    [hit2, hit1] = store.search("quarterly")  # same Date: the latest delivered first
+    assert (hit1.subject, hit2.subject) == ("quarterly report", "quarterly figures")
     store.delete_message(BOB, hit1.message_id)
     assert [h.message_id for h in store.search("quarterly")] == [hit2.message_id]
     assert store.search("report") == []
