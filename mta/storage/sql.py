@@ -21,8 +21,10 @@ import email
 import email.header
 import email.policy
 import email.utils
+import errno
 import json
 import re
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -115,16 +117,17 @@ class SQLStore:
         the exception that stopped it.  When the COMMIT fails, every item that was
         to be stored reports that error."""
         results: list = [None] * len(items)
-        db = self._conn()
         try:
+            db = self._conn()
             with db.transaction() as conn:
                 now = db.now
                 for i, item in enumerate(items):
                     try:
                         results[i] = self._deliver_one(conn, item, now)
                     except Exception as e:
-                        results[i] = e
-        except Exception as e:  # BEGIN or COMMIT: nothing of the batch is stored
+                        results[i] = storage_error(e)
+        except Exception as e:  # open, BEGIN or COMMIT: nothing of the batch is stored
+            e = storage_error(e)
             for i, result in enumerate(results):
                 if not isinstance(result, Exception):
                     results[i] = e
@@ -288,6 +291,27 @@ class SQLStore:
             SearchHit(str(i), u, folder, date, from_addr or "", subject or "")
             for i, u, folder, date, from_addr, subject in rows
         ]
+
+
+# SQLite's primary result codes -> the errno local delivery turns into a reply.
+_ERRNO_OF = {
+    3: errno.EACCES,  # SQLITE_PERM
+    8: errno.EROFS,  # SQLITE_READONLY
+    10: errno.EIO,  # SQLITE_IOERR
+    13: errno.ENOSPC,  # SQLITE_FULL
+    14: errno.EACCES,  # SQLITE_CANTOPEN
+}
+
+
+def storage_error(error: Exception) -> Exception:
+    """A database error as the OSError a mail store reports (a temporary failure:
+    the message stays queued); any other exception unchanged."""
+    if not isinstance(error, sqlite3.Error):
+        return error
+    code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+    found = OSError(_ERRNO_OF.get(code, 0), f"mail database: {error}")
+    found.__cause__ = error
+    return found
 
 
 def _row_id(message_id: str) -> int:
