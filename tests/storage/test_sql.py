@@ -329,3 +329,37 @@ def test_concurrent_deliveries_from_two_threads(store):
     assert len(bob) == len(carol) == 45
     assert len({m.message_id for m in bob + carol}) == 90
     assert len(store.search("left", limit=1000)) == 45
+
+
+def test_local_delivery_of_a_queued_message(tmp_path, store):
+    """The real path: a queue file (its trailer not copied) through LocalDelivery;
+    a recovered entry is not stored twice."""
+    from mta.delivery.local import LocalDelivery
+    from mta.envelope import RecipientState
+    from mta.queue.entry import QueueEntry
+    from tests.queue.doubles import InlinePool, ThreadClock, envelope
+
+    body = message(subject="queued") + b"\x80 8-bit\r\n"
+    path = tmp_path / "0000000000000001"
+    path.write_bytes(body + b'{"trailer": "not delivered"}')
+    entry = QueueEntry(
+        "0000000000000001",
+        envelope("bob@example.test", "carol@example.test"),
+        str(path),
+        len(body),
+        b"Received: from client\r\n",
+    )
+    agent = LocalDelivery(store, "mx.example.test", InlinePool(), ThreadClock())
+    for recovered in (False, True):
+        entry.recovered = recovered
+        out = []
+        agent.deliver(entry.job(), entry.envelope.recipients).addCallback(out.append)
+        [results] = out
+        assert [r.state for r in results] == [RecipientState.DELIVERED] * 2
+    [listed] = store.list_messages(BOB)
+    assert store.read_message(BOB, listed.message_id) == (
+        b"Return-Path: <sender@remote.test>\r\nDelivered-To: bob@example.test\r\n"
+        b"Received: from client\r\n" + body
+    )
+    assert len(store.list_messages(CAROL)) == 1
+    assert [h.subject for h in store.search("queued")] == ["queued", "queued"]
