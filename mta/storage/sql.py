@@ -59,9 +59,9 @@ class SearchHit:
 def fts_query(text: str) -> str:
     """An FTS5 query matching messages that contain every word of `text`.
 
-    Each word (separated by white space or control characters) becomes a quoted phrase (quotes doubled), so no
-    input is FTS5 syntax: ``AND``, ``*``, ``:``, ``(`` and unbalanced quotes are
-    searched for as text, never parsed.  Punctuation inside a word splits it into a
+    Each word (separated by white space or control characters) becomes a quoted
+    phrase, quotes doubled, so no input is FTS5 syntax: ``AND``, ``*``, ``:``,
+    ``(`` and unbalanced quotes are searched for as text, never parsed.  Punctuation inside a word splits it into a
     phrase (``foo.bar`` finds "foo" followed by "bar").
     """
     return " ".join('"' + word.replace('"', '""') + '"' for word in _TOKEN_RE.findall(text))
