@@ -217,7 +217,7 @@ _SECTIONS: dict[str, type] = {
     "log": LogConfig,
 }
 _CHOICES = {
-    "storage.backend": ("maildir", "mbox", "sqlite", "timeseries", "s3"),
+    "storage.backend": ("maildir", "mbox", "sql", "sqlite", "timeseries", "s3"),
     "queue.backend": ("local", "postgresql"),
     "relay.tls": ("opportunistic", "required", "none"),
     "checks.fail": ("open", "closed"),
@@ -234,7 +234,7 @@ _OPTIONAL_NUMBERS = frozenset(("checks.spam_threshold",))
 # Values of the operator contract that this version validates but cannot serve yet:
 # refusing them at start is better than silently running something else.
 _NOT_YET = {
-    "storage.backend": ("maildir", "mbox", "timeseries"),
+    "storage.backend": ("maildir", "mbox", "timeseries", "sql", "sqlite"),
     "queue.backend": ("local",),
 }
 # Sections of the operator contract implemented by later stages: accepted so that one

@@ -20,7 +20,7 @@ __all__ = [
     "safe_component",
 ]
 
-BACKENDS = ("maildir", "mbox", "timeseries")
+BACKENDS = ("maildir", "mbox", "timeseries", "sql")
 
 
 class UnknownBackend(ValueError):
@@ -61,6 +61,10 @@ def _open_backend(config, backend: str, fsync):
         days = int(config.queue.max_age // 86400) + 2
         kwargs = {} if fsync is None else {"fsync": fsync}
         return ArchiveStore(config.path("archive"), lookback_days=days, **kwargs)
+    if backend in ("sql", "sqlite"):  # "sqlite": the spelling of earlier configs
+        from mta.storage.sql import SQLStore
+
+        return SQLStore(config.path("mta.db"))
     raise UnknownBackend(
         f"[storage] backend = {backend!r} is not available (choose one of {', '.join(BACKENDS)})"
     )

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from mta.admin import cli
+from mta.admin import cli, common
 from mta.db import Database
 
 CONFIG = """\
@@ -36,6 +36,7 @@ def config_file(tmp_path, monkeypatch):
     path.write_text(CONFIG)
     monkeypatch.delenv("MTA_CONFIG", raising=False)
     monkeypatch.setattr(cli, "DEFAULT_CONFIG", str(tmp_path / "absent.toml"))
+    monkeypatch.setattr(common, "DEFAULT_CONFIG", str(tmp_path / "absent.toml"))
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # not a TTY, empty
     return str(path)
 

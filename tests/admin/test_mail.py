@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from mta.admin import cli
+from mta.admin import cli, common
 from mta.config import load_config
 from mta.envelope import Address
 from mta.storage import StoreItem, open_store
@@ -39,6 +39,7 @@ def config_file(tmp_path, monkeypatch, backend):
     path.write_text(CONFIG + f'\n[storage]\nbackend = "{backend}"\n')
     monkeypatch.delenv("MTA_CONFIG", raising=False)
     monkeypatch.setattr(cli, "DEFAULT_CONFIG", str(tmp_path / "absent.toml"))
+    monkeypatch.setattr(common, "DEFAULT_CONFIG", str(tmp_path / "absent.toml"))
     monkeypatch.setattr(sys, "stdin", io.StringIO(""))
     return str(path)
 

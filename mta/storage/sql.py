@@ -1,0 +1,403 @@
+"""The SQL mail store (``[storage] backend = "sql"``): messages as rows of `mta.db`.
+
+Each message is one row of ``messages`` in ``<datadir>/mta.db`` (the users'
+database, schema in ``mta/schema/003_messages.sql``): the whole message, byte-exact
+(the store's prefix, then the queued body read with `IMessageBody.chunks`), with
+what the index needs parsed out of it (the stdlib ``email`` parser, tolerant:
+RFC 2047 subjects and names decoded, a malformed header never stops a delivery).
+``messages_fts`` (FTS5) indexes subject, from, to and the text of the body for
+`SQLStore.search`, which ``mta-admin search`` prints.
+
+A batch is ONE transaction: its COMMIT, with ``PRAGMA synchronous=FULL`` on this
+connection, is the durability point.  One item that fails (its body cannot be read)
+is rolled back to its savepoint and reported; the others still commit.  Every method
+blocks and may be called from any thread of a pool: one connection, opened on first
+use (never on the reactor) and serialised by a lock (SQLite has one writer anyway).
+"""
+
+from __future__ import annotations
+
+import email
+import email.header
+import email.policy
+import email.utils
+import errno
+import json
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import attrs
+from zope.interface import implementer
+
+from mta.db.addresses import address_key, lookup_key
+from mta.db.connection import Connection
+from mta.interfaces import IMailStore
+from mta.storage.items import StoredMessage, StoreItem
+
+__all__ = ["SQLStore", "SearchHit", "fts_query"]
+
+_MAX_INDEXED_TEXT = 1 << 20  # characters of body text indexed per message
+_TAG_RE = re.compile(r"<[^>]*>")  # HTML tags, dropped from indexed text
+_TOKEN_RE = re.compile(r"[^\s\x00-\x1f\x7f]+")  # FTS5 stops reading at a NUL
+
+
+@attrs.frozen
+class SearchHit:
+    """One message found by `SQLStore.search`."""
+
+    message_id: str  # the store's id (read_message / delete_message)
+    user: str
+    folder: str
+    date: float  # the Date: header, seconds since the epoch
+    from_addr: str
+    subject: str
+
+
+def fts_query(text: str) -> str:
+    """An FTS5 query matching messages that contain every word of `text`.
+
+    Each word (separated by white space or control characters) becomes a quoted
+    phrase, quotes doubled, so no input is FTS5 syntax: ``AND``, ``*``, ``:``,
+    ``(`` and unbalanced quotes are searched for as text, never parsed.  Punctuation inside a word splits it into a
+    phrase (``foo.bar`` finds "foo" followed by "bar").
+    """
+    return " ".join('"' + word.replace('"', '""') + '"' for word in _TOKEN_RE.findall(text))
+
+
+class _MessageDB(Connection):
+    """The store's own connection to `mta.db`: migrated on open, WAL, fsync on commit."""
+
+    def __init__(self, path: str, *, clock: Callable[[], float]):
+        super().__init__(path, clock=clock)
+        with self._read() as conn:
+            conn.execute("PRAGMA synchronous=FULL")
+
+    @property
+    def now(self) -> float:
+        return self._clock()
+
+    def read(self):
+        return self._read()
+
+
+@implementer(IMailStore)
+class SQLStore:
+    """Messages in the SQLite file at `path` (created and migrated on first use)."""
+
+    name = "sql"
+
+    def __init__(self, path: str, *, clock: Callable[[], float] = time.time):
+        self.path = path
+        self._clock = clock
+        self._db: _MessageDB | None = None
+        self._open_lock = threading.Lock()
+
+    def _conn(self) -> _MessageDB:
+        db = self._db
+        if db is None:
+            with self._open_lock:
+                if self._db is None:
+                    self._db = _MessageDB(self.path, clock=self._clock)
+                db = self._db
+        return db
+
+    def close(self) -> None:
+        with self._open_lock:
+            db, self._db = self._db, None
+        if db is not None:
+            db.close()
+
+    # -- IMailStore -----------------------------------------------------------------
+
+    def deliver_batch(self, items: Sequence[StoreItem]) -> list:
+        """Store every item in one transaction; per item, ``sql:<id>`` (its row) or
+        the exception that stopped it.  When the COMMIT fails, every item that was
+        to be stored reports that error."""
+        results: list = [None] * len(items)
+        try:
+            db = self._conn()
+            with db.transaction() as conn:
+                now = db.now
+                for i, item in enumerate(items):
+                    try:
+                        results[i] = self._deliver_one(conn, item, now)
+                    except Exception as e:
+                        results[i] = storage_error(e)
+        except Exception as e:  # open, BEGIN or COMMIT: nothing of the batch is stored
+            e = storage_error(e)
+            for i, result in enumerate(results):
+                if not isinstance(result, Exception):
+                    results[i] = e
+        return results
+
+    def _deliver_one(self, conn, item: StoreItem, now: float) -> str:
+        user = address_key(item.mailbox)
+        if item.check_existing:
+            row = conn.execute(
+                "SELECT id FROM messages WHERE user = ? AND tag = ? LIMIT 1",
+                (user, item.message_tag),
+            ).fetchone()
+            if row is not None:
+                return f"sql:{row[0]}"
+        chunks = item.body.chunks()
+        try:
+            data = item.prefix + b"".join(chunks)
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()
+        if len(data) != item.size:
+            raise OSError("message body is not as long as recorded")
+        fields = parse_message(data, now)
+        conn.execute("SAVEPOINT item")
+        try:
+            cursor = conn.execute(
+                "INSERT INTO messages (message_id, user, tag, from_addr, to_addrs, subject,"
+                " date, received, size, headers, body) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    fields.message_id,
+                    user,
+                    item.message_tag,
+                    fields.from_addr,
+                    json.dumps(fields.to_addrs, ensure_ascii=False),
+                    fields.subject,
+                    fields.date,
+                    now,
+                    len(data),
+                    json.dumps(fields.headers, ensure_ascii=False),
+                    data,
+                ),
+            )
+            rowid = cursor.lastrowid
+            conn.execute(
+                "INSERT INTO messages_fts (rowid, subject, from_addr, to_addrs, body)"
+                " VALUES (?,?,?,?,?)",
+                (rowid, fields.subject, fields.from_addr, fields.to_text, fields.text),
+            )
+        except BaseException:
+            conn.execute("ROLLBACK TO item")
+            conn.execute("RELEASE item")
+            raise
+        conn.execute("RELEASE item")
+        return f"sql:{rowid}"
+
+    def has_delivered(self, mailbox, message_tag: str) -> bool:
+        with self._conn().read() as conn:
+            row = conn.execute(
+                "SELECT 1 FROM messages WHERE user = ? AND tag = ? LIMIT 1",
+                (address_key(mailbox), message_tag),
+            ).fetchone()
+        return row is not None
+
+    def create_mailbox(self, mailbox) -> None:
+        """Nothing to make: a mailbox is the rows that name it."""
+        address_key(mailbox)
+        return None
+
+    def remove_mailbox(self, mailbox) -> bool:
+        """Delete every message of `mailbox` (and its index rows); False when it had
+        none."""
+        with self._conn().transaction() as conn:
+            cursor = conn.execute("DELETE FROM messages WHERE user = ?", (address_key(mailbox),))
+            return cursor.rowcount > 0
+
+    def probe(self) -> str:
+        """A write transaction (a row inserted, then rolled back): the file takes
+        writes now.  Raises sqlite3.Error saying why not."""
+
+        class _Rollback(Exception):
+            pass
+
+        try:
+            with self._conn().transaction() as conn:
+                conn.execute(
+                    "INSERT INTO messages (user, tag, date, received, size, body)"
+                    " VALUES ('', 'probe', 0, 0, 0, x'')"
+                )
+                raise _Rollback
+        except _Rollback:
+            pass
+        return "writable"
+
+    def list_messages(self, mailbox) -> list[StoredMessage]:
+        with self._conn().read() as conn:
+            rows = conn.execute(
+                "SELECT id, size, received, folder FROM messages WHERE user = ?"
+                " ORDER BY received, id",
+                (address_key(mailbox),),
+            ).fetchall()
+        return [StoredMessage(str(i), size, received, folder) for i, size, received, folder in rows]
+
+    def read_message(self, mailbox, message_id: str) -> bytes:
+        with self._conn().read() as conn:
+            row = conn.execute(
+                "SELECT body FROM messages WHERE id = ? AND user = ?",
+                (_row_id(message_id), address_key(mailbox)),
+            ).fetchone()
+        if row is None:
+            raise KeyError(message_id)
+        return bytes(row[0])
+
+    def delete_message(self, mailbox, message_id: str) -> None:
+        """Delete one message; the trigger removes it from the search index too."""
+        with self._conn().transaction() as conn:
+            cursor = conn.execute(
+                "DELETE FROM messages WHERE id = ? AND user = ?",
+                (_row_id(message_id), address_key(mailbox)),
+            )
+            if cursor.rowcount == 0:
+                raise KeyError(message_id)
+
+    # -- search ---------------------------------------------------------------------
+
+    def search(
+        self,
+        query: str,
+        *,
+        user: str | None = None,
+        since: float | None = None,
+        limit: int = 50,
+    ) -> list[SearchHit]:
+        """Messages containing every word of `query` (in subject, from, to or body
+        text), newest first (by Date:, then the latest delivered).  `user` is a
+        ``local@domain`` (folded here); `since` a Unix time."""
+        match = fts_query(query)
+        if not match:
+            return []
+        # The matches are sorted and cut to `limit` through the small index first;
+        # only those rows are then read (FTS5's own rank would score every match).
+        where = ""
+        params: list = [match]
+        if user is not None:
+            where += " AND m.user = ?"
+            params.append(lookup_key(user))
+        if since is not None:
+            where += " AND m.date >= ?"
+            params.append(since)
+        params.append(max(0, limit))
+        sql = (
+            "SELECT id, user, folder, date, from_addr, subject FROM messages WHERE id IN ("
+            " SELECT m.id FROM messages_fts"
+            " JOIN messages AS m INDEXED BY messages_for_search ON m.id = messages_fts.rowid"
+            f" WHERE messages_fts MATCH ?{where} ORDER BY m.date DESC, m.id DESC LIMIT ?"
+            ") ORDER BY date DESC, id DESC"
+        )
+        with self._conn().read() as conn:
+            rows = conn.execute(sql, params).fetchall()
+        return [
+            SearchHit(str(i), u, folder, date, from_addr or "", subject or "")
+            for i, u, folder, date, from_addr, subject in rows
+        ]
+
+
+# SQLite's primary result codes -> the errno local delivery turns into a reply.
+_ERRNO_OF = {
+    3: errno.EACCES,  # SQLITE_PERM
+    8: errno.EROFS,  # SQLITE_READONLY
+    10: errno.EIO,  # SQLITE_IOERR
+    13: errno.ENOSPC,  # SQLITE_FULL
+    14: errno.EACCES,  # SQLITE_CANTOPEN
+}
+
+
+def storage_error(error: Exception) -> Exception:
+    """A database error as the OSError a mail store reports (a temporary failure:
+    the message stays queued); any other exception unchanged."""
+    if not isinstance(error, sqlite3.Error):
+        return error
+    code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+    found = OSError(_ERRNO_OF.get(code, 0), f"mail database: {error}")
+    found.__cause__ = error
+    return found
+
+
+def _row_id(message_id: str) -> int:
+    text = str(message_id).removeprefix("sql:")
+    if not text.isascii() or not text.isdigit():
+        raise KeyError(message_id)
+    return int(text)
+
+
+# -- parsing --------------------------------------------------------------------------
+
+
+@attrs.frozen
+class MessageFields:
+    """What the index keeps of one message."""
+
+    message_id: str | None
+    from_addr: str
+    to_addrs: list
+    to_text: str
+    subject: str
+    date: float
+    headers: list
+    text: str
+
+
+def parse_message(data: bytes, now: float) -> MessageFields:
+    """The indexed fields of `data`; never raises (a malformed part is skipped)."""
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    headers = [[name, _decoded(value)] for name, value in msg.items()]
+    date = now
+    raw_date = msg.get("Date")
+    if raw_date:
+        try:
+            parsed = email.utils.parsedate_to_datetime(str(raw_date))
+            date = parsed.timestamp()
+        except (TypeError, ValueError, IndexError, OverflowError):
+            pass
+    recipients = []
+    for name in ("To", "Cc"):
+        recipients.extend(_decoded(v) for v in msg.get_all(name, []))
+    pairs = email.utils.getaddresses(recipients)
+    to_addrs = [addr for _, addr in pairs if addr]
+    to_text = " ".join(f"{name} {addr}".strip() for name, addr in pairs)
+    message_id = msg.get("Message-ID")
+    return MessageFields(
+        message_id=_decoded(message_id).strip() if message_id else None,
+        from_addr=_decoded(msg.get("From", "")),
+        to_addrs=to_addrs,
+        to_text=to_text,
+        subject=_decoded(msg.get("Subject", "")),
+        date=date,
+        headers=headers,
+        text=_body_text(msg),
+    )
+
+
+def _decoded(value) -> str:
+    """A header value with RFC 2047 words decoded, as tolerant as can be."""
+    if value is None:
+        return ""
+    try:
+        return str(email.header.make_header(email.header.decode_header(value))).strip()
+    except Exception:
+        return str(value).encode("utf-8", "surrogateescape").decode("utf-8", "replace").strip()
+
+
+def _body_text(msg) -> str:
+    parts = []
+    size = 0
+    for part in msg.walk():
+        if part.get_content_maintype() != "text" or part.get_filename():
+            continue
+        try:
+            payload = part.get_payload(decode=True) or b""
+            charset = part.get_content_charset() or "utf-8"
+            try:
+                text = payload.decode(charset, "replace")
+            except LookupError:
+                text = payload.decode("utf-8", "replace")
+        except Exception:
+            continue
+        if part.get_content_subtype() == "html":
+            text = _TAG_RE.sub(" ", text)
+        parts.append(text)
+        size += len(text)
+        if size >= _MAX_INDEXED_TEXT:
+            break
+    return "\n".join(parts)[:_MAX_INDEXED_TEXT]

@@ -1,0 +1,93 @@
+"""`mta-admin search` over the SQL store, through `mta.admin.cli.main` (the fixtures
+`run`, `config_file` and `datadir` are in tests/admin/conftest.py)."""
+
+from __future__ import annotations
+
+import email.utils
+import time
+
+import pytest
+
+from mta.envelope import Address
+from mta.storage import StoreItem
+from mta.storage.sql import SQLStore
+from mta.testing import MemoryBody
+
+SQL = '\n[storage]\nbackend = "sql"\n'
+
+
+def message(subject, date, to="bob@example.test", body="see you"):
+    return (
+        f"From: Alice <alice@example.org>\r\nTo: {to}\r\nSubject: {subject}\r\n"
+        f"Date: {email.utils.formatdate(date)}\r\n\r\n{body}\r\n"
+    ).encode()
+
+
+@pytest.fixture
+def mail(config_file, datadir):
+    with open(config_file, "a") as f:
+        f.write(SQL)
+    now = time.time()
+    store = SQLStore(str(datadir / "mta.db"))
+    bob, carol = Address("bob", "example.test"), Address("carol", "example.test")
+    items = [
+        StoreItem(bob, "t1", b"", MemoryBody(message("Lunch plans", now - 30 * 86400))),
+        StoreItem(bob, "t2", b"", MemoryBody(message("Re: Lunch plans", now - 3600))),
+        StoreItem(
+            carol, "t3", b"", MemoryBody(message("lunch?", now - 7200, "carol@example.test"))
+        ),
+        StoreItem(carol, "t4", b"", MemoryBody(message("Invoice", now - 60, body="no food"))),
+    ]
+    assert all(isinstance(o, str) for o in store.deliver_batch(items))
+    store.close()
+
+
+def lines(out):
+    return out.splitlines()
+
+
+def test_search_prints_newest_first(run, mail):
+    status, out, err = run("search", "lunch")
+    assert (status, err) == (0, "")
+    header, *rows = lines(out)
+    assert header.split() == ["DATE", "FROM", "SUBJECT", "MAILBOX", "ID"]
+    assert [row.split()[-2:] for row in rows] == [
+        ["bob@example.test", "2"],
+        ["carol@example.test", "3"],
+        ["bob@example.test", "1"],
+    ]
+    assert "Re: Lunch plans" in rows[0] and "Alice <alice@example.org>" in rows[0]
+
+
+def test_search_filters(run, mail):
+    status, out, _ = run("search", "lunch", "--user", "Carol@Example.Test")
+    assert status == 0
+    assert [row.split()[-1] for row in lines(out)[1:]] == ["3"]
+    status, out, _ = run("search", "lunch", "--since", "7d")
+    assert [row.split()[-1] for row in lines(out)[1:]] == ["2", "3"]
+    status, out, _ = run("search", "lunch", "--limit", "1")
+    assert [row.split()[-1] for row in lines(out)[1:]] == ["2"]
+
+
+def test_no_match_prints_nothing(run, mail):
+    assert run("search", "pizza") == (0, "", "")
+
+
+@pytest.mark.parametrize("query", ['"unbalanced', "AND OR", "x* NEAR(", "a:b", "-"])
+def test_hostile_query(run, mail, query):
+    status, _, err = run("search", query)
+    assert (status, err) == (0, "")
+
+
+def test_usage_errors(run, mail):
+    assert run("search", "lunch", "--limit", "0")[0] == 2
+    assert run("search", "lunch", "--since", "soon")[0] == 2
+    assert run("search")[0] == 2
+
+
+def test_other_backends_refuse(run):
+    status, out, err = run("search", "lunch")
+    assert status == 1
+    assert (
+        err == "mta-admin: search needs [storage] backend = \"sql\" (this config uses 'maildir')\n"
+    )
