@@ -79,7 +79,6 @@ def test_relative_datadir_resolves_against_the_file(tmp_path):
     [
         ({"storage": {"backend": "s3"}}, "storage.backend"),
         ({"queue": {"backend": "postgresql"}}, "queue.backend"),
-        ({"storage": {"encrypt": True}}, "storage.encrypt"),
     ],
 )
 def test_contract_values_this_version_cannot_serve_are_refused(data, key):

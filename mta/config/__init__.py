@@ -21,6 +21,7 @@ from typing import Any
 
 import attrs
 
+from mta.config.encryption import storage_encryption
 from mta.config.model import (  # noqa: F401 (the sections are part of mta.config's API)
     _CHOICES,
     _NOT_YET,
@@ -204,6 +205,8 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
     storage_domains: tuple = ()
     with collect():
         storage_domains = _storage_domains(data.get("storage", {}), local_domains, err, collect)
+    with collect():
+        sections["storage"] = storage_encryption(sections["storage"], storage_domains, datadir, err)
     with collect():
         sections["dkim"] = _dkim(sections["dkim"], err, collect)
     http_addr = sections["http"].address
@@ -472,9 +475,6 @@ def _section(raw: Any, name: str, cls: type, err, collect=contextlib.nullcontext
                 )
     if name == "checks":
         section = _checks(section, err, collect)
-    if name == "storage" and section.encrypt:
-        with collect():
-            raise err("storage.encrypt", "encryption at rest is not available in this version")
     for field in fields:
         value = getattr(section, field)
         if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:

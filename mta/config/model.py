@@ -61,6 +61,9 @@ class AuthConfig:
 class StorageConfig:
     backend: str = "maildir"
     encrypt: bool = False
+    # the current master key (32 raw bytes) or a passphrase file; relative: to datadir
+    master_key_file: str = ""
+    master_key_passphrase_file: str = ""
 
 
 @attrs.frozen

@@ -16,6 +16,7 @@ __all__ = [
     "StoredMessage",
     "UnsafeMailboxName",
     "UnknownBackend",
+    "open_keyring",
     "open_store",
     "safe_component",
 ]
@@ -29,7 +30,29 @@ class UnknownBackend(ValueError):
 
 def open_store(config, *, fsync=None):
     """The `IMailStore` that `config`'s ``[storage]`` asks for: the backend's store,
-    or a `RoutingStore` when ``[storage."<domain>"]`` tables send domains elsewhere."""
+    or a `RoutingStore` when ``[storage."<domain>"]`` tables send domains elsewhere;
+    wrapped in an `EncryptingStore` with ``encrypt = true``."""
+    store = _open_routed(config, fsync)
+    if not config.storage.encrypt:
+        return store
+    from mta.storage.crypto import FileKeyring
+    from mta.storage.encrypted import EncryptingStore
+
+    return EncryptingStore(store, open_keyring(config, FileKeyring))
+
+
+def open_keyring(config, keyring_class=None):
+    """The `mta.storage.crypto.FileKeyring` of ``[storage]``'s key source; raises
+    `mta.storage.crypto.KeyringError` saying which file is missing or bad."""
+    if keyring_class is None:
+        from mta.storage.crypto import FileKeyring as keyring_class
+    return keyring_class(
+        key_file=config.storage.master_key_file,
+        passphrase_file=config.storage.master_key_passphrase_file,
+    )
+
+
+def _open_routed(config, fsync):
     default = _open_backend(config, config.storage.backend, fsync)
     per_domain = getattr(config, "storage_domains", ())
     if not per_domain:
