@@ -23,6 +23,7 @@ from mta.admin.common import CLIError, config_of, table, when
 from mta.db import mailbox_address
 from mta.interfaces import IMessageBody
 from mta.storage import StoreItem, UnknownBackend, UnsafeMailboxName, open_store
+from mta.storage.crypto import DecryptionError, KeyringError
 
 EXPORT_FORMATS = ("mbox", "maildir")
 
@@ -52,7 +53,7 @@ def _store_and_mailbox(args: argparse.Namespace):
     mailbox = mailbox_address(args.email)
     try:
         return config, open_store(config), mailbox
-    except UnknownBackend as e:
+    except (UnknownBackend, KeyringError) as e:
         raise CLIError(str(e)) from None
 
 
@@ -70,6 +71,8 @@ def _read(store, mailbox, email: str, message_id: str) -> bytes:
         raise CLIError(f"{email}: no message {message_id}") from None
     except UnsafeMailboxName as e:
         raise CLIError(f"{email}: {e}") from None
+    except DecryptionError as e:
+        raise CLIError(f"{email}: {message_id}: {e}") from None
 
 
 def subject_of(data: bytes) -> str:

@@ -42,6 +42,8 @@ _ID_SIZE = 8
 _NONCE = 12
 _WRAPPED = KEY_SIZE + 16
 _FIXED = len(MAGIC) + 1 + _ID_SIZE + _NONCE + _WRAPPED + _NONCE + 2
+# Bytes a blob adds to the message, besides the message tag.
+OVERHEAD = _FIXED + 16
 _KEY_ID_AT = len(MAGIC) + 1
 _WRAP_AT = _KEY_ID_AT + _ID_SIZE
 
