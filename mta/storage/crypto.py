@@ -267,6 +267,8 @@ class FileKeyring(Keyring):
 
     def _load(self) -> tuple[dict[str, bytes], str]:
         suffix = ".key" if self.key_file else ".salt"
+        if self.key_file:
+            current = _read_key(self.key_file)  # first: its error names the file
         try:
             names = sorted(os.listdir(self.directory))
         except OSError as e:
@@ -278,7 +280,6 @@ class FileKeyring(Keyring):
             and os.path.join(self.directory, n) != os.path.abspath(self.current_file)
         ]  # fmt: skip
         if self.key_file:
-            current = _read_key(self.key_file)
             keys = {n[:-4]: _read_key(os.path.join(self.directory, n)) for n in old}
         else:
             try:
