@@ -10,9 +10,10 @@ The key files are the ones ``[storage] master_key_file`` or
   puts a new one in its place: new mail uses it (a running server re-reads the key
   files), old mail stays readable.
 - `retire ID` re-wraps every stored message's data key under the current key (only
-  the wrapped key changes, in place, with a write-to-temp and rename; message ids
-  stay), then deletes key ID.  It walks ``<datadir>/mail`` and ``<datadir>/archive``,
-  where the stores that can be encrypted (maildir, timeseries) keep their files.
+  the wrapped key changes, in place, with a write-to-temp and rename; message ids,
+  file modes and times stay), then deletes key ID.  It walks ``<datadir>/mail`` and
+  ``<datadir>/archive``, where the stores that can be encrypted (maildir,
+  timeseries) keep their files.
 """
 
 from __future__ import annotations
@@ -188,7 +189,9 @@ def rewrap_tree(root: str, ring: crypto.Keyring, key_id: str) -> int:
             except FileNotFoundError:
                 pass
             _write_new(tmp, new)
-            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+            st = os.stat(path)  # the same mode and times: listings stay in order
+            os.chmod(tmp, st.st_mode & 0o7777)
+            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
             os.replace(tmp, path)
             fsync_dir(directory)
             count += 1
