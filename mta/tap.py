@@ -24,6 +24,14 @@ class Options(usage.Options):
             self["loaded_config"] = load_config(self["config"], datadir=self["datadir"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        if self["loaded_config"].storage.encrypt:  # the key files, before anything listens
+            from mta.storage import open_keyring
+            from mta.storage.crypto import KeyringError
+
+            try:
+                open_keyring(self["loaded_config"])
+            except KeyringError as e:
+                raise usage.UsageError(f"[storage] encrypt: {e}") from None
 
 
 def makeService(options):

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import os
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from mta.interfaces import IMailStore, IMessageBody
 from mta.storage import crypto
 from mta.storage.items import StoreItem
+
+_log = Logger()
 
 
 @implementer(IMessageBody)
@@ -58,6 +61,14 @@ class EncryptingStore:
         self.keyring = keyring
         self.name = inner.name
 
+    def _refresh(self) -> None:
+        """Follow `mta-admin key rotate`; a key file caught mid-change (or broken)
+        leaves the keys already loaded in use, and is read again next time."""
+        try:
+            self.keyring.refresh()
+        except crypto.KeyringError as e:
+            _log.warn("cannot re-read the storage keys: {error}", error=str(e))
+
     def _seal(self, item: StoreItem):
         parts = [item.prefix]
         chunks = item.body.chunks()
@@ -74,7 +85,7 @@ class EncryptingStore:
         return StoreItem(item.mailbox, item.message_tag, b"", SealedBody(blob), item.check_existing)
 
     def deliver_batch(self, items) -> list:
-        self.keyring.refresh()
+        self._refresh()
         outcomes: list = [None] * len(items)
         sealed, where = [], []
         for i, item in enumerate(items):
@@ -89,7 +100,7 @@ class EncryptingStore:
 
     def read_message(self, mailbox, message_id: str) -> bytes:
         blob = self.inner.read_message(mailbox, message_id)
-        self.keyring.refresh()
+        self._refresh()
         tag, data = crypto.decrypt(self.keyring, mailbox, blob)
         if f"Q{tag}." not in message_id:
             raise crypto.DecryptionError(
@@ -107,7 +118,7 @@ class EncryptingStore:
         return self.inner.remove_mailbox(mailbox)
 
     def probe(self) -> str:
-        self.keyring.refresh()
+        self._refresh()
         return f"{self.inner.probe()}, encrypted (key {self.keyring.current})"
 
     def list_messages(self, mailbox) -> list:

@@ -235,3 +235,41 @@ def test_key_paths_are_under_the_datadir_unless_absolute(tmp_path):
     config = _config(tmp_path, master_key_passphrase_file="/etc/mta/pass")
     assert config.storage.master_key_passphrase_file == "/etc/mta/pass"
     assert _config(tmp_path).storage.master_key_file == ""
+
+
+def test_a_running_store_follows_rotation_and_survives_a_broken_key_file(tmp_path):
+    (tmp_path / "master.key").write_bytes(K1)
+    store = EncryptingStore(
+        MaildirStore(str(tmp_path / "mail"), "mx.example.test"),
+        FileKeyring(key_file=str(tmp_path / "master.key")),
+    )
+
+    def deliver(tag):
+        [where] = store.deliver_batch([StoreItem(BOB, tag, b"", MemoryBody(MESSAGE))])
+        assert isinstance(where, str)
+        return open(os.path.join(store.mailbox_path(BOB), where), "rb").read()
+
+    assert crypto.blob_key_id(deliver("00aa-0")) == crypto.key_id_of(K1)
+    (tmp_path / f"{crypto.key_id_of(K1)}.key").write_bytes(K1)  # what `key rotate` does
+    (tmp_path / "master.key").write_bytes(K2)
+    assert crypto.blob_key_id(deliver("00aa-1")) == crypto.key_id_of(K2)
+    (tmp_path / "master.key").write_bytes(b"short")
+    assert crypto.blob_key_id(deliver("00aa-2")) == crypto.key_id_of(K2)
+    assert [store.read_message(BOB, m.message_id) for m in store.list_messages(BOB)] == [
+        MESSAGE
+    ] * 3
+
+
+def test_twistd_refuses_to_start_without_its_key(tmp_path):
+    from twisted.python import usage
+
+    from mta.tap import Options
+
+    path = tmp_path / "mta.toml"
+    path.write_text(
+        f'datadir = "{tmp_path}/data"\nlocal_domains = ["example.test"]\n'
+        'postmaster = "bob@example.test"\n[storage]\nencrypt = true\n'
+        'master_key_file = "keys/master.key"\n'
+    )
+    with pytest.raises(usage.UsageError, match="cannot read the master key"):
+        Options().parseOptions(["--config", str(path)])
