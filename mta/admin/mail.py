@@ -101,6 +101,8 @@ def cmd_mail_list(args: argparse.Namespace) -> int:
             subject = subject_of(store.read_message(mailbox, m.message_id)[:65536])
         except KeyError:  # deleted meanwhile
             continue
+        except DecryptionError as e:
+            subject = f"(cannot decrypt: {e})"
         rows.append((m.message_id, when(m.received), str(m.size), m.folder, subject))
     print(table(("ID", "DATE", "SIZE", "FOLDER", "SUBJECT"), rows))
     return 0
@@ -148,6 +150,8 @@ def cmd_mail_export(args: argparse.Namespace) -> int:
             data = store.read_message(mailbox, m.message_id)
         except KeyError:  # deleted meanwhile
             continue
+        except DecryptionError as e:
+            raise CLIError(f"{args.email}: {m.message_id}: {e}") from None
         [outcome] = target.deliver_batch([StoreItem(mailbox, f"export-{i}", b"", BytesBody(data))])
         if isinstance(outcome, BaseException):
             raise outcome

@@ -175,6 +175,12 @@ def test_mail_cat_with_the_wrong_key_says_so(run, config_file, tmp_path, source)
             f.write(b"another passphrase")
     status, _, err = run("mail", "cat", "bob@example.test", message_id)
     assert status == 1 and "wrong master key for key id" in err
+    status, out, _ = run("mail", "list", "bob@example.test")
+    assert status == 0 and "cannot decrypt" in out
+    status, _, err = run(
+        "mail", "export", "bob@example.test", "--format", "mbox", str(tmp_path / "x")
+    )
+    assert status == 1 and "wrong master key for key id" in err
 
 
 def test_key_commands_need_a_key_source(run, config_file, tmp_path):
