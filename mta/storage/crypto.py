@@ -29,6 +29,7 @@ import json
 import os
 import secrets
 import struct
+import threading
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -239,6 +240,7 @@ class FileKeyring(Keyring):
         self.passphrase_file = passphrase_file
         self.directory = os.path.dirname(os.path.abspath(key_file or passphrase_file))
         self._seen = None
+        self._lock = threading.Lock()
         self._derived: dict[str, bytes] = {}
         self.keys, self.current = {}, ""
         self.refresh()
@@ -258,12 +260,13 @@ class FileKeyring(Keyring):
         return tuple(stats)
 
     def refresh(self) -> None:
-        seen = self._signature()
-        if seen == self._seen:
-            return
-        keys, current = self._load()
-        Keyring.__init__(self, keys, current)
-        self._seen = seen
+        with self._lock:  # delivery threads share one keyring
+            seen = self._signature()
+            if seen == self._seen:
+                return
+            keys, current = self._load()
+            Keyring.__init__(self, keys, current)
+            self._seen = seen
 
     def _load(self) -> tuple[dict[str, bytes], str]:
         suffix = ".key" if self.key_file else ".salt"
