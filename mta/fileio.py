@@ -34,3 +34,14 @@ def fsync_dir(path: str, fsync: Callable[[int], None] = os.fsync) -> None:
         fsync(fd)
     finally:
         os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (a leftover's owner may still be writing it)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 
+from mta.fileio import pid_alive
 from mta.observe.logging import Logger
 from mta.queue import entry as fmt
 from mta.queue.files import unlink_quietly
@@ -38,7 +39,7 @@ def scan(root: str, live: set[str], free, max_free: int) -> list[tuple[float, st
     for entry in os.scandir(tmp_dir):
         name = entry.name
         pid = pid_of(name)
-        if name in live or (pid is not None and pid != mypid and _alive(pid)):
+        if name in live or (pid is not None and pid != mypid and pid_alive(pid)):
             continue  # being received right now, here or in a sibling process
         if _also_queued(entry, queued):
             continue
@@ -96,16 +97,6 @@ def _also_queued(entry: os.DirEntry, queued: set[int]) -> bool:
         path=entry.path,
         event="spool_alias",
     )
-    return True
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True
 
 

@@ -17,6 +17,8 @@ import os
 import threading
 import time
 
+from mta.fileio import pid_alive
+
 __all__ = ["MailboxBusy", "MailboxLock"]
 
 _O_LOCK = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -38,16 +40,6 @@ def _thread_lock(path: str) -> threading.Lock:
         if lock is None:
             lock = _threads[path] = threading.Lock()
         return lock
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class MailboxLock:
@@ -126,7 +118,7 @@ class MailboxLock:
             pid = int(text.split()[0]) if text.strip() else 0
         except ValueError:
             pid = 0
-        if age < self.stale_after and (pid <= 0 or _pid_alive(pid)):
+        if age < self.stale_after and (pid <= 0 or pid_alive(pid)):
             return False
         try:
             os.unlink(self.dotlock)
