@@ -31,9 +31,10 @@ lockout_seconds = 900
 
 
 @pytest.fixture
-def config_file(tmp_path, monkeypatch):
+def config_file(tmp_path, monkeypatch, request):
+    """The test module's CONFIG (this one's when it has none), as --config."""
     path = tmp_path / "mta.toml"
-    path.write_text(CONFIG)
+    path.write_text(getattr(request.module, "CONFIG", CONFIG))
     monkeypatch.delenv("MTA_CONFIG", raising=False)
     monkeypatch.setattr(cli, "DEFAULT_CONFIG", str(tmp_path / "absent.toml"))
     monkeypatch.setattr(common, "DEFAULT_CONFIG", str(tmp_path / "absent.toml"))

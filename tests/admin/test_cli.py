@@ -12,7 +12,7 @@ import argon2
 import pytest
 
 import mta
-from mta.admin import cli, common
+from mta.admin import cli
 from mta.db import Database
 
 CONFIG = """\
@@ -33,41 +33,7 @@ class FakeTTY(io.StringIO):
         return True
 
 
-@pytest.fixture
-def config_file(tmp_path, monkeypatch):
-    path = tmp_path / "mta.toml"
-    path.write_text(CONFIG)
-    monkeypatch.delenv("MTA_CONFIG", raising=False)
-    monkeypatch.setattr(cli, "DEFAULT_CONFIG", str(tmp_path / "absent.toml"))
-    monkeypatch.setattr(common, "DEFAULT_CONFIG", str(tmp_path / "absent.toml"))
-    monkeypatch.setattr(sys, "stdin", io.StringIO(""))  # not a TTY, empty
-    return str(path)
-
-
-@pytest.fixture
-def datadir(tmp_path):
-    return tmp_path / "data"
-
-
-@pytest.fixture
-def run(config_file, capsys):
-    """main() with --config; returns (exit status, stdout, stderr)."""
-
-    def run(*argv: str, stdin: str | None = None):
-        if stdin is not None:
-            sys.stdin = io.StringIO(stdin)
-        status = cli.main(["--config", config_file, *argv])
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return run
-
-
-@pytest.fixture
-def db(datadir, run):
-    run("user", "list")  # creates the database
-    with Database(str(datadir / "mta.db")) as database:
-        yield database
+# config_file, datadir, run and db come from tests/admin/conftest.py (with CONFIG above).
 
 
 def assert_one_line_error(err: str, *fragments: str) -> None:
