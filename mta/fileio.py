@@ -7,6 +7,7 @@ count calls or make them fail.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 
 
@@ -45,3 +46,17 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True  # it exists, under another user
     return True
+
+
+def probe_writable(directory: str) -> str:
+    """Readiness of a file-based store: `directory` (made if missing) takes a new
+    file, written and removed.  Raises OSError saying why not."""
+    os.makedirs(directory, mode=0o750, exist_ok=True)
+    path = f"{directory}/.probe-{os.getpid()}-{time.monotonic_ns()}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        write_all(fd, [b"probe\n"])
+    finally:
+        os.close(fd)
+        os.unlink(path)
+    return "writable"

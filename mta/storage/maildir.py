@@ -28,11 +28,10 @@ from collections.abc import Callable, Sequence
 
 from zope.interface import implementer
 
-from mta.fileio import fsync_dir, write_all
+from mta.fileio import fsync_dir, probe_writable
 from mta.interfaces import IMailStore
 from mta.storage.items import StoredMessage, StoreItem
-from mta.storage.names import UnsafeMailboxName
-from mta.storage.names import safe_component as _safe_component
+from mta.storage.names import UnsafeMailboxName, mailbox_location
 
 __all__ = ["MaildirStore", "UnsafeMailboxName"]
 
@@ -78,9 +77,7 @@ class MaildirStore:
         """The Maildir directory of `mailbox`; raises UnsafeMailboxName."""
         path = self._paths.get(mailbox)
         if path is None:
-            domain = _safe_component(mailbox.domain, "domain")
-            local = _safe_component(mailbox.local, "local part")
-            path = f"{self.mail_root}/{domain}/{local}"
+            path = mailbox_location(self.mail_root, mailbox)
             if len(self._paths) >= 10000:
                 self._paths.clear()
             self._paths[mailbox] = path
@@ -127,16 +124,8 @@ class MaildirStore:
         return True
 
     def probe(self) -> str:
-        """The mail root takes a new file (created, written, removed)."""
-        os.makedirs(self.mail_root, mode=0o750, exist_ok=True)
-        path = f"{self.mail_root}/.probe-{_pid}-{time.monotonic_ns()}"
-        fd = os.open(path, _OPEN_FLAGS, 0o600)
-        try:
-            write_all(fd, [b"probe\n"])
-        finally:
-            os.close(fd)
-            os.unlink(path)
-        return "writable"
+        """The store's root takes a new file (created, written, removed)."""
+        return probe_writable(self.mail_root)
 
     def list_messages(self, mailbox) -> list[StoredMessage]:
         box = self.mailbox_path(mailbox)

@@ -33,11 +33,11 @@ from collections.abc import Callable, Iterable, Sequence
 
 from zope.interface import implementer
 
-from mta.fileio import fsync_dir, write_all
+from mta.fileio import fsync_dir, probe_writable, write_all
 from mta.interfaces import IMailStore
 from mta.storage.items import StoredMessage, StoreItem
 from mta.storage.locking import MailboxLock
-from mta.storage.names import safe_component
+from mta.storage.names import mailbox_location
 
 __all__ = ["MboxStore", "escape_lines", "sender_of"]
 
@@ -135,9 +135,7 @@ class MboxStore:
 
     def mailbox_path(self, mailbox) -> str:
         """The mbox file of `mailbox`; raises UnsafeMailboxName."""
-        domain = safe_component(mailbox.domain, "domain")
-        local = safe_component(mailbox.local, "local part")
-        return f"{self.mail_root}/{domain}/{local}.mbox"
+        return mailbox_location(self.mail_root, mailbox, ".mbox")
 
     def _lock(self, path: str, create: bool = True) -> MailboxLock:
         return MailboxLock(
@@ -223,16 +221,8 @@ class MboxStore:
         return True
 
     def probe(self) -> str:
-        """The mail root takes a new file (created, written, removed)."""
-        os.makedirs(self.mail_root, mode=0o750, exist_ok=True)
-        path = f"{self.mail_root}/.probe-{os.getpid()}-{time.monotonic_ns()}"
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            write_all(fd, [b"probe\n"])
-        finally:
-            os.close(fd)
-            os.unlink(path)
-        return "writable"
+        """The store's root takes a new file (created, written, removed)."""
+        return probe_writable(self.mail_root)
 
     def has_delivered(self, mailbox, message_tag: str) -> bool:
         path = self.mailbox_path(mailbox)

@@ -28,3 +28,10 @@ def safe_component(value: str, what: str) -> str:
     ):
         raise UnsafeMailboxName(f"unsafe {what} for a mailbox path: {value!r}")
     return value
+
+
+def mailbox_location(root: str, mailbox, suffix: str = "") -> str:
+    """`<root>/<domain>/<local><suffix>` for `mailbox`, both names made safe."""
+    domain = safe_component(mailbox.domain, "domain")
+    local = safe_component(mailbox.local, "local part")
+    return f"{root}/{domain}/{local}{suffix}"

@@ -25,10 +25,10 @@ from collections.abc import Callable, Sequence
 
 from zope.interface import implementer
 
-from mta.fileio import fsync_dir, write_all
+from mta.fileio import fsync_dir, probe_writable
 from mta.interfaces import IMailStore
 from mta.storage.items import StoredMessage, StoreItem
-from mta.storage.names import safe_component
+from mta.storage.names import mailbox_location
 
 __all__ = ["ArchiveStore"]
 
@@ -63,9 +63,7 @@ class ArchiveStore:
 
     def mailbox_path(self, mailbox) -> str:
         """The archive directory of `mailbox`; raises UnsafeMailboxName."""
-        domain = safe_component(mailbox.domain, "domain")
-        local = safe_component(mailbox.local, "local part")
-        return f"{self.archive_root}/{domain}/{local}"
+        return mailbox_location(self.archive_root, mailbox)
 
     def _ensure(self, directory: str) -> None:
         """Make `directory` (and its parents) exist durably."""
@@ -109,15 +107,8 @@ class ArchiveStore:
         return True
 
     def probe(self) -> str:
-        os.makedirs(self.archive_root, mode=0o750, exist_ok=True)
-        path = f"{self.archive_root}/.probe-{os.getpid()}-{time.monotonic_ns()}"
-        fd = os.open(path, _OPEN_FLAGS, 0o600)
-        try:
-            write_all(fd, [b"probe\n"])
-        finally:
-            os.close(fd)
-            os.unlink(path)
-        return "writable"
+        """The store's root takes a new file (created, written, removed)."""
+        return probe_writable(self.archive_root)
 
     def list_messages(self, mailbox) -> list[StoredMessage]:
         box = self.mailbox_path(mailbox)
