@@ -236,6 +236,64 @@ class Envelope:
     quarantine: str | None = None
 
 
+def envelope_fields(e: Envelope) -> dict:
+    """`e` as JSON-able fields (the queue's metadata and the quarantine's sidecar
+    store envelopes this way); `envelope_from_fields` reads them back."""
+    fields = {
+        "sender": [e.sender.local, e.sender.domain],
+        "recipients": [[r.local, r.domain] for r in e.recipients],
+        "original_recipients": [[r.local, r.domain] for r in e.original_recipients],
+        "helo": e.helo,
+        "client_address": e.client_address,
+        "client_name": e.client_name,
+        "authenticated_as": e.authenticated_as,
+        "listener": e.listener,
+        "tls": e.tls,
+        "body": e.body.value,
+        "smtputf8": e.smtputf8,
+        "received_at": e.received_at,
+    }
+    if e.dsn_ret or e.dsn_envid or e.dsn_notify or e.dsn_orcpt:
+        fields["dsn"] = {
+            "ret": e.dsn_ret,
+            "envid": e.dsn_envid,
+            "notify": list(e.dsn_notify),
+            "orcpt": list(e.dsn_orcpt),
+        }
+    if e.quarantine is not None:
+        fields["quarantine"] = e.quarantine
+    return fields
+
+
+def envelope_from_fields(fields: dict) -> Envelope:
+    """The envelope `envelope_fields` wrote; KeyError, TypeError, ValueError or
+    IndexError when the fields are not such."""
+
+    def address(v) -> Address:
+        return Address(str(v[0]), str(v[1]))
+
+    dsn = fields.get("dsn") or {}
+    return Envelope(
+        sender=address(fields["sender"]),
+        recipients=tuple(address(r) for r in fields["recipients"]),
+        original_recipients=tuple(address(r) for r in fields.get("original_recipients", ())),
+        helo=fields.get("helo", ""),
+        client_address=fields.get("client_address", ""),
+        client_name=fields.get("client_name", ""),
+        authenticated_as=fields.get("authenticated_as"),
+        listener=fields.get("listener", ""),
+        tls=fields.get("tls"),
+        body=BodyType(fields.get("body", "7BIT")),
+        smtputf8=bool(fields.get("smtputf8", False)),
+        received_at=float(fields.get("received_at", 0.0)),
+        dsn_ret=dsn.get("ret"),
+        dsn_envid=dsn.get("envid"),
+        dsn_notify=tuple(str(n) for n in dsn.get("notify", ())),
+        dsn_orcpt=tuple(str(o) for o in dsn.get("orcpt", ())),
+        quarantine=fields.get("quarantine"),
+    )
+
+
 class RecipientState(enum.Enum):
     PENDING = "pending"
     DELIVERED = "delivered"

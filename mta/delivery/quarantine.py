@@ -22,10 +22,18 @@ import json
 import os
 import re
 
+import attrs
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
-from mta.envelope import Address, DeliveryResult, Envelope, RecipientState, Reply
+from mta.envelope import (
+    DeliveryResult,
+    Envelope,
+    RecipientState,
+    Reply,
+    envelope_fields,
+    envelope_from_fields,
+)
 from mta.fileio import fsync_dir, write_all
 from mta.interfaces import IDeliveryAgent
 from mta.observe.logging import Logger
@@ -50,51 +58,27 @@ def is_quarantine_id(qid: str) -> bool:
 
 
 def envelope_record(qid: str, envelope: Envelope, recipients, now: float) -> dict:
-    """The sidecar's content: enough to show the message and to release it."""
-    e = envelope
+    """The sidecar's content: enough to show the message and to release it (the
+    envelope as the queue stores it, for the quarantined `recipients`)."""
+    fields = envelope_fields(envelope)
+    fields.pop("dsn", None)  # parallel to every recipient: not to these
+    fields.pop("quarantine", None)
+    fields["recipients"] = [[r.local, r.domain] for r in recipients]
     return {
         "version": FORMAT_VERSION,
         "qid": qid,
         "quarantined_at": now,
-        "reasons": [r for r in (e.quarantine or "").split("; ") if r],
-        "sender": [e.sender.local, e.sender.domain],
-        "recipients": [[r.local, r.domain] for r in recipients],
-        "original_recipients": [[r.local, r.domain] for r in e.original_recipients],
-        "helo": e.helo,
-        "client_address": e.client_address,
-        "client_name": e.client_name,
-        "authenticated_as": e.authenticated_as,
-        "listener": e.listener,
-        "tls": e.tls,
-        "body": e.body.value,
-        "smtputf8": e.smtputf8,
-        "received_at": e.received_at,
+        "reasons": [r for r in (envelope.quarantine or "").split("; ") if r],
+        **fields,
     }
 
 
 def record_envelope(record: dict) -> Envelope:
     """The envelope of a quarantined message (quarantine cleared), from its sidecar."""
-    from mta.envelope import BodyType
-
-    def unaddr(v) -> Address:
-        return Address(str(v[0]), str(v[1]))
-
-    recipients = tuple(unaddr(r) for r in record["recipients"])
-    originals = tuple(unaddr(r) for r in record.get("original_recipients", ()))
-    return Envelope(
-        sender=unaddr(record["sender"]),
-        recipients=recipients,
-        original_recipients=originals if len(originals) == len(recipients) else (),
-        helo=record.get("helo", ""),
-        client_address=record.get("client_address", ""),
-        client_name=record.get("client_name", ""),
-        authenticated_as=record.get("authenticated_as"),
-        listener=record.get("listener", ""),
-        tls=record.get("tls"),
-        body=BodyType(record.get("body", "7BIT")),
-        smtputf8=bool(record.get("smtputf8", False)),
-        received_at=float(record.get("received_at", 0.0)),
-    )
+    envelope = envelope_from_fields({**record, "quarantine": None})
+    if len(envelope.original_recipients) != len(envelope.recipients):
+        envelope = attrs.evolve(envelope, original_recipients=())
+    return envelope
 
 
 @implementer(IDeliveryAgent)

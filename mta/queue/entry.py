@@ -33,11 +33,12 @@ import attrs
 
 from mta.envelope import (
     Address,
-    BodyType,
     DeliveryJob,
     DeliveryResult,
     Envelope,
     RecipientState,
+    envelope_fields,
+    envelope_from_fields,
 )
 from mta.queue.body import FileBody
 from mta.queue.ids import is_queue_id
@@ -167,47 +168,18 @@ class QueueEntry:
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
-def _addr(a: Address) -> list[str]:
-    return [a.local, a.domain]
-
-
-def _unaddr(v) -> Address:
-    return Address(str(v[0]), str(v[1]))
-
-
 def encode_metadata(
     qid: str, envelope: Envelope, trace_headers: bytes, body_length: int, created: float
 ) -> bytes:
     """The JSON metadata that follows the body in the queue file."""
-    e = envelope
     meta = {
         "version": FORMAT_VERSION,
         "qid": qid,
-        "sender": _addr(e.sender),
-        "recipients": [_addr(r) for r in e.recipients],
-        "original_recipients": [_addr(r) for r in e.original_recipients],
-        "helo": e.helo,
-        "client_address": e.client_address,
-        "client_name": e.client_name,
-        "authenticated_as": e.authenticated_as,
-        "listener": e.listener,
-        "tls": e.tls,
-        "body": e.body.value,
-        "smtputf8": e.smtputf8,
-        "received_at": e.received_at,
+        **envelope_fields(envelope),
         "created": created,
         "body_length": body_length,
         "trace_headers": trace_headers.decode("utf-8", "surrogateescape"),
     }
-    if e.dsn_ret or e.dsn_envid or e.dsn_notify or e.dsn_orcpt:
-        meta["dsn"] = {
-            "ret": e.dsn_ret,
-            "envid": e.dsn_envid,
-            "notify": list(e.dsn_notify),
-            "orcpt": list(e.dsn_orcpt),
-        }
-    if e.quarantine is not None:
-        meta["quarantine"] = e.quarantine
     return _COMPACT.encode(meta).encode("ascii")
 
 
@@ -216,37 +188,11 @@ def encode_trailer(meta: bytes, body_length: int) -> bytes:
     return meta + b"\nMTA-QUEUE 1 %016x %08x\n" % (body_length, len(meta))
 
 
-def _dsn_fields(dsn: dict | None) -> dict:
-    if not dsn:
-        return {}
-    return {
-        "dsn_ret": dsn.get("ret"),
-        "dsn_envid": dsn.get("envid"),
-        "dsn_notify": tuple(str(n) for n in dsn.get("notify", ())),
-        "dsn_orcpt": tuple(str(o) for o in dsn.get("orcpt", ())),
-    }
-
-
 def decode_metadata(meta: dict, path: str) -> QueueEntry:
     if meta.get("version") != FORMAT_VERSION:
         raise CorruptEntry(f"{path}: unsupported metadata version {meta.get('version')!r}")
     try:
-        envelope = Envelope(
-            sender=_unaddr(meta["sender"]),
-            recipients=tuple(_unaddr(r) for r in meta["recipients"]),
-            original_recipients=tuple(_unaddr(r) for r in meta.get("original_recipients", ())),
-            helo=meta.get("helo", ""),
-            client_address=meta.get("client_address", ""),
-            client_name=meta.get("client_name", ""),
-            authenticated_as=meta.get("authenticated_as"),
-            listener=meta.get("listener", ""),
-            tls=meta.get("tls"),
-            body=BodyType(meta.get("body", "7BIT")),
-            smtputf8=bool(meta.get("smtputf8", False)),
-            received_at=float(meta.get("received_at", 0.0)),
-            quarantine=meta.get("quarantine"),
-            **_dsn_fields(meta.get("dsn")),
-        )
+        envelope = envelope_from_fields(meta)
         return QueueEntry(
             qid=meta["qid"],
             envelope=envelope,
