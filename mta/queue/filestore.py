@@ -33,6 +33,7 @@ from mta.observe.logging import Logger
 from mta.queue import files
 from mta.queue.entry import QueueEntry
 from mta.queue.ids import is_queue_id
+from mta.queue.layout import ACTIVE, HOLD
 from mta.queue.spool import Spool
 
 log = Logger()
@@ -281,29 +282,37 @@ class FileQueueStore:
 
     async def hold(self, qid: str) -> None:
         """Move an active entry to ``hold/``, once no attempt of it runs."""
-        await self._withdraw_and(qid, files.move_entry, self.queue_dir, qid, "active", "hold")
+
+        def hold() -> str | None:
+            return ACTIVE if files.move_entry(self.queue_dir, qid, ACTIVE, HOLD) else None
+
+        await self._withdraw_and(qid, hold, f"{qid} is not in the active queue")
 
     async def delete(self, qid: str) -> str:
         """Delete an entry wherever it is; the place it was in."""
-        return await self._withdraw_and(qid, files.delete_entry, self.queue_dir, qid)
+        return await self._withdraw_and(
+            qid,
+            lambda: files.delete_entry(self.queue_dir, qid),
+            f"{qid}: no such message in the queue",
+        )
 
-    async def _withdraw_and(self, qid: str, operation, *args):
+    async def _withdraw_and(self, qid: str, operation, missing: str) -> str:
+        """Withdraw `qid`, then run `operation` (blocking; the place the entry left,
+        or None when it was not there: NotQueued(`missing`))."""
         if not is_queue_id(qid):
             raise NotQueued(f"{qid!r} is not a queue id")
         await self._withdraw(qid)
         try:
-            outcome = await deferToThreadPool(self.reactor, self._pool, operation, *args)
+            place = await deferToThreadPool(self.reactor, self._pool, operation)
         except Exception:
             self._readmit(qid)  # still in active/: keep delivering it
             raise
         self._withdrawn.discard(qid)
-        if outcome is True or outcome == "active":
+        if place is None:
+            raise NotQueued(missing)
+        if place == ACTIVE:
             self.spool.adjust_backlog(-1)
-        elif outcome is False or outcome is None:
-            if operation is files.move_entry:
-                raise NotQueued(f"{qid} is not in the active queue")
-            raise NotQueued(f"{qid}: no such message in the queue")
-        return outcome
+        return place
 
     async def release(self, qid: str) -> None:
         """Move a held entry back to ``active/`` and schedule it now."""
