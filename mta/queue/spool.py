@@ -34,7 +34,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mta.fileio import fsync_dir, write_all
-from mta.interfaces import ISpool, ISpoolFile
+from mta.interfaces import ISpool
 from mta.observe.logging import Logger
 from mta.process.batch import BatchWorker
 from mta.queue import entry as fmt
@@ -44,133 +44,12 @@ from mta.queue.entry import QueueEntry
 from mta.queue.files import append_status, move_entry, reason_line, unlink_quietly
 from mta.queue.ids import new_queue_id
 from mta.queue.layout import ACTIVE, DEAD, FREE, HOLD, STATUS_SUFFIX, TMP
+from mta.queue.spoolfile import _OPEN_FLAGS, MEMORY_LIMIT, SpoolFile, _CommitJob
 
 log = Logger()
 
-MEMORY_LIMIT = 256 * 1024
-_SPILL_FLUSH = 64 * 1024
 _RECYCLE_MAX_FILES = 1024
 _RECYCLE_MAX_SIZE = 1024 * 1024
-_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-
-
-class _CommitJob:
-    __slots__ = (
-        "qid",
-        "tmp_path",
-        "fd",
-        "chunks",
-        "envelope",
-        "trace_headers",
-        "length",
-        "created",
-        "in_memory",
-        "file_size",
-    )
-
-    def __init__(self, qid, tmp_path, fd, chunks, envelope, trace_headers, length, created):
-        self.qid = qid
-        self.tmp_path = tmp_path
-        self.fd = fd
-        self.chunks = chunks
-        self.envelope = envelope
-        self.trace_headers = trace_headers
-        self.length = length
-        self.created = created
-        self.in_memory = fd is None  # `chunks` is the whole body (never spilled)
-        self.file_size = 0
-
-
-@implementer(ISpoolFile)
-class SpoolFile:
-    """One message being received.  `buffered` is the body bytes held in memory."""
-
-    def __init__(self, spool: Spool, qid: str):
-        self.qid = qid
-        self.size = 0
-        self.buffered = 0
-        self._spool = spool
-        self._chunks: list[bytes] = []
-        self._fd: int | None = None
-        self._closed = False
-
-    @property
-    def spilled(self) -> bool:
-        return self._fd is not None
-
-    def write(self, data: bytes) -> None:
-        if self._closed:
-            raise ValueError(f"spool file {self.qid} already committed or aborted")
-        if not isinstance(data, bytes):
-            data = bytes(data)
-        if not data:
-            return
-        self.size += len(data)
-        if self._fd is None:
-            if self.buffered + len(data) <= self._spool.memory_limit:
-                self._chunks.append(data)
-                self.buffered += len(data)
-                return
-            self._fd = os.open(self._spool.tmp_path(self.qid), _OPEN_FLAGS, 0o600)
-        elif self.buffered + len(data) <= _SPILL_FLUSH:
-            self._chunks.append(data)
-            self.buffered += len(data)
-            return
-        self._chunks.append(data)
-        chunks, self._chunks, self.buffered = self._chunks, [], 0
-        try:
-            write_all(self._fd, chunks)
-        except OSError:
-            self.abort()
-            raise
-
-    def body(self) -> FileBody:
-        """The bytes written so far, for end-of-message checks (see ISpoolFile)."""
-        if self._closed:
-            raise ValueError(f"spool file {self.qid} already committed or aborted")
-        if self._fd is None:
-            return FileBody(b"", None, self.size, list(self._chunks))
-        if self._chunks:
-            chunks, self._chunks, self.buffered = self._chunks, [], 0
-            try:
-                write_all(self._fd, chunks)
-            except OSError:
-                self.abort()
-                raise
-        return FileBody(b"", self._spool.tmp_path(self.qid), self.size)
-
-    def commit(self, envelope, trace_headers: bytes = b"") -> Deferred:
-        if self._closed:
-            raise ValueError(f"spool file {self.qid} already committed or aborted")
-        self._closed = True
-        chunks, self._chunks, self.buffered = self._chunks, [], 0
-        fd, self._fd = self._fd, None
-        return self._spool._commit(
-            _CommitJob(
-                self.qid,
-                self._spool.tmp_path(self.qid),
-                fd,
-                chunks,
-                envelope,
-                bytes(trace_headers),
-                self.size,
-                envelope.received_at or self._spool.reactor.seconds(),
-            )
-        )
-
-    def abort(self) -> None:
-        if self._closed and self._fd is None:
-            return
-        self._closed = True
-        self._spool._live.discard(self.qid)
-        self._chunks, self.buffered = [], 0
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-            try:
-                os.unlink(self._spool.tmp_path(self.qid))
-            except FileNotFoundError:
-                pass
 
 
 @implementer(ISpool)
