@@ -41,6 +41,7 @@ from mta.policy.pipeline import PolicyPipeline
 from mta.policy.ratelimit import RateLimitCheck, RateLimiter
 from mta.policy.relay import RelayCheck
 from mta.policy.sender import SenderCheck, SenderPolicy
+from mta.policy.senderauth import sender_auth_check
 from mta.policy.spamd import SpamCheck, SpamdClient
 from mta.process.balance import Balancer
 from mta.process.threads import ThreadPoolService, WorkThreads
@@ -246,7 +247,9 @@ def _submission(config: Config, reactor, root, database, db_pool, auth_pool):
 _ALWAYS_FAIL_CLOSED = ("relay", "sender", "rate-ip", "rate-user", "clamd")
 
 
-def policy_pipeline(config: Config, clock, directory, sender_policy) -> PolicyPipeline:
+def policy_pipeline(
+    config: Config, clock, directory, sender_policy, checks_pool=None
+) -> PolicyPipeline:
     """The policy checks, in order: DNS block lists at CONNECT, rate limits and the
     sender rule at MAIL, then the relay rule (recipient resolution) at RCPT, then
     clamd, spamd and the attachment rules at the end of DATA when configured;
@@ -271,6 +274,8 @@ def policy_pipeline(config: Config, clock, directory, sender_policy) -> PolicyPi
     checks.append(SenderCheck(sender_policy))
     checks.append(RelayCheck(config.local_domains, config.relay_networks, directory))
     scan = config.checks
+    if (scan.spf, scan.dkim, scan.dmarc) != ("off", "off", "off"):
+        checks.append(sender_auth_check(config, clock, checks_pool or clock.getThreadPool()))
     if scan.clamd:
         clamd = ClamdClient(daemon_endpoint(clock, scan.clamd), clock)
         checks.append(VirusCheck(clamd, scan.virus_action, clock))
@@ -313,6 +318,7 @@ def _thread_pools(root: MTAService, config: Config) -> dict:
         "db": _pool("db", 2),
         "auth": _pool("auth", config.auth.threads),
         "dkim": _pool("dkim", 2),
+        "checks": _pool("checks", 4),  # pyspf, dkimpy: blocking DNS and hashing
     }
     for pool in pools.values():
         ThreadPoolService(pool).setServiceParent(root)
@@ -463,7 +469,7 @@ def build_service(
             config.tls.certificate, config.tls.key, config.datadir, config.hostname
         )
     authenticator, sender_policy = _submission(config, reactor, root, database, db_pool, auth_pool)
-    pipeline = policy_pipeline(config, reactor, directory, sender_policy)
+    pipeline = policy_pipeline(config, reactor, directory, sender_policy, pools["checks"])
     tracker, listeners = _listeners(
         root, config, reactor, spool, pipeline, authenticator, tls, worker_index, inherited
     )
