@@ -112,8 +112,8 @@ class SenderAuthCheck:
             return True
         return not any(ip.version == n.version and ip in n for n in self.relay_networks)
 
-    def _run(self, f, *args):
-        return threads.deferToThreadPool(self.reactor, self.pool, f, *args)
+    def _run(self, f, *args, **kwargs):
+        return threads.deferToThreadPool(self.reactor, self.pool, f, *args, **kwargs)
 
     def check(self, phase: Phase, context: PolicyContext):
         if phase is Phase.MAIL:
