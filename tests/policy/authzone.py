@@ -115,15 +115,18 @@ class AuthZones:
 def message(
     from_addr: str = "Alice <alice@example.test>", subject: str = "hello", extra: bytes = b""
 ) -> bytes:
-    return extra + (
-        f"From: {from_addr}\r\n"
-        "To: bob@receiver.test\r\n"
-        f"Subject: {subject}\r\n"
-        "Date: Fri, 04 Dec 2026 12:00:00 +0000\r\n"
-        "Message-ID: <m1@example.test>\r\n"
-        "\r\n"
-        "Hello Bob,\r\n\r\nthis is the body.\r\n"
-    ).encode()
+    return (
+        extra
+        + (
+            f"From: {from_addr}\r\n"
+            "To: bob@receiver.test\r\n"
+            f"Subject: {subject}\r\n"
+            "Date: Fri, 04 Dec 2026 12:00:00 +0000\r\n"
+            "Message-ID: <m1@example.test>\r\n"
+            "\r\n"
+            "Hello Bob,\r\n\r\nthis is the body.\r\n"
+        ).encode()
+    )
 
 
 def in_thread(f, *args, **kw):

@@ -10,7 +10,7 @@ import pytest
 import pytest_twisted
 from zope.interface.verify import verifyObject
 
-from mta.envelope import Address, parse_path
+from mta.envelope import parse_path
 from mta.headers import HeaderMatch, field_present, remove_fields
 from mta.interfaces import IPolicyCheck
 from mta.policy.authresults import authentication_results, forged_results, from_domains
@@ -36,8 +36,9 @@ def test_authentication_results_field():
     assert field.endswith("\r\n")
     body = field.replace("\r\n\t", " ")
     assert "spf=pass smtp.mailfrom=a@example.test;" in body
-    assert "dkim=pass header.d=example.test header.s=sel header.a=rsa-sha256 header.b=abcdefgh;" in (
-        body
+    assert (
+        "dkim=pass header.d=example.test header.s=sel header.a=rsa-sha256 header.b=abcdefgh;"
+        in (body)
     )
     assert "dkim=fail (body hash did not verify) header.d=other.test header.s=s2" in body
     assert authentication_results(HOSTNAME, None, ()).decode().endswith("\tdkim=none\r\n")
@@ -68,7 +69,9 @@ def test_forged_results_match(field, forged):
 
 
 def test_remove_fields_stops_at_the_body():
-    head = b"X-Spam-Flag: YES\r\nX-Spam-Status: Yes,\r\n\tscore=9\r\nTo: b\r\n\r\nX-Spam-Flag: YES\r\n"
+    head = (
+        b"X-Spam-Flag: YES\r\nX-Spam-Status: Yes,\r\n\tscore=9\r\nTo: b\r\n\r\nX-Spam-Flag: YES\r\n"
+    )
     out, removed = remove_fields(head, (HeaderMatch("x-spam-flag"), HeaderMatch("X-Spam-Status")))
     assert (out, removed) == (b"To: b\r\n\r\nX-Spam-Flag: YES\r\n", 2)
 
