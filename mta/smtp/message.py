@@ -269,12 +269,13 @@ class IncomingMessage:
     def _removed(self, count: int, envelope, trace, ctx, session_id, started):
         if self.spoolfile is None:
             return None  # the connection went away meanwhile
-        log.info(
-            "{qid}: removed {count} header field(s) a check distrusts",
-            event="headers_removed",
-            qid=self.qid,
-            count=count,
-        )
+        if count:
+            log.info(
+                "{qid}: removed {count} header field(s) a check distrusts",
+                event="headers_removed",
+                qid=self.qid,
+                count=count,
+            )
         self.size = self.spoolfile.size
         return self._commit(envelope, trace, ctx, session_id, started)
 
