@@ -333,7 +333,14 @@ def _queue_and_delivery(root: MTAService, config: Config, reactor, pools, worker
     spool_pool, delivery_pool = pools["spool"], pools["delivery"]
     # The outbound relay calls root.dkim.sign_job(job) just before sending; the
     # watcher pushes a changed [dkim] table to it.
-    root.dkim = DKIMSigner(config.dkim, config.path("dkim"), pools["dkim"], reactor)
+    root.dkim = DKIMSigner(
+        config.dkim,
+        config.path("dkim"),
+        pools["dkim"],
+        reactor,
+        arc_seal=config.checks.arc_seal,
+        authserv_id=config.hostname,
+    )
     ConfigWatcher(config, reactor, pools["db"], root.dkim).setServiceParent(root)
 
     store = open_queue_store(

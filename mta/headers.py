@@ -46,6 +46,15 @@ class HeaderMatch:
         return _pattern(self.value).match(unfolded) is not None
 
 
+def results_by(authserv_id: str) -> HeaderMatch:
+    """Authentication-Results fields whose authserv-id (RFC 8601 2.5, after optional
+    comments; a version may follow) is `authserv_id`."""
+    return HeaderMatch(
+        "Authentication-Results",
+        r"(?:\([^)]*\)\s*)*" + re.escape(authserv_id.rstrip(".")) + r"\.?(?![\w.-])",
+    )
+
+
 def header_end(data: bytes) -> int | None:
     """Offset just past the CRLF ending the last header line of the message that
     starts with `data` (0 for a message without header fields), or None when the

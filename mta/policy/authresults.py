@@ -16,7 +16,7 @@ from __future__ import annotations
 import email.utils
 import re
 
-from mta.headers import HeaderMatch
+from mta.headers import HeaderMatch, results_by
 
 # RFC 2045 token characters: a property value that is not one gets quoted.
 _TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~@]+")
@@ -26,10 +26,7 @@ _FOLD = re.compile(rb"\r?\n(?=[ \t])")
 def forged_results(hostname: str) -> HeaderMatch:
     """Authentication-Results fields whose authserv-id is `hostname` (after optional
     comments; a version number may follow it)."""
-    return HeaderMatch(
-        "Authentication-Results",
-        r"(?:\([^)]*\)\s*)*" + re.escape(hostname.rstrip(".")) + r"\.?(?![\w.-])",
-    )
+    return results_by(hostname)
 
 
 def _value(text: str) -> str:

@@ -57,3 +57,74 @@ async def test_sealer_key_lookup_failure_is_temperror(auth_zones):  # noqa: F811
     data = key.sign(results + message(), arc=True, srv_id=b"mx.relay.servfail.test")
     result = await verify(auth_zones, data)
     assert result.result == "temperror"
+
+
+# -- sealing what we forward ([checks] arc_seal, with the [dkim] key) ---------------
+
+
+async def sealed(zones, tmp_path, data, key_name, host, *, arc_seal=True):
+    """What the outbound relay prepends to `data` (a message as our queue holds it)
+    when it forwards it, with `key_name`'s key as our [dkim] key."""
+    from types import SimpleNamespace
+
+    from twisted.internet import reactor
+
+    from mta.config import DKIMConfig
+    from mta.delivery.dkim import DKIMSigner, key_path
+    from mta.envelope import Address
+    from mta.testing import MemoryBody
+
+    key = zones.keys[key_name]
+    path = key_path(str(tmp_path), key.domain, key.selector)
+    with open(path, "wb") as f:
+        f.write(key.private)
+    signer = DKIMSigner(
+        DKIMConfig(key.selector, (key.domain,)),
+        str(tmp_path),
+        reactor.getThreadPool(),
+        reactor,
+        arc_seal=arc_seal,
+        authserv_id=host,
+    )
+    job = SimpleNamespace(
+        envelope=SimpleNamespace(sender=Address("list", "lists.test")), body=MemoryBody(data)
+    )
+    return await signer.sign_job(job)
+
+
+@pytest_twisted.ensureDeferred
+async def test_we_seal_what_we_forward(auth_zones, tmp_path):  # noqa: F811
+    from mta.policy.authresults import authentication_results
+    from mta.policy.dkimverify import DKIMResult
+
+    host = "mx.forwarder.test"
+    ours = authentication_results(host, dkim=(DKIMResult("pass", "example.test", "sel"),))
+    received = (
+        b"Received: from client.test by mx.forwarder.test; Fri, 4 Dec 2026 12:00:00 +0000\r\n"
+    )
+    data = ours + received + auth_zones.keys["rsa"].sign(message())
+    arc_set = await sealed(auth_zones, tmp_path, data, "forwarder", host)
+    assert arc_set.startswith(b"ARC-Seal: i=1;") and b"ARC-Message-Signature: i=1;" in arc_set
+    result = await verify(auth_zones, arc_set + data)
+    assert (result.result, result.instances, result.sealer) == ("pass", 1, "forwarder.test")
+    # off, or nothing of ours to vouch for (mail that did not come from outside)
+    assert await sealed(auth_zones, tmp_path, data, "forwarder", host, arc_seal=False) == b""
+    assert await sealed(auth_zones, tmp_path, data, "forwarder", "mx.elsewhere.test") == b""
+
+
+@pytest_twisted.ensureDeferred
+async def test_we_extend_a_chain(auth_zones, tmp_path):  # noqa: F811
+    """A message a forwarder sealed comes in (arc=pass in our results) and we
+    forward it again: the chain has two sets and verifies."""
+    from mta.policy.arc import ARCResult
+    from mta.policy.authresults import authentication_results
+
+    host = "mx.other-org.test"
+    first = forwarded(auth_zones)
+    chain = await verify(auth_zones, first)
+    assert chain == ARCResult("pass", 1, "forwarder.test", chain.reason)
+    data = authentication_results(host, dkim=(), arc=chain) + first
+    arc_set = await sealed(auth_zones, tmp_path, data, "other", host)
+    assert arc_set.startswith(b"ARC-Seal: i=2;")
+    result = await verify(auth_zones, arc_set + data)
+    assert (result.result, result.instances, result.sealer) == ("pass", 2, "other-org.test")

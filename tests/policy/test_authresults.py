@@ -285,3 +285,42 @@ async def test_every_verdict_is_logged_with_the_queue_id(auth_zones):  # noqa: F
     checks = {(e["check"], e["result"]) for e in events if e.get("event") == "check"}
     assert checks == {("spf", "pass"), ("dkim", "pass"), ("arc", "none"), ("dmarc", "pass")}
     assert all(e["qid"] == "QID1" for e in events if e.get("event") == "check")
+
+
+# -- configuration ------------------------------------------------------------------
+
+
+def test_config_keys_are_validated():
+    from mta.config import ConfigError, build_config
+
+    cfg = build_config({"checks": {"spf": "enforce", "dmarc": "tag"}})
+    assert (cfg.checks.spf, cfg.checks.dkim, cfg.checks.dmarc, cfg.checks.arc_seal) == (
+        "enforce",
+        "off",
+        "tag",
+        False,
+    )
+    with pytest.raises(ConfigError, match=r"checks\.dkim.*off, tag, enforce"):
+        build_config({"checks": {"dkim": "on"}})
+    with pytest.raises(ConfigError, match=r"checks\.arc_seal.*\[dkim\] domains"):
+        build_config({"checks": {"arc_seal": True, "dmarc": "tag"}})
+    with pytest.raises(ConfigError, match=r"checks\.arc_seal.*spf, dkim or dmarc"):
+        build_config({"checks": {"arc_seal": True}, "dkim": {"domains": ["example.test"]}})
+    with pytest.raises(ConfigError, match=r"checks\.arc_seal.*true or false"):
+        build_config({"checks": {"arc_seal": "yes"}})
+
+
+def test_pipeline_has_the_check_only_when_on(auth_zones):  # noqa: F811
+    from twisted.internet import reactor
+
+    from mta.app import policy_pipeline
+    from mta.config import build_config
+    from mta.testing import FakeDirectory, FakeSenderPolicy
+
+    def names(checks):
+        cfg = build_config({"checks": checks, "dns": {"nameservers": [auth_zones.address]}})
+        pipeline = policy_pipeline(cfg, reactor, FakeDirectory({}), FakeSenderPolicy({}))
+        return [c.name for c in pipeline.checks]
+
+    assert "sender-auth" not in names({})
+    assert "sender-auth" in names({"dkim": "tag"})
