@@ -272,19 +272,42 @@ async def test_dns_failure_fails_closed_or_open(auth_zones):  # noqa: F811
 
 
 @pytest_twisted.ensureDeferred
-async def test_every_verdict_is_logged_with_the_queue_id(auth_zones):  # noqa: F811
+async def test_every_verdict_is_logged_with_the_queue_id_and_counted(auth_zones):  # noqa: F811
+    from prometheus_client import CollectorRegistry
     from twisted.logger import globalLogPublisher
 
+    from mta.observe.metrics import Metrics, MetricsObserver
+
+    registry = CollectorRegistry()
+    observer = MetricsObserver(Metrics(registry))
     events = []
     globalLogPublisher.addObserver(events.append)
+    globalLogPublisher.addObserver(observer)
     try:
         check = make_check(auth_zones)
         await transaction(check, "alice@example.test", auth_zones.keys["ed"].sign(message()))
+        await transaction(check, "alice@fail.test", message("a@fail.test"))
     finally:
         globalLogPublisher.removeObserver(events.append)
-    checks = {(e["check"], e["result"]) for e in events if e.get("event") == "check"}
-    assert checks == {("spf", "pass"), ("dkim", "pass"), ("arc", "none"), ("dmarc", "pass")}
-    assert all(e["qid"] == "QID1" for e in events if e.get("event") == "check")
+        globalLogPublisher.removeObserver(observer)
+    logged = [e for e in events if e.get("event") == "check"]
+    assert {(e["check"], e["result"], e["qid"]) for e in logged} == {
+        ("spf", "pass", "QID1"),
+        ("dkim", "pass", "QID1"),
+        ("arc", "none", "QID1"),
+        ("dmarc", "pass", "QID1"),
+        ("spf", "fail", "QID1"),
+        ("dkim", "none", "QID1"),
+        ("dmarc", "fail", "QID1"),
+    }
+    assert [e["action"] for e in logged if e["check"] == "dmarc"] == ["continue", "reject"]
+
+    def value(name, **labels):
+        return registry.get_sample_value(name, labels)
+
+    assert value("mta_check_results_total", check="dmarc", result="fail") == 1
+    assert value("mta_check_results_total", check="spf", result="pass") == 1
+    assert value("mta_check_duration_seconds_count", check="dkim") == 2
 
 
 # -- configuration ------------------------------------------------------------------
