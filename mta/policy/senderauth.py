@@ -28,7 +28,6 @@ count them).
 from __future__ import annotations
 
 import collections
-import ipaddress
 import random
 from collections.abc import Callable, Iterable
 
@@ -37,15 +36,16 @@ from zope.interface import implementer
 
 from mta.dns import make_dnspython_resolver
 from mta.envelope import Reply
-from mta.headers import field_present
+from mta.headers import field_present, header_end
 from mta.interfaces import IPolicyCheck
 from mta.observe.logging import Logger
 from mta.policy import arc as arcmod
 from mta.policy import dkimverify, dmarc
 from mta.policy.authdns import AuthDNS
 from mta.policy.authresults import authentication_results, forged_results, from_domains
+from mta.policy.dnsbl import client_ip
 from mta.policy.spf import SPFResult, check_spf
-from mta.policy.verdict import Phase, PolicyContext, Verdict
+from mta.policy.verdict import Action, Phase, PolicyContext, Verdict
 
 log = Logger()
 
@@ -55,7 +55,6 @@ SPF_TEMPFAIL = Reply(451, "4.7.24", "SPF check failed temporarily (DNS), try aga
 DMARC_REJECTED = Reply(550, "5.7.1", "Rejected by the DMARC policy of {domain}")
 DMARC_TEMPFAIL = Reply(451, "4.7.1", "DMARC check failed temporarily (DNS), try again later")
 _SPF_TABLE = 4096
-_NONE = object()
 
 
 class SenderAuthCheck:
@@ -98,17 +97,12 @@ class SenderAuthCheck:
     def __repr__(self) -> str:
         return f"<SenderAuthCheck spf={self.spf} dkim={self.dkim} dmarc={self.dmarc}>"
 
-    @property
-    def enabled(self) -> bool:
-        return "off" != self.spf or "off" != self.dkim or "off" != self.dmarc
-
     def applies(self, context: PolicyContext) -> bool:
         """Mail from outside: not authenticated, not from relay_networks."""
         if context.authenticated_as is not None:
             return False
-        try:
-            ip = ipaddress.ip_address(context.client_address)
-        except ValueError:
+        ip = client_ip(context.client_address)
+        if ip is None:
             return True
         return not any(ip.version == n.version and ip in n for n in self.relay_networks)
 
@@ -131,10 +125,11 @@ class SenderAuthCheck:
 
     def _check_spf(self, context: PolicyContext):
         sender = str(context.sender) if context.sender else ""
+        ip = client_ip(context.client_address)
         return self._run(
             check_spf,
             self.dns,
-            context.client_address,
+            str(ip) if ip is not None else context.client_address,
             sender,
             context.helo or "",
             receiver=self.hostname,
@@ -179,21 +174,20 @@ class SenderAuthCheck:
             remove = self._forged if field_present(head, self._forged) else ()
             return Verdict.continue_(remove=remove)
         message = await self._run(_read_message, context.body)
-        head = message[: (message.find(b"\r\n\r\n") + 2) or len(message)]
+        end = header_end(message)
+        head = message if end is None else message[:end]
         spf_entry = self._spf_results.pop(self._spf_key(context), None)
         domains = from_domains(head) if self.dmarc != "off" else []
         # DMARC needs the signatures whether or not dkim= is reported.
         signed = self.dkim != "off" or self.dmarc != "off"
         jobs = [
-            self._run(dkimverify.verify_signatures, message, self.dns) if signed else _NONE,
-            self._run(arcmod.verify_chain, message, self.dns) if signed else _NONE,
+            self._run(f, message, self.dns) if signed else defer.succeed(None)
+            for f in (dkimverify.verify_signatures, arcmod.verify_chain)
         ]
         jobs += [self._run(dmarc.check_dmarc, d, self.dns) for d in domains]
         if self.spf != "off" and spf_entry is None:
             jobs.append(self._check_spf(context))
-        done = await defer.gatherResults(
-            [j if j is not _NONE else defer.succeed(None) for j in jobs], consumeErrors=True
-        )
+        done = await defer.gatherResults(jobs, consumeErrors=True)
         signatures, arc_result = done[0] or (), done[1]
         records = done[2 : 2 + len(domains)]
         if self.spf != "off" and spf_entry is None:
@@ -274,7 +268,7 @@ class SenderAuthCheck:
             )
         if verdict.refuses:
             return verdict
-        if verdict.action.value == "quarantine":
+        if verdict.action is Action.QUARANTINE:
             return Verdict.quarantine(verdict.reason, headers=tuple(headers), remove=remove)
         return Verdict.continue_(headers=tuple(headers), remove=remove)
 
@@ -298,7 +292,7 @@ class SenderAuthCheck:
             and (dmarc_result is None or dmarc_result.result in ("none", "permerror"))
         ):
             refusal = self._spf_refusal(spf_result, at_mail=False)
-            if refusal is not None and refusal.action.value == "reject":
+            if refusal is not None and refusal.action is Action.REJECT:
                 return refusal
         return Verdict.CONTINUE
 

@@ -177,6 +177,10 @@ async def test_spf_fail_waits_for_dmarc(auth_zones):  # noqa: F811
     mail, end = await transaction(check, "alice@fail.test", signed)
     assert end.action is not Action.REJECT
     assert "dmarc=pass" in results_of(end) and "spf=fail" in results_of(end)
+    # no DMARC policy for the From domain: SPF enforcement applies after all
+    mail, end = await transaction(check, "alice@fail.test", message("a@none.test"))
+    assert mail is Verdict.ACCEPT and end.action is Action.REJECT
+    assert (end.reply.code, end.reply.enhanced) == (550, "5.7.23")
 
 
 @pytest.mark.parametrize(
