@@ -173,7 +173,10 @@ def describe(queue_root: str, qid: str, keyring=None) -> str:
         detail = f": {entry.details[i]}" if entry.details[i] else ""
         lines.append(f"  {rcpt.path}{orig} [{state.value}]{detail}")
     lines.append("Headers:")
-    headers = entry.body.header_block().decode("utf-8", "replace")
+    try:
+        headers = entry.body.header_block().decode("utf-8", "replace")
+    except DecryptionError as e:
+        raise ControlError(f"{qid}: {e}") from None
     lines += ["  " + line for line in headers.replace("\r\n", "\n").rstrip("\n").split("\n")]
     return "\n".join(lines) + "\n"
 

@@ -87,6 +87,8 @@ class SpoolFile:
             data = bytes(data)
         if not data:
             return
+        if self._sealed_end:
+            raise ValueError(f"spool file {self.qid}: written after its end was sealed")
         self.size += len(data)
         if self._fd is None:
             if self.buffered + len(data) <= self._spool.memory_limit:
@@ -96,8 +98,6 @@ class SpoolFile:
             self._fd = os.open(self._spool.tmp_path(self.qid), OPEN_FLAGS, 0o600)
             if self._spool.keyring is not None:
                 self._sealer = Sealer(self._spool.keyring, self.qid)
-        elif self._sealed_end:
-            raise ValueError(f"spool file {self.qid}: written after its end was sealed")
         elif self.buffered + len(data) <= SPILL_FLUSH:
             self._chunks.append(data)
             self.buffered += len(data)
