@@ -13,7 +13,7 @@ written as soon as it is full and authenticated on its own when read::
 
 Segment i seals bytes [i*SEGMENT, (i+1)*SEGMENT) of the message under the message's
 random data key with the nonce ``prefix | i (4 bytes, big endian) | last (1 byte)``
-and the authenticated data ``header | queue id``; every segment but the last holds
+and the authenticated data ``magic | version | nonce prefix | queue id``; every segment but the last holds
 exactly SEGMENT bytes, the last fewer (possibly none) and is flagged last.  So the
 stored size follows from the message size (`stored_length`), a truncated,
 reordered or extended file fails to authenticate, and a body copied into another
@@ -23,7 +23,9 @@ with the same key under a counter no segment uses (`seal_extra`).
 
 The data key is wrapped like the stores' data keys, under the key-encryption key of
 the keyring's current master key (`mta.crypto.keys`), so `mta-admin key rotate`
-applies to the spool too; a queued message keeps the key it was written under.
+applies to the spool too; a queued message keeps the key it was written under.  The
+key id and wrapped key are not in the segments' authenticated data, so `rewrap`
+moves a sealed file to another master key by rewriting its header alone.
 """
 
 from __future__ import annotations
@@ -58,6 +60,10 @@ def is_sealed(head: bytes) -> bool:
     return head[: len(MAGIC) + 1] == MAGIC + bytes([VERSION])
 
 
+def _aad(prefix: bytes, queue_id: str) -> bytes:
+    return MAGIC + bytes([VERSION]) + prefix + queue_id.encode("ascii")
+
+
 def _nonce(prefix: bytes, counter: int, last: int) -> bytes:
     return prefix + _SEGMENT_NONCE.pack(counter, last)
 
@@ -76,7 +82,7 @@ class Sealer:
         wrapped = keyring.kek(key_id).encrypt(wrap_nonce, data_key, head)
         self.header = head + wrap_nonce + wrapped + prefix
         self._aead = AESGCM(data_key)
-        self._aad = self.header + queue_id.encode("ascii")
+        self._aad = _aad(prefix, queue_id)
         self._prefix = prefix
         self._counter = 0
         self._pending = bytearray()
@@ -131,6 +137,43 @@ class Sealer:
         return sealed
 
 
+def header_key_id(header: bytes) -> str | None:
+    """The master key id a sealed file's header names, None if not a sealed file."""
+    if len(header) < HEADER_SIZE or not is_sealed(header):
+        return None
+    return header[len(MAGIC) + 1 : len(MAGIC) + 1 + ID_SIZE].hex()
+
+
+def rewrap(keyring: Keyring, header: bytes, name: str) -> bytes:
+    """`header` with its data key wrapped under the keyring's current key instead
+    (the segments stay as they are)."""
+    key_id = header_key_id(header)
+    if key_id is None:
+        raise DecryptionError(f"{name}: not a sealed file")
+    data_key = _unwrap(keyring, header, key_id, name)
+    new_id = keyring.current
+    head = MAGIC + bytes([VERSION]) + bytes.fromhex(new_id)
+    wrap_nonce = os.urandom(_WRAP_NONCE)
+    wrapped = keyring.kek(new_id).encrypt(wrap_nonce, data_key, head)
+    return head + wrap_nonce + wrapped + header[HEADER_SIZE - _PREFIX : HEADER_SIZE]
+
+
+def _unwrap(keyring: Keyring, header: bytes, key_id: str, name: str) -> bytes:
+    at = len(MAGIC) + 1 + ID_SIZE
+    wrap_nonce = header[at : at + _WRAP_NONCE]
+    wrapped = header[at + _WRAP_NONCE : at + _WRAP_NONCE + _WRAPPED]
+    if key_id not in keyring.keys:
+        raise DecryptionError(
+            f"{name}: wrong master key for key id {key_id}: no such key in the keyring"
+        )
+    try:
+        return keyring.kek(key_id).decrypt(wrap_nonce, wrapped, header[:at])
+    except InvalidTag:
+        raise DecryptionError(
+            f"{name}: wrong master key for key id {key_id} (or its wrapped data key was altered)"
+        ) from None
+
+
 class Opener:
     """Reads a sealed message back: `open_header` unwraps its data key."""
 
@@ -145,28 +188,12 @@ class Opener:
     def open_header(cls, keyring: Keyring, header: bytes, queue_id: str) -> Opener:
         """Raises DecryptionError for a header that is not ours, a key the keyring
         lacks, or a wrapped key that does not authenticate."""
-        if len(header) < HEADER_SIZE or not is_sealed(header):
+        key_id = header_key_id(header)
+        if key_id is None:
             raise DecryptionError(f"queue file {queue_id}: not an encrypted queued message")
-        at = len(MAGIC) + 1
-        key_id = header[at : at + ID_SIZE].hex()
-        at += ID_SIZE
-        wrap_nonce = header[at : at + _WRAP_NONCE]
-        wrapped = header[at + _WRAP_NONCE : at + _WRAP_NONCE + _WRAPPED]
+        data_key = _unwrap(keyring, header, key_id, f"queue file {queue_id}")
         prefix = header[HEADER_SIZE - _PREFIX : HEADER_SIZE]
-        if key_id not in keyring.keys:
-            raise DecryptionError(
-                f"queue file {queue_id}: wrong master key for key id {key_id}:"
-                " no such key in the keyring"
-            )
-        head = header[: len(MAGIC) + 1 + ID_SIZE]
-        try:
-            data_key = keyring.kek(key_id).decrypt(wrap_nonce, wrapped, head)
-        except InvalidTag:
-            raise DecryptionError(
-                f"queue file {queue_id}: wrong master key for key id {key_id}"
-                " (or its wrapped data key was altered)"
-            ) from None
-        return cls(AESGCM(data_key), bytes(header[:HEADER_SIZE]) + queue_id.encode("ascii"), prefix)
+        return cls(AESGCM(data_key), _aad(prefix, queue_id), prefix)
 
     def open_extra(self, sealed: bytes) -> bytes:
         try:
@@ -199,3 +226,57 @@ class Opener:
             yield clear
             if limit is not None and done >= limit:
                 return
+
+
+def seal_stream(sealer: Sealer, chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """Header, segments and last segment of `chunks`, produced as they are read."""
+    yield sealer.header
+    for chunk in chunks:
+        yield from sealer.feed((chunk,))
+    yield sealer.close()
+
+
+def read_sealed_file(keyring: Keyring, path: str, name: str, clear_length: int) -> bytes:
+    """The clear content of a whole sealed file `path` sealed under `name` (blocking;
+    for files an operator reads whole, such as a quarantined message)."""
+    with open(path, "rb") as f:
+        opener = Opener.open_header(keyring, f.read(HEADER_SIZE), name)
+
+        def read(offset: int, size: int) -> bytes:
+            f.seek(offset)
+            return f.read(size)
+
+        return b"".join(opener.segments(read, clear_length))
+
+
+def rewrap_file(keyring: Keyring, path: str, key_id: str) -> bool:
+    """Re-wrap the sealed file `path` under the current key if it is sealed under
+    `key_id` (a copy with the new header, fsynced, renamed over it: a crash leaves
+    the old file or the new one); whether it was.  Mode and times are kept."""
+    with open(path, "rb") as src:
+        header = src.read(HEADER_SIZE)
+        if header_key_id(header) != key_id:
+            return False
+        new = rewrap(keyring, header, path)
+        directory, name = os.path.split(path)
+        tmp = os.path.join(directory, f".{name}.rewrap")
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        st = os.fstat(src.fileno())
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "wb") as dst:
+            dst.write(new)
+            while chunk := src.read(1 << 20):
+                dst.write(chunk)
+            dst.flush()
+            os.fsync(dst.fileno())
+    os.chmod(tmp, st.st_mode & 0o7777)
+    os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+    os.replace(tmp, path)
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    return True

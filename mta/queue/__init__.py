@@ -67,3 +67,12 @@ def adopt_orphaned_queues(config) -> int:
     from mta.queue.recovery import adopt_orphaned_spools
 
     return adopt_orphaned_spools(config.path("queue"), config.workers)
+
+
+def rekey_queue(config, keyring, key_id: str, *, dry_run: bool = False) -> tuple[int, int]:
+    """For `mta-admin key retire`: re-wrap the queue's resting sealed entries under
+    the current key; (how many, how many active ones still use `key_id`)."""
+    _check(config)
+    from mta.queue.rekey import rekey_queue as rekey
+
+    return rekey(config.path("queue"), keyring, key_id, dry_run=dry_run)
