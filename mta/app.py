@@ -319,6 +319,16 @@ def _thread_pools(root: MTAService, config: Config) -> dict:
     return pools
 
 
+def _at_rest_keyring(config: Config):
+    """The master keys when encryption at rest is on anywhere (the quarantine seals
+    its message files then), else None."""
+    if not (config.storage.encrypt or config.queue.encrypt):
+        return None
+    from mta.crypto.keys import open_keyring
+
+    return open_keyring(config)
+
+
 def _queue_and_delivery(root: MTAService, config: Config, reactor, pools, worker_index: int):
     """The queue store, its runner and control channel, and the delivery agents
     behind them: local delivery into the configured mail store, and the outbound
@@ -368,7 +378,9 @@ def _queue_and_delivery(root: MTAService, config: Config, reactor, pools, worker
             config.local_domains,
             local,
             remote_agent=relay,
-            quarantine_agent=QuarantineAgent(config.path("quarantine"), delivery_pool, reactor),
+            quarantine_agent=QuarantineAgent(
+                config.path("quarantine"), delivery_pool, reactor, keyring=_at_rest_keyring(config)
+            ),
         ),
         reactor,
         retry_schedule=config.queue.retry_schedule,
