@@ -247,9 +247,7 @@ def _submission(config: Config, reactor, root, database, db_pool, auth_pool):
 _ALWAYS_FAIL_CLOSED = ("relay", "sender", "rate-ip", "rate-user", "clamd")
 
 
-def policy_pipeline(
-    config: Config, clock, directory, sender_policy, checks_pool=None
-) -> PolicyPipeline:
+def policy_pipeline(config: Config, clock, directory, sender_policy, pool=None) -> PolicyPipeline:
     """The policy checks, in order: DNS block lists at CONNECT, rate limits and the
     sender rule at MAIL, then the relay rule (recipient resolution) at RCPT, then
     clamd, spamd and the attachment rules at the end of DATA when configured;
@@ -275,7 +273,7 @@ def policy_pipeline(
     checks.append(RelayCheck(config.local_domains, config.relay_networks, directory))
     scan = config.checks
     if (scan.spf, scan.dkim, scan.dmarc) != ("off", "off", "off"):
-        checks.append(sender_auth_check(config, clock, checks_pool or clock.getThreadPool()))
+        checks.append(sender_auth_check(config, clock, pool or clock.getThreadPool()))
     if scan.clamd:
         clamd = ClamdClient(daemon_endpoint(clock, scan.clamd), clock)
         checks.append(VirusCheck(clamd, scan.virus_action, clock))
@@ -325,6 +323,16 @@ def _thread_pools(root: MTAService, config: Config) -> dict:
     return pools
 
 
+def _at_rest_keyring(config: Config):
+    """The master keys when encryption at rest is on anywhere (the quarantine seals
+    its message files then), else None."""
+    if not (config.storage.encrypt or config.queue.encrypt):
+        return None
+    from mta.crypto.keys import open_keyring
+
+    return open_keyring(config)
+
+
 def _queue_and_delivery(root: MTAService, config: Config, reactor, pools, worker_index: int):
     """The queue store, its runner and control channel, and the delivery agents
     behind them: local delivery into the configured mail store, and the outbound
@@ -333,13 +341,9 @@ def _queue_and_delivery(root: MTAService, config: Config, reactor, pools, worker
     spool_pool, delivery_pool = pools["spool"], pools["delivery"]
     # The outbound relay calls root.dkim.sign_job(job) just before sending; the
     # watcher pushes a changed [dkim] table to it.
+    seal_as = config.hostname if config.checks.arc_seal else ""  # ARC-seal what we forward
     root.dkim = DKIMSigner(
-        config.dkim,
-        config.path("dkim"),
-        pools["dkim"],
-        reactor,
-        arc_seal=config.checks.arc_seal,
-        authserv_id=config.hostname,
+        config.dkim, config.path("dkim"), pools["dkim"], reactor, seal_as=seal_as
     )
     ConfigWatcher(config, reactor, pools["db"], root.dkim).setServiceParent(root)
 
@@ -381,7 +385,9 @@ def _queue_and_delivery(root: MTAService, config: Config, reactor, pools, worker
             config.local_domains,
             local,
             remote_agent=relay,
-            quarantine_agent=QuarantineAgent(config.path("quarantine"), delivery_pool, reactor),
+            quarantine_agent=QuarantineAgent(
+                config.path("quarantine"), delivery_pool, reactor, keyring=_at_rest_keyring(config)
+            ),
         ),
         reactor,
         retry_schedule=config.queue.retry_schedule,

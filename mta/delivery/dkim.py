@@ -140,6 +140,9 @@ class DKIMSigner:
 
     `settings` is the validated ``[dkim]`` table, `key_dir` where the keys are,
     `threadpool` a bounded pool started by the service tree, `reactor` the thread hop.
+    `seal_as` (our host name with ``[checks] arc_seal``, else ""): also ARC-seal
+    (RFC 8617) what we relay that came in from outside, i.e. carries our
+    Authentication-Results, with the ``[dkim]`` key of that host's domain.
     """
 
     def __init__(
@@ -149,13 +152,13 @@ class DKIMSigner:
         threadpool,
         reactor,
         *,
-        arc_seal: bool = False,
-        authserv_id: str = "",
+        seal_as: str = "",
     ):
         self.threadpool = threadpool
-        # `[checks] arc_seal`: seal what carries our Authentication-Results
-        self._ours = (results_by(authserv_id),) if arc_seal and authserv_id else ()
-        self.authserv_id = authserv_id
+        # `[checks] arc_seal`: ARC-seal what carries our (authserv-id `seal_as`)
+        # Authentication-Results; "" for off
+        self._ours = (results_by(seal_as),) if seal_as else ()
+        self.authserv_id = seal_as
         self.reactor = reactor
         self.key_dir = key_dir
         self._settings = settings

@@ -1,7 +1,9 @@
-"""`SpoolFile`: one message being received into the file spool (see `mta.queue.spool`).
+"""`SpoolFile`: one message being received, until the spool commits or drops it.
 
-Bodies stay in memory up to the spool's `memory_limit` (256 KB), then spill to
-``queue/tmp/<qid>``; `commit` hands the spool a `_CommitJob` for its group commit.
+The session writes the body as it arrives; up to the spool's memory limit (256 KB)
+it stays in memory, then it spills to ``queue/tmp/<qid>`` (sealed as it goes with
+``[queue] encrypt``, see `mta.crypto.stream`).  `commit` hands a `CommitJob` to
+`mta.queue.spool.Spool`, whose group commit makes it durable; `abort` forgets it.
 `remove_headers` drops header fields a check named before the commit
 (`mta.queue.headedit`).
 """
@@ -15,19 +17,18 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mta.crypto.stream import Sealer
 from mta.fileio import write_all
 from mta.interfaces import ISpoolFile
 from mta.queue import headedit
 from mta.queue.body import FileBody
 from mta.queue.files import unlink_quietly
 
-MEMORY_LIMIT = 256 * 1024
-_SPILL_FLUSH = 64 * 1024
-_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-_unlink_quietly = unlink_quietly
+SPILL_FLUSH = 64 * 1024
+OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
-class _CommitJob:
+class CommitJob:
     __slots__ = (
         "qid",
         "tmp_path",
@@ -39,9 +40,14 @@ class _CommitJob:
         "created",
         "in_memory",
         "file_size",
+        "sealer",
+        "sealed",
+        "opener",
     )
 
-    def __init__(self, qid, tmp_path, fd, chunks, envelope, trace_headers, length, created):
+    def __init__(
+        self, qid, tmp_path, fd, chunks, envelope, trace_headers, length, created, sealer=None
+    ):
         self.qid = qid
         self.tmp_path = tmp_path
         self.fd = fd
@@ -52,6 +58,12 @@ class _CommitJob:
         self.created = created
         self.in_memory = fd is None  # `chunks` is the whole body (never spilled)
         self.file_size = 0
+        # Sealing (a keyring is set): the Sealer of a spilled body, already closed when
+        # `chunks` is empty and body() sealed the end; the metadata's "sealed" table
+        # and the opener the entry reads with, both made at commit.
+        self.sealer = sealer
+        self.sealed = None
+        self.opener = None
 
 
 @implementer(ISpoolFile)
@@ -66,7 +78,10 @@ class SpoolFile:
         self._chunks: list[bytes] = []
         self._fd: int | None = None
         self._closed = False
-        self._editing = False
+        self._sealer: Sealer | None = None  # a spilled body, with a keyring
+        self._header_written = False
+        self._sealed_end = False  # body() sealed the last segment: nothing more to write
+        self._editing = False  # remove_headers' thread is rewriting the spill file
 
     @property
     def spilled(self) -> bool:
@@ -79,19 +94,38 @@ class SpoolFile:
             data = bytes(data)
         if not data:
             return
+        if self._sealed_end:
+            raise ValueError(f"spool file {self.qid}: written after its end was sealed")
         self.size += len(data)
         if self._fd is None:
             if self.buffered + len(data) <= self._spool.memory_limit:
                 self._chunks.append(data)
                 self.buffered += len(data)
                 return
-            self._fd = os.open(self._spool.tmp_path(self.qid), _OPEN_FLAGS, 0o600)
-        elif self.buffered + len(data) <= _SPILL_FLUSH:
+            self._fd = os.open(self._spool.tmp_path(self.qid), OPEN_FLAGS, 0o600)
+            if self._spool.keyring is not None:
+                self._sealer = Sealer(self._spool.keyring, self.qid)
+        elif self.buffered + len(data) <= SPILL_FLUSH:
             self._chunks.append(data)
             self.buffered += len(data)
             return
         self._chunks.append(data)
+        self._flush()
+
+    def _flush(self, last: bool = False) -> None:
+        """Write the buffered chunks to the spill file (sealed, with a keyring; `last`
+        seals the end of the body too)."""
         chunks, self._chunks, self.buffered = self._chunks, [], 0
+        sealer = self._sealer
+        if sealer is not None:
+            pieces = sealer.feed(chunks)
+            if not self._header_written:
+                pieces.insert(0, sealer.header)
+                self._header_written = True
+            if last:
+                pieces.append(sealer.close())
+                self._sealed_end = True
+            chunks = pieces
         try:
             write_all(self._fd, chunks)
         except OSError:
@@ -104,13 +138,14 @@ class SpoolFile:
             raise ValueError(f"spool file {self.qid} already committed or aborted")
         if self._fd is None:
             return FileBody(b"", None, self.size, list(self._chunks))
+        if self._sealer is not None:
+            # Segments are read whole: seal the end now (commit appends only the trailer).
+            if not self._sealed_end:
+                self._flush(last=True)
+            path = self._spool.tmp_path(self.qid)
+            return FileBody(b"", path, self.size, opener=self._sealer.opener())
         if self._chunks:
-            chunks, self._chunks, self.buffered = self._chunks, [], 0
-            try:
-                write_all(self._fd, chunks)
-            except OSError:
-                self.abort()
-                raise
+            self._flush()
         return FileBody(b"", self._spool.tmp_path(self.qid), self.size)
 
     def remove_headers(self, matches) -> Deferred:
@@ -122,26 +157,41 @@ class SpoolFile:
             self.size -= cut
             self.buffered -= cut
             return succeed(removed)
-        self.body()  # flush what is buffered
+        body = self.body()  # flushes (and, sealed, seals the end)
+        keyring = self._spool.keyring if self._sealer is not None else None
         fd, self._fd, self._editing = self._fd, None, True
         path = self._spool.tmp_path(self.qid)
         d = deferToThreadPool(
-            self._spool.reactor, self._spool._pool, headedit.edit_file, path, fd, self.size, matches
+            self._spool.reactor,
+            self._spool._pool,
+            headedit.edit_file,
+            body,
+            path,
+            self.size,
+            matches,
+            keyring,
+            self.qid,
         )
+        return d.addBoth(self._edited, fd, path)
 
-        def settle(result):
-            self._editing = False
-            new_fd, removed, size = result if isinstance(result, tuple) else (fd, 0, self.size)
-            if new_fd != fd:
-                os.close(fd)
-            if self._closed:  # aborted while the thread worked
-                os.close(new_fd)
-                _unlink_quietly(path)
-            else:
-                self._fd, self.size = new_fd, size
-            return result if isinstance(result, Failure) else removed
-
-        return d.addBoth(settle)
+    def _edited(self, result, fd: int, path: str):
+        self._editing = False
+        new_fd = fd
+        if isinstance(result, tuple):
+            new_fd = result[0]
+            os.close(fd)  # its file was replaced
+        if self._closed:  # aborted while the thread worked
+            os.close(new_fd)
+            unlink_quietly(path)
+        else:
+            self._fd = new_fd
+            if isinstance(result, tuple):
+                _, removed, self.size, sealer = result
+                if sealer is not None:
+                    self._sealer, self._header_written, self._sealed_end = sealer, True, True
+        if isinstance(result, Failure):
+            return result
+        return result[1] if isinstance(result, tuple) else 0
 
     def commit(self, envelope, trace_headers: bytes = b"") -> Deferred:
         if self._closed or self._editing:
@@ -150,7 +200,7 @@ class SpoolFile:
         chunks, self._chunks, self.buffered = self._chunks, [], 0
         fd, self._fd = self._fd, None
         return self._spool._commit(
-            _CommitJob(
+            CommitJob(
                 self.qid,
                 self._spool.tmp_path(self.qid),
                 fd,
@@ -159,6 +209,7 @@ class SpoolFile:
                 bytes(trace_headers),
                 self.size,
                 envelope.received_at or self._spool.reactor.seconds(),
+                self._sealer,
             )
         )
 

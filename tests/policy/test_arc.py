@@ -83,8 +83,7 @@ async def sealed(zones, tmp_path, data, key_name, host, *, arc_seal=True):
         str(tmp_path),
         reactor.getThreadPool(),
         reactor,
-        arc_seal=arc_seal,
-        authserv_id=host,
+        seal_as=host if arc_seal else "",
     )
     job = SimpleNamespace(
         envelope=SimpleNamespace(sender=Address("list", "lists.test")), body=MemoryBody(data)

@@ -8,6 +8,7 @@ import os
 import pytest
 from twisted.internet import defer
 
+from mta.crypto.keys import Keyring
 from mta.headers import HeaderMatch
 from mta.queue import entry as fmt
 from mta.queue.spool import Spool
@@ -63,6 +64,27 @@ def test_spilled_is_rewritten(tmp_path):
     f.write(b"")  # nothing more comes; the commit appends the trailer at the end
     assert result_of(f.commit(envelope("b@example.test"))) == "Q2"
     assert committed(spool, "Q2") == b"From: a@example.test\r\nSubject: hi\r\n\r\n" + tail
+
+
+@pytest.mark.parametrize("size", [100, 70000, 300000])
+def test_sealed_spill_is_rewritten_sealed(tmp_path, size):
+    """With [queue] encrypt the spill file is sealed: the rewrite reads it in clear
+    and seals it again; the committed entry reads back exactly, edited."""
+    keyring = Keyring.of(bytes(range(32)))
+    spool = spool_for(tmp_path, memory_limit=64, keyring=keyring)
+    tail = b"SECRET " * (size // 7) + b"\r\n"
+    f = spool.open("Q6")
+    f.write(HEAD)
+    for i in range(0, len(tail), 5000):
+        f.write(tail[i : i + 5000])
+    assert f.spilled
+    assert result_of(f.remove_headers(MATCH)) == 2
+    assert b"SECRET" not in open(spool.tmp_path("Q6"), "rb").read()
+    assert result_of(f.commit(envelope("b@example.test"), b"Received: x\r\n")) == "Q6"
+    entry = fmt.read_entry(spool.active_path("Q6"), keyring=keyring)
+    expected = b"From: a@example.test\r\nSubject: hi\r\n\r\n" + tail
+    assert entry.body_length == len(expected)
+    assert b"".join(entry.body.chunks()) == b"Received: x\r\n" + expected
 
 
 def test_nothing_to_remove_leaves_the_file_alone(tmp_path):
