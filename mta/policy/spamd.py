@@ -170,6 +170,7 @@ class SpamCheck:
     max_size: int = DEFAULT_MAX_SIZE
     name: str = "spamd"
     phases: tuple = (Phase.DATA,)
+    pool: object = None  # where the message is read (the reactor's own pool when None)
 
     def __attrs_post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -207,7 +208,7 @@ class SpamCheck:
 
     async def _scan(self, context: PolicyContext) -> Verdict:
         started = self.reactor.seconds()
-        pool = self.reactor.getThreadPool()
+        pool = self.pool if self.pool is not None else self.reactor.getThreadPool()
         message = await threads.deferToThreadPool(
             self.reactor, pool, _read_all, context.body, self.max_size
         )
