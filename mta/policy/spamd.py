@@ -288,21 +288,20 @@ _OUR_HEADERS = (b"x-spam-status:", b"x-spam-score:", b"x-spam-flag:")
 
 def strip_spam_headers(message: bytes) -> bytes:
     """`message` without the X-Spam-Status/-Score/-Flag headers our check added (with
-    their folded lines): Bayes should learn the message, not our earlier verdict."""
-    end = message.find(b"\r\n\r\n")
-    if end < 0:
-        return message
-    lines = message[: end + 2].split(b"\r\n")[:-1]
-    kept, dropping = [], False
-    for line in lines:
-        if line[:1] in (b" ", b"\t"):
-            if not dropping:
-                kept.append(line)
-            continue
-        dropping = line.lower().startswith(_OUR_HEADERS)
+    their folded lines): Bayes should learn the message, not our earlier verdict.
+    CRLF or LF lines (an mbox gives LF); a message without a header end is kept."""
+    kept, dropping, pos = [], False, 0
+    while True:
+        newline = message.find(b"\n", pos)
+        if newline < 0:
+            return message
+        line, pos = message[pos : newline + 1], newline + 1
+        if line in (b"\r\n", b"\n"):
+            return b"".join(kept) + line + message[pos:]
+        if line[:1] not in (b" ", b"\t"):
+            dropping = line.lower().startswith(_OUR_HEADERS)
         if not dropping:
             kept.append(line)
-    return b"".join(line + b"\r\n" for line in kept) + message[end + 2 :]
 
 
 def tell_blocking(

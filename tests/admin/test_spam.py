@@ -62,11 +62,14 @@ def test_learn_a_quarantined_message_as_spam(run, datadir, spamd_config):
     assert run("quarantine", "list")[1].count(QID) == 1
 
 
-def test_learn_a_delivered_message_as_ham(run, config_file, spamd_config):
+@pytest.mark.parametrize("backend", ["maildir", "mbox"])  # an mbox gives LF lines back
+def test_learn_a_delivered_message_as_ham(run, config_file, spamd_config, backend):
+    with open(config_file, "a") as f:
+        f.write(f'\n[storage]\nbackend = "{backend}"\n')
     store = open_store(load_config(config_file))
-    [outcome] = store.deliver_batch(
-        [StoreItem(BOB, "00cc-0", b"", MemoryBody(message(b"lunch at noon?")))]
-    )
+    tags = b"".join(spam_headers(0.1, 5.0, ["NO_RELAYS"], False))
+    data = tags + message(b"lunch at noon?")
+    [outcome] = store.deliver_batch([StoreItem(BOB, "00cc-0", b"", MemoryBody(data))])
     assert isinstance(outcome, str)
     [stored] = store.list_messages(BOB)
     spam, ham = bayes_counts(spamd_config)

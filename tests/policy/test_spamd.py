@@ -260,6 +260,10 @@ def test_strip_spam_headers_removes_our_tags_only():
     body_only = b"X-Spam-Flag: YES in the body\r\n"
     assert strip_spam_headers(HEAD + body_only) == HEAD + body_only
     assert strip_spam_headers(b"no header end") == b"no header end"
+    lf = message.replace(b"\r\n", b"\n")
+    assert strip_spam_headers(lf) == b"Received: from x\nX-Spammy: keep\n" + HAM.replace(
+        b"\r\n", b"\n"
+    )
 
 
 def test_deferred_is_cancellable():
