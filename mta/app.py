@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from functools import partial
 
 from twisted.application import service
 from twisted.internet import defer, task, threads
@@ -246,11 +247,14 @@ def _submission(config: Config, reactor, root, database, db_pool, auth_pool):
 _ALWAYS_FAIL_CLOSED = ("relay", "sender", "rate-ip", "rate-user", "clamd")
 
 
-def policy_pipeline(config: Config, clock, directory, sender_policy) -> PolicyPipeline:
+def policy_pipeline(config: Config, clock, directory, sender_policy, pool=None) -> PolicyPipeline:
     """The policy checks, in order: DNS block lists at CONNECT, rate limits and the
     sender rule at MAIL, then the relay rule (recipient resolution) at RCPT, then
     clamd, spamd and the attachment rules at the end of DATA when configured;
-    timeouts and failure mode from `[checks]` (the virus scan always fails closed)."""
+    timeouts and failure mode from `[checks]` (the virus scan always fails closed).
+    Their blocking work (reading the message, MIME and zip parsing) runs on `pool`,
+    bounded and their own, so a flood of big attachments queues there and not in
+    front of everything else on the reactor's default pool."""
     checks = []
     if config.checks.dnsbl:
         checks.append(
@@ -272,17 +276,22 @@ def policy_pipeline(config: Config, clock, directory, sender_policy) -> PolicyPi
     checks.append(RelayCheck(config.local_domains, config.relay_networks, directory))
     scan = config.checks
     if scan.clamd:
-        clamd = ClamdClient(daemon_endpoint(clock, scan.clamd), clock)
+        clamd = ClamdClient(daemon_endpoint(clock, scan.clamd), clock, pool=pool)
         checks.append(VirusCheck(clamd, scan.virus_action, clock))
     if scan.spamd:
         spamd = SpamdClient(daemon_endpoint(clock, scan.spamd))
         checks.append(
-            SpamCheck(spamd, clock, scan.spam_threshold, scan.spam_action, scan.spam_max_size)
+            SpamCheck(
+                spamd, clock, scan.spam_threshold, scan.spam_action, scan.spam_max_size, pool=pool
+            )
         )
     if config.checks.blocked_attachments:
+        run = None if pool is None else partial(threads.deferToThreadPool, clock, pool)
         checks.append(
             AttachmentCheck(
-                config.checks.blocked_attachments, action=config.checks.attachment_action
+                config.checks.blocked_attachments,
+                action=config.checks.attachment_action,
+                run_blocking=run,
             )
         )
     return PolicyPipeline(
@@ -313,6 +322,7 @@ def _thread_pools(root: MTAService, config: Config) -> dict:
         "db": _pool("db", 2),
         "auth": _pool("auth", config.auth.threads),
         "dkim": _pool("dkim", 2),
+        "checks": _pool("checks", 4),  # message reads for clamd/spamd, MIME and zip parsing
     }
     for pool in pools.values():
         ThreadPoolService(pool).setServiceParent(root)
@@ -475,7 +485,7 @@ def build_service(
             config.tls.certificate, config.tls.key, config.datadir, config.hostname
         )
     authenticator, sender_policy = _submission(config, reactor, root, database, db_pool, auth_pool)
-    pipeline = policy_pipeline(config, reactor, directory, sender_policy)
+    pipeline = policy_pipeline(config, reactor, directory, sender_policy, pools["checks"])
     tracker, listeners = _listeners(
         root, config, reactor, spool, pipeline, authenticator, tls, worker_index, inherited
     )
