@@ -161,9 +161,7 @@ class UserTable(Connection):
     def set_usage(self, email: str, used_bytes: int) -> None:
         """Replace the usage (a recount from the store)."""
         used = max(0, int(used_bytes))
-        self._update_user(
-            email, "used_bytes = ?, used_mb = ?", (used, (used + MIB - 1) // MIB)
-        )
+        self._update_user(email, "used_bytes = ?, used_mb = ?", (used, (used + MIB - 1) // MIB))
 
     def record_login(self, email: str) -> None:
         self._update_user(email, "last_login = ?", (self._clock(),))
