@@ -15,6 +15,7 @@ import argparse
 import email.parser
 import email.policy
 import os
+import sqlite3
 import sys
 from typing import Any
 
@@ -129,6 +130,11 @@ def cmd_mail_delete(args: argparse.Namespace) -> int:
             raise CLIError(f"{args.email}: no message {args.message_id}") from None
         except UnsafeMailboxName as e:
             raise CLIError(f"{args.email}: {e}") from None
+        except sqlite3.Error as e:  # the message is gone; its size was not given back
+            raise CLIError(
+                f"deleted {args.message_id}, but the usage of {args.email} was not updated"
+                f" ({e}): run mta-admin user quota {args.email} --recount"
+            ) from None
     print(f"deleted {args.message_id} from {args.email}")
     return 0
 
