@@ -58,9 +58,8 @@ class MailboxFull(Exception):
     """The mailbox cannot take the message without going over its quota."""
 
     def __init__(self, mailbox, size: int, used: int, quota: int):
-        super().__init__(
-            f"mailbox {mailbox} is full: {used} of {quota} bytes used, message of {size} bytes"
-        )
+        # What the sender's bounce says: the numbers stay in the log.
+        super().__init__(f"mailbox {mailbox} is over its quota")
         self.mailbox, self.size, self.used, self.quota = mailbox, size, used, quota
 
 
@@ -143,6 +142,16 @@ class QuotaStore:
                 quota, size = usage[key][0], item.size
                 if quota is not None and used[key] + size > quota:
                     out.append(MailboxFull(item.mailbox, size, used[key], quota))
+                    log.info(
+                        "mailbox {mailbox} full: {used} of {quota} bytes used, {size} more"
+                        " refused ({tag})",
+                        event="quota_full",
+                        mailbox=key,
+                        used=used[key],
+                        quota=quota,
+                        size=size,
+                        tag=item.message_tag,
+                    )
                     continue
                 used[key] += size
                 added[key] = added.get(key, 0) + size

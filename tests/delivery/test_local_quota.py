@@ -46,7 +46,7 @@ def test_a_full_mailbox_fails_its_recipient_permanently_with_5_2_2(agent, tmp_pa
     bob, carol = deliver(agent, tmp_path, "bob@example.test", "carol@example.test")
     assert bob.state is RecipientState.FAILED
     assert (bob.reply.code, bob.reply.enhanced) == (552, "5.2.2")
-    assert "mailbox bob@example.test is full" in bob.detail
+    assert "mailbox bob@example.test is over its quota" in bob.detail
     assert carol.state is RecipientState.DELIVERED
     assert not (tmp_path / "mail/example.test/bob").exists()
 

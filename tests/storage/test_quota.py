@@ -124,7 +124,7 @@ def test_items_that_do_not_fit_are_refused_in_order_and_not_stored(maildir, db):
     outcomes = maildir.deliver_batch([first, second, small, item(CAROL, "00aa-3", big)])
     assert isinstance(outcomes[0], str)
     assert isinstance(outcomes[1], MailboxFull)
-    assert "mailbox bob@example.test is full" in str(outcomes[1])
+    assert "mailbox bob@example.test is over its quota" in str(outcomes[1])
     assert isinstance(outcomes[2], str)  # a smaller one that still fits goes in
     assert isinstance(outcomes[3], str)  # carol has no quota
     assert used(db) == first.size + small.size
