@@ -322,6 +322,16 @@ def _thread_pools(root: MTAService, config: Config) -> dict:
     return pools
 
 
+def _at_rest_keyring(config: Config):
+    """The master keys when encryption at rest is on anywhere (the quarantine seals
+    its message files then), else None."""
+    if not (config.storage.encrypt or config.queue.encrypt):
+        return None
+    from mta.crypto.keys import open_keyring
+
+    return open_keyring(config)
+
+
 def _queue_and_delivery(
     root: MTAService, config: Config, reactor, pools, worker_index: int, database
 ):
@@ -373,7 +383,9 @@ def _queue_and_delivery(
             config.local_domains,
             local,
             remote_agent=relay,
-            quarantine_agent=QuarantineAgent(config.path("quarantine"), delivery_pool, reactor),
+            quarantine_agent=QuarantineAgent(
+                config.path("quarantine"), delivery_pool, reactor, keyring=_at_rest_keyring(config)
+            ),
         ),
         reactor,
         retry_schedule=config.queue.retry_schedule,

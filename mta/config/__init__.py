@@ -21,7 +21,7 @@ from typing import Any
 
 import attrs
 
-from mta.config.encryption import storage_encryption
+from mta.config.encryption import queue_encryption, storage_encryption
 from mta.config.model import (  # noqa: F401 (the sections are part of mta.config's API)
     _CHOICES,
     _NOT_YET,
@@ -207,6 +207,8 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
         storage_domains = _storage_domains(data.get("storage", {}), local_domains, err, collect)
     with collect():
         sections["storage"] = storage_encryption(sections["storage"], storage_domains, datadir, err)
+    with collect():
+        queue_encryption(sections["queue"], sections["storage"], err)
     with collect():
         sections["dkim"] = _dkim(sections["dkim"], err, collect)
     http_addr = sections["http"].address

@@ -77,6 +77,9 @@ class QueueConfig:
     delivery_concurrency: int = 20
     delay_warning: float = 4 * 3600.0
     io_lanes: int = 1
+    # Seal queued messages on the disk (AES-256-GCM, mta.crypto.stream) with the
+    # [storage] master key.
+    encrypt: bool = False
 
 
 @attrs.frozen
