@@ -18,6 +18,7 @@ from mta.policy.quota import QuotaCheck, refusal
 from mta.policy.relay import RelayCheck
 from mta.policy.verdict import Action, Phase, PolicyContext
 from mta.testing import FakeDirectory
+from tests.smtp.helpers import make_harness
 
 BOB = Address("bob", "example.test")
 CAROL = Address("carol", "example.test")
@@ -248,3 +249,25 @@ def test_a_slow_directory_is_waited_for():
     assert isinstance(d, defer.Deferred) and not d.called
     directory.flush()
     assert code(value(d)) == (452, "4.2.2")
+
+
+def test_the_session_hands_size_to_the_rcpt_check_and_answers_in_order():
+    """Protocol level (StringTransport): SIZE= from MAIL reaches the RCPT check;
+    with PIPELINING the replies come in order; the 552 after DATA commits nothing."""
+    directory = FakeDirectory(
+        {"bob@example.test": ("bob@example.test",), "carol@example.test": ("carol@example.test",)}
+    )
+    directory.quotas = {"bob@example.test": (MIB, 900 * KB)}
+    h = make_harness(directory=directory, checks=[QuotaCheck(directory)])
+    h.ehlo()
+    h.send(
+        f"MAIL FROM:<s@remote.test> SIZE={200 * KB}\r\nRCPT TO:<bob@example.test>\r\n"
+        "RCPT TO:<carol@example.test>\r\nRSET\r\n"
+        f"MAIL FROM:<s@remote.test> SIZE={2 * MIB}\r\nRCPT TO:<bob@example.test>\r\nRSET\r\n"
+        "MAIL FROM:<s@remote.test>\r\nRCPT TO:<bob@example.test>\r\nDATA\r\n"
+    )
+    assert h.codes() == ["250", "452", "250", "250", "250", "552", "250", "250", "250", "354"]
+    h.send(b"Subject: big\r\n\r\n" + b"x" * 200 * KB + b"\r\n.\r\n")
+    [reply] = h.replies()
+    assert reply.startswith("552 5.2.2 ")
+    assert h.spool.committed == []
