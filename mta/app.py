@@ -39,6 +39,7 @@ from mta.policy.daemons import daemon_endpoint
 from mta.policy.dnsbl import DNSBLCheck
 from mta.policy.lockout import LockoutRules, LockoutTracker
 from mta.policy.pipeline import PolicyPipeline
+from mta.policy.quota import QuotaCheck
 from mta.policy.ratelimit import RateLimitCheck, RateLimiter
 from mta.policy.relay import RelayCheck
 from mta.policy.sender import SenderCheck, SenderPolicy
@@ -55,6 +56,7 @@ from mta.smtp.server import ConnectionTracker, ListenerService, SMTPFactory
 from mta.smtp.session import SessionContext
 from mta.smtp.tls import server_context
 from mta.storage import open_store
+from mta.storage.quota import QuotaStore
 
 log = Logger()
 
@@ -249,8 +251,8 @@ _ALWAYS_FAIL_CLOSED = ("relay", "sender", "rate-ip", "rate-user", "clamd")
 
 def policy_pipeline(config: Config, clock, directory, sender_policy, pool=None) -> PolicyPipeline:
     """The policy checks, in order: DNS block lists at CONNECT, rate limits and the
-    sender rule at MAIL, then the relay rule (recipient resolution) at RCPT, then
-    clamd, spamd and the attachment rules at the end of DATA when configured;
+    sender rule at MAIL, then the relay rule (recipient resolution) and quotas at
+    RCPT, then quotas, clamd, spamd and the attachment rules at the end of DATA;
     timeouts and failure mode from `[checks]` (the virus scan always fails closed).
     Their blocking work (reading the message, MIME and zip parsing) runs on `pool`,
     bounded and their own, so a flood of big attachments queues there and not in
@@ -274,6 +276,7 @@ def policy_pipeline(config: Config, clock, directory, sender_policy, pool=None) 
         checks.append(RateLimitCheck(limiter, "user"))
     checks.append(SenderCheck(sender_policy))
     checks.append(RelayCheck(config.local_domains, config.relay_networks, directory))
+    checks.append(QuotaCheck(directory))
     scan = config.checks
     if scan.clamd:
         clamd = ClamdClient(daemon_endpoint(clock, scan.clamd), clock, pool=pool)
@@ -339,7 +342,9 @@ def _at_rest_keyring(config: Config):
     return open_keyring(config)
 
 
-def _queue_and_delivery(root: MTAService, config: Config, reactor, pools, worker_index: int):
+def _queue_and_delivery(
+    root: MTAService, config: Config, reactor, pools, worker_index: int, database
+):
     """The queue store, its runner and control channel, and the delivery agents
     behind them: local delivery into the configured mail store, and the outbound
     relay with DKIM signing."""
@@ -357,7 +362,7 @@ def _queue_and_delivery(root: MTAService, config: Config, reactor, pools, worker
         worker=worker_index,
         lanes=lanes,
     )
-    root.store = open_store(config)
+    root.store = QuotaStore(open_store(config), database)  # quotas above every backend
     local = LocalDelivery(root.store, config.hostname, delivery_pool, reactor, lanes=lanes)
     relay = RelayDelivery(
         MXResolver(
@@ -477,7 +482,7 @@ def build_service(
 
     directory = UserDirectory(config, config.path("mta.db"), reactor, db_pool)
     directory.setServiceParent(root)
-    spool, runner = _queue_and_delivery(root, config, reactor, pools, worker_index)
+    spool, runner = _queue_and_delivery(root, config, reactor, pools, worker_index, database)
 
     tls = None
     if any(lst.tls != "none" for lst in config.listeners):
