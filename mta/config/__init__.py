@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 
 from mta.config.encryption import storage_encryption
+from mta.config.proxy import proxy_limits
 from mta.config.model import (  # noqa: F401 (the sections are part of mta.config's API)
     _CHOICES,
     _NOT_YET,
@@ -209,6 +210,7 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
         sections["storage"] = storage_encryption(sections["storage"], storage_domains, datadir, err)
     with collect():
         sections["dkim"] = _dkim(sections["dkim"], err, collect)
+    sections["limits"] = proxy_limits(sections["limits"], listeners, err, collect)
     http_addr = sections["http"].address
     if http_addr:
         with collect():
@@ -373,7 +375,7 @@ def _listeners(raw: Any, err, collect=contextlib.nullcontext) -> tuple[ListenerC
                 raise err(key, "must be a table")
             continue
         for k in item:
-            if k not in ("name", "address", "tls", "auth"):
+            if k not in ("name", "address", "tls", "auth", "proxy_protocol"):
                 with collect():
                     raise err(f"{key}.{k}", "unknown key")
         name = item.get("name")
@@ -400,7 +402,11 @@ def _listeners(raw: Any, err, collect=contextlib.nullcontext) -> tuple[ListenerC
         with collect():
             if auth not in AUTH_MODES:
                 raise err(f"{key}.auth", f"must be one of {', '.join(AUTH_MODES)}")
-        out.append(ListenerConfig(name, host, port, tls, auth))
+        proxy = item.get("proxy_protocol", False)
+        with collect():
+            if not isinstance(proxy, bool):
+                raise err(f"{key}.proxy_protocol", "must be true or false")
+        out.append(ListenerConfig(name, host, port, tls, auth, proxy is True))
     return tuple(out)
 
 
