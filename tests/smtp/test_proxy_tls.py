@@ -179,3 +179,29 @@ def test_a_client_outside_proxy_networks_gets_no_greeting(tmp_path):
         yield service.stopService()
     assert data == b""  # closed unread: 127.0.0.1 is not a trusted proxy here
     assert spool.committed == []
+
+
+def test_a_connection_handed_to_another_worker_still_starts_with_its_header(tmp_path):
+    """With several workers the balancer passes sockets on before reading them: the
+    factory the receiving worker adopts them with must be the PROXY reader, outside
+    implicit TLS."""
+    from twisted.internet.testing import MemoryReactor
+    from twisted.protocols.tls import TLSMemoryBIOFactory
+
+    from mta.process.balance import Balancer, BalancingFactory
+    from mta.smtp.proxy import ProxyHeaderFactory
+
+    balancer = Balancer(str(tmp_path), 2, 0, MemoryReactor())
+    listener = ListenerConfig("smtps", "127.0.0.1", 0, "implicit", "none", proxy_protocol=True)
+    tls_context = server_context(None, None, str(tmp_path), "mx.example.test")
+    try:
+        service = ListenerService(
+            listener, object(), reactor, tls_context, balancer=balancer, shared=True
+        )
+        [registered] = balancer.factories
+    finally:
+        balancer.close()
+    assert isinstance(service.factory, BalancingFactory)
+    assert service.factory.wrapped is registered
+    assert isinstance(registered, ProxyHeaderFactory)
+    assert isinstance(registered.wrapped, TLSMemoryBIOFactory)
