@@ -115,14 +115,14 @@ def _ip_address(host: bytes, port: bytes, version: int, line: bytes) -> IAddress
 def _read_v2(buffer: bytes) -> tuple[ProxyHeader | None, bytes]:
     if len(buffer) < 16:
         return None, b""
+    if buffer[12] >> 4 != 2:
+        raise ProxyHeaderError(f"v2 signature with version {buffer[12] >> 4}")
     size = 16 + struct.unpack("!H", buffer[14:16])[0]
     if size > MAX_HEADER:
         raise ProxyHeaderError(f"v2 header of {size} bytes (at most {MAX_HEADER})")
     if len(buffer) < size:
         return None, b""
     header, rest = buffer[:size], buffer[size:]
-    if header[12] >> 4 != 2:
-        raise ProxyHeaderError(f"v2 signature with version {header[12] >> 4}")
     command = "LOCAL" if header[12] & 0x0F == 0 else "PROXY"
     try:
         info = V2Parser.parse(header)
