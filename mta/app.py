@@ -456,6 +456,8 @@ def _listeners(
             inherited_fd=fd,
             shared=config.workers > 1,
             balancer=balancer,
+            proxy_networks=config.limits.proxy_networks,
+            proxy_timeout=config.limits.proxy_timeout,
         )
         service_.setServiceParent(root)
         listeners.append(service_)
