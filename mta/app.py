@@ -13,7 +13,6 @@ import os
 import signal
 import sys
 import threading
-from functools import partial
 
 from twisted.application import service
 from twisted.internet import defer, task, threads
@@ -33,17 +32,10 @@ from mta.delivery.router import Router
 from mta.delivery.smtpclient import Timeouts
 from mta.dns import make_resolver
 from mta.observe.logging import Logger, make_observer
-from mta.policy.attachments import AttachmentCheck
-from mta.policy.clamd import ClamdClient, VirusCheck
-from mta.policy.daemons import daemon_endpoint
-from mta.policy.dnsbl import DNSBLCheck
+from mta.policy.compose import policy_pipeline
 from mta.policy.lockout import LockoutRules, LockoutTracker
 from mta.policy.pipeline import PolicyPipeline
-from mta.policy.quota import QuotaCheck
-from mta.policy.ratelimit import RateLimitCheck, RateLimiter
-from mta.policy.relay import RelayCheck
-from mta.policy.sender import SenderCheck, SenderPolicy
-from mta.policy.spamd import SpamCheck, SpamdClient
+from mta.policy.sender import SenderPolicy
 from mta.process.balance import Balancer
 from mta.process.threads import ThreadPoolService, WorkThreads
 from mta.process.workers import WorkerSupervisor
@@ -243,67 +235,6 @@ def _submission(config: Config, reactor, root, database, db_pool, auth_pool):
     checker = Argon2idChecker.from_config(config.auth, database, run_auth)
     authenticator = Authenticator(checker, lockouts, AuditLog(database, run_db), reactor)
     return authenticator, SenderPolicy(database, run_db)
-
-
-# Checks that guard the relay rule and abuse limits: never skipped because they failed.
-_ALWAYS_FAIL_CLOSED = ("relay", "sender", "rate-ip", "rate-user", "clamd")
-
-
-def policy_pipeline(config: Config, clock, directory, sender_policy, pool=None) -> PolicyPipeline:
-    """The policy checks, in order: DNS block lists at CONNECT, rate limits and the
-    sender rule at MAIL, then the relay rule (recipient resolution) and quotas at
-    RCPT, then quotas, clamd, spamd and the attachment rules at the end of DATA;
-    timeouts and failure mode from `[checks]` (the virus scan always fails closed).
-    Their blocking work (reading the message, MIME and zip parsing) runs on `pool`,
-    bounded and their own, so a flood of big attachments queues there and not in
-    front of everything else on the reactor's default pool."""
-    checks = []
-    if config.checks.dnsbl:
-        checks.append(
-            DNSBLCheck(
-                make_resolver(config.dns, clock),
-                config.checks.dnsbl,
-                action=config.checks.dnsbl_action,
-                allow_zones=config.checks.dnswl,
-                relay_networks=config.relay_networks,
-            )
-        )
-    limits = config.limits
-    if limits.messages_per_ip_per_minute:
-        checks.append(RateLimitCheck(RateLimiter(clock, limits.messages_per_ip_per_minute), "ip"))
-    if limits.messages_per_user_per_minute:
-        limiter = RateLimiter(clock, limits.messages_per_user_per_minute)
-        checks.append(RateLimitCheck(limiter, "user"))
-    checks.append(SenderCheck(sender_policy))
-    checks.append(RelayCheck(config.local_domains, config.relay_networks, directory))
-    checks.append(QuotaCheck(directory))
-    scan = config.checks
-    if scan.clamd:
-        clamd = ClamdClient(daemon_endpoint(clock, scan.clamd), clock, pool=pool)
-        checks.append(VirusCheck(clamd, scan.virus_action, clock))
-    if scan.spamd:
-        spamd = SpamdClient(daemon_endpoint(clock, scan.spamd))
-        checks.append(
-            SpamCheck(
-                spamd, clock, scan.spam_threshold, scan.spam_action, scan.spam_max_size, pool=pool
-            )
-        )
-    if config.checks.blocked_attachments:
-        run = None if pool is None else partial(threads.deferToThreadPool, clock, pool)
-        checks.append(
-            AttachmentCheck(
-                config.checks.blocked_attachments,
-                action=config.checks.attachment_action,
-                run_blocking=run,
-            )
-        )
-    return PolicyPipeline(
-        checks,
-        clock,
-        timeout=config.checks.timeout,
-        fail_open=config.checks.fail == "open",
-        fail_open_by_check=dict.fromkeys(_ALWAYS_FAIL_CLOSED, False),
-    )
 
 
 def _pool(name: str, size: int) -> ThreadPool:

@@ -7,10 +7,10 @@ import ipaddress
 from twisted.internet import defer, task
 from zope.interface.verify import verifyObject
 
-from mta.app import policy_pipeline
 from mta.config import build_config
 from mta.envelope import Address
 from mta.interfaces import IPolicyCheck
+from mta.policy.compose import policy_pipeline
 from mta.policy.pipeline import CHECK_TIMEOUT
 from mta.policy.ratelimit import RATE_LIMITED, RateLimitCheck, RateLimiter
 from mta.policy.relay import RELAY_DENIED, USER_UNKNOWN, RelayCheck
