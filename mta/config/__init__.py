@@ -47,6 +47,7 @@ from mta.config.model import (  # noqa: F401 (the sections are part of mta.confi
     StorageConfig,
     TLSConfig,
 )
+from mta.config.proxy import proxy_limits
 from mta.envelope import AddressError, parse_mailbox
 
 
@@ -213,6 +214,7 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
         sections["dkim"] = _dkim(sections["dkim"], err, collect)
     with collect():
         _arc_seal(sections["checks"], sections["dkim"], err)
+    sections["limits"] = proxy_limits(sections["limits"], listeners, err, collect)
     http_addr = sections["http"].address
     if http_addr:
         with collect():
@@ -387,7 +389,7 @@ def _listeners(raw: Any, err, collect=contextlib.nullcontext) -> tuple[ListenerC
                 raise err(key, "must be a table")
             continue
         for k in item:
-            if k not in ("name", "address", "tls", "auth"):
+            if k not in ("name", "address", "tls", "auth", "proxy_protocol"):
                 with collect():
                     raise err(f"{key}.{k}", "unknown key")
         name = item.get("name")
@@ -414,7 +416,11 @@ def _listeners(raw: Any, err, collect=contextlib.nullcontext) -> tuple[ListenerC
         with collect():
             if auth not in AUTH_MODES:
                 raise err(f"{key}.auth", f"must be one of {', '.join(AUTH_MODES)}")
-        out.append(ListenerConfig(name, host, port, tls, auth))
+        proxy = item.get("proxy_protocol", False)
+        with collect():
+            if not isinstance(proxy, bool):
+                raise err(f"{key}.proxy_protocol", "must be true or false")
+        out.append(ListenerConfig(name, host, port, tls, auth, proxy is True))
     return tuple(out)
 
 

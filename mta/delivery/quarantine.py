@@ -66,11 +66,24 @@ def is_quarantine_id(qid: str) -> bool:
 
 def envelope_record(qid: str, envelope: Envelope, recipients, now: float) -> dict:
     """The sidecar's content: enough to show the message and to release it (the
-    envelope as the queue stores it, for the quarantined `recipients`)."""
+    envelope as the queue stores it, for the quarantined `recipients`, with their
+    original recipients and DSN request, so a release delivers and notifies as the
+    message would have been without the quarantine)."""
     fields = envelope_fields(envelope)
-    fields.pop("dsn", None)  # parallel to every recipient: not to these
     fields.pop("quarantine", None)
+    index = {r: i for i, r in enumerate(envelope.recipients)}
+
+    def for_these(values: list) -> list:
+        # Per-recipient lists, parallel to every recipient: keep these recipients' own.
+        if len(values) != len(envelope.recipients):
+            return []
+        return [values[index[r]] for r in recipients]
+
     fields["recipients"] = [[r.local, r.domain] for r in recipients]
+    fields["original_recipients"] = for_these(fields["original_recipients"])
+    if "dsn" in fields:
+        dsn = fields["dsn"]
+        dsn["notify"], dsn["orcpt"] = for_these(dsn["notify"]), for_these(dsn["orcpt"])
     return {
         "version": FORMAT_VERSION,
         "qid": qid,

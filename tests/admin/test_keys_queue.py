@@ -15,8 +15,8 @@ from mta.config import load_config
 from mta.crypto.keys import DecryptionError, open_keyring
 from mta.delivery.quarantine import QuarantineAgent, read_message
 from mta.envelope import Address, DeliveryJob, Envelope
-from mta.queue import hold_message
 from mta.queue import entry as fmt
+from mta.queue import hold_message
 from mta.queue.layout import ACTIVE, DEAD, HOLD
 from mta.testing import MemoryBody
 

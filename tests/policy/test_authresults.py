@@ -340,7 +340,7 @@ def test_config_keys_are_validated():
 def test_pipeline_has_the_check_only_when_on(auth_zones):  # noqa: F811
     from twisted.internet import reactor
 
-    from mta.app import policy_pipeline
+    from mta.policy.compose import policy_pipeline
     from mta.config import build_config
     from mta.testing import FakeDirectory, FakeSenderPolicy
 
