@@ -9,8 +9,9 @@ mail from outside: sessions that did not authenticate, from clients not in
   is `451 4.7.24` with `[checks] fail = "closed"` and goes on as
   `spf=temperror` with `fail = "open"`.  The result waits for DATA in a small table
   keyed by session and sender (evicted oldest first; recomputed if gone).
-- DATA: the message is read from the spool once, then DKIM (every signature), ARC
-  and the DMARC record lookups run at the same time on the bounded `pool`; DMARC
+- DATA: the header section is read from the spool (the whole message only when
+  it has a DKIM signature or an ARC seal to check), then DKIM (every signature),
+  ARC and the DMARC record lookups run at the same time on the bounded `pool`; DMARC
   then combines SPF, DKIM and the record.  With `dmarc = "enforce"`, `p=reject`
   answers `550 5.7.1` and `p=quarantine` quarantines (after `pct=` sampling); with
   DMARC on, an SPF `fail` under `spf = "enforce"` is refused here when the From
@@ -36,7 +37,7 @@ from zope.interface import implementer
 
 from mta.dns import make_dnspython_resolver
 from mta.envelope import Reply
-from mta.headers import field_present, header_end
+from mta.headers import HeaderMatch, field_present
 from mta.interfaces import IPolicyCheck
 from mta.observe.logging import Logger
 from mta.policy import arc as arcmod
@@ -55,6 +56,8 @@ SPF_TEMPFAIL = Reply(451, "4.7.24", "SPF check failed temporarily (DNS), try aga
 DMARC_REJECTED = Reply(550, "5.7.1", "Rejected by the DMARC policy of {domain}")
 DMARC_TEMPFAIL = Reply(451, "4.7.1", "DMARC check failed temporarily (DNS), try again later")
 _SPF_TABLE = 4096
+HEAD_LIMIT = 1024 * 1024  # the most of a header section looked at
+_SIGNED = (HeaderMatch("DKIM-Signature"), HeaderMatch("ARC-Seal"))
 
 
 class SenderAuthCheck:
@@ -173,17 +176,19 @@ class SenderAuthCheck:
             head = await self._run(context.body.header_block)
             remove = self._forged if field_present(head, self._forged) else ()
             return Verdict.continue_(remove=remove)
-        message = await self._run(_read_message, context.body)
-        end = header_end(message)
-        head = message if end is None else message[:end]
+        # DMARC needs the signatures whether or not dkim= is reported.
+        wanted = self.dkim != "off" or self.dmarc != "off"
+        head, message = await self._run(_read_message, context.body, wanted)
         spf_entry = self._spf_results.pop(self._spf_key(context), None)
         domains = from_domains(head) if self.dmarc != "off" else []
-        # DMARC needs the signatures whether or not dkim= is reported.
-        signed = self.dkim != "off" or self.dmarc != "off"
-        jobs = [
-            self._run(f, message, self.dns) if signed else defer.succeed(None)
-            for f in (dkimverify.verify_signatures, arcmod.verify_chain)
-        ]
+        if message is not None:
+            jobs = [
+                self._run(dkimverify.verify_signatures, message, self.dns),
+                self._run(arcmod.verify_chain, message, self.dns),
+            ]
+        else:
+            arc_result = arcmod.ARCResult("none") if wanted else None
+            jobs = [defer.succeed(()), defer.succeed(arc_result)]
         jobs += [self._run(dmarc.check_dmarc, d, self.dns) for d in domains]
         if self.spf != "off" and spf_entry is None:
             jobs.append(self._check_spf(context))
@@ -336,11 +341,16 @@ def sender_auth_check(config, reactor, pool) -> SenderAuthCheck:
     )
 
 
-def _read_message(body) -> bytes:
-    """Thread: the whole message (the DKIM and ARC hashes need all of it)."""
+def _read_message(body, signatures: bool) -> tuple[bytes, bytes | None]:
+    """Thread: (the header section, the whole message or None).  The DKIM and ARC
+    hashes need all of it, but only when there is a signature or seal to check
+    (`signatures`: they are wanted), which the header section tells."""
+    head = body.header_block(HEAD_LIMIT)
+    if not signatures or not field_present(head, _SIGNED):
+        return head, None
     chunks = body.chunks(262144)
     try:
-        return b"".join(chunks)
+        return head, b"".join(chunks)
     finally:
         close = getattr(chunks, "close", None)
         if close is not None:
