@@ -340,8 +340,8 @@ def test_config_keys_are_validated():
 def test_pipeline_has_the_check_only_when_on(auth_zones):  # noqa: F811
     from twisted.internet import reactor
 
-    from mta.policy.compose import policy_pipeline
     from mta.config import build_config
+    from mta.policy.compose import policy_pipeline
     from mta.testing import FakeDirectory, FakeSenderPolicy
 
     def names(checks):
@@ -351,3 +351,36 @@ def test_pipeline_has_the_check_only_when_on(auth_zones):  # noqa: F811
 
     assert "sender-auth" not in names({})
     assert "sender-auth" in names({"dkim": "tag"})
+
+
+def test_pipeline_carries_removals_of_every_check():
+    """Both checks' removals reach the session, with their headers, through the
+    pipeline's combining (CONTINUE and QUARANTINE alike)."""
+    from twisted.internet import task
+
+    from mta.policy.pipeline import PolicyPipeline
+
+    first, second = HeaderMatch("X-A"), HeaderMatch("X-B")
+
+    class Fixed:
+        phases = (Phase.DATA,)
+
+        def __init__(self, name, verdict):
+            self.name, self.verdict = name, verdict
+
+        def check(self, phase, context):
+            return self.verdict
+
+    pipeline = PolicyPipeline(
+        [
+            Fixed("one", Verdict.continue_(headers=(b"X-One: 1\r\n",), remove=(first,))),
+            Fixed("two", Verdict.quarantine("why", remove=(second,))),
+        ],
+        task.Clock(),
+    )
+    verdict = pipeline.run(Phase.DATA, PolicyContext(CLIENT, "smtp", body=object()))
+    assert verdict.action is Action.QUARANTINE
+    assert verdict.remove == (first, second) and verdict.headers == (b"X-One: 1\r\n",)
+    alone = PolicyPipeline([Fixed("one", Verdict.continue_(remove=(first,)))], task.Clock())
+    verdict = alone.run(Phase.DATA, PolicyContext(CLIENT, "smtp", body=object()))
+    assert verdict.action is Action.ACCEPT and verdict.remove == (first,)
