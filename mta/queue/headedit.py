@@ -6,7 +6,9 @@ reactor: one join and one scan of at most that much.  A message that spilled to
 then the rest of the old file, read through its `FileBody` (so a sealed spill is
 read in clear and sealed again under a new data key, `mta.crypto.stream`), go to a
 new file that is renamed over the old one, so at every moment ``tmp/<qid>`` is one
-whole message.  Only called when a check saw a field to remove.
+whole message.  Called when a check saw a field to remove, or (spamd, for a message
+too big to scan) did not look: then only the head is read and the file is left
+alone when nothing matches.
 """
 
 from __future__ import annotations
