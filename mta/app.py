@@ -257,6 +257,7 @@ def _thread_pools(root: MTAService, config: Config) -> dict:
         "auth": _pool("auth", config.auth.threads),
         "dkim": _pool("dkim", 2),
         "checks": _pool("checks", 4),  # message reads for clamd/spamd, MIME and zip parsing
+        "sender-auth": _pool("sender-auth", 4),  # pyspf, dkimpy: blocking DNS and hashing
     }
     for pool in pools.values():
         ThreadPoolService(pool).setServiceParent(root)
@@ -283,7 +284,10 @@ def _queue_and_delivery(
     spool_pool, delivery_pool = pools["spool"], pools["delivery"]
     # The outbound relay calls root.dkim.sign_job(job) just before sending; the
     # watcher pushes a changed [dkim] table to it.
-    root.dkim = DKIMSigner(config.dkim, config.path("dkim"), pools["dkim"], reactor)
+    seal_as = config.hostname if config.checks.arc_seal else ""  # ARC-seal what we forward
+    root.dkim = DKIMSigner(
+        config.dkim, config.path("dkim"), pools["dkim"], reactor, seal_as=seal_as
+    )
     ConfigWatcher(config, reactor, pools["db"], root.dkim).setServiceParent(root)
 
     store = open_queue_store(
@@ -423,7 +427,9 @@ def build_service(
             config.tls.certificate, config.tls.key, config.datadir, config.hostname
         )
     authenticator, sender_policy = _submission(config, reactor, root, database, db_pool, auth_pool)
-    pipeline = policy_pipeline(config, reactor, directory, sender_policy, pools["checks"])
+    pipeline = policy_pipeline(
+        config, reactor, directory, sender_policy, pools["checks"], pools["sender-auth"]
+    )
     tracker, listeners = _listeners(
         root, config, reactor, spool, pipeline, authenticator, tls, worker_index, inherited
     )

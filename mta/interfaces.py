@@ -41,6 +41,15 @@ class ISpoolFile(Interface):
         that must see the whole message before the 250 (no trace headers yet).  Valid
         until `commit` or `abort`; nothing may be written while it is in use."""
 
+    def remove_headers(matches):
+        """Drop from the message's header section every field one of `matches`
+        (`mta.headers.HeaderMatch` values) names, before `commit`; Deferred firing
+        with the number of fields removed.  For a check's finding (a forged
+        Authentication-Results or X-Spam-* field): called when there may be one,
+        so it may cost a rewrite (a message without a match is left as it is);
+        `size` shrinks by what went, and earlier `body()` views are stale
+        afterwards."""
+
     def commit(envelope, trace_headers: bytes):
         """Make the message durable; Deferred firing with the queue id.
 

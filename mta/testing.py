@@ -8,6 +8,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mta.envelope import Address, Envelope
+from mta.headers import header_end, remove_fields
 from mta.interfaces import (
     IMailStore,
     IMessageBody,
@@ -52,6 +53,16 @@ class FakeSpoolFile:
         """The bytes written so far (for end-of-message checks)."""
         assert not self.aborted, "body after abort"
         return MemoryBody(b"".join(self._chunks))
+
+    def remove_headers(self, matches) -> defer.Deferred:
+        assert not self.aborted, "remove_headers after abort"
+        data = b"".join(self._chunks)
+        end = header_end(data)
+        head = data if end is None else data[:end]
+        new_head, removed = remove_fields(head, matches)
+        self._chunks = [new_head, data[len(head) :]]
+        self.size = len(new_head) + len(data) - len(head)
+        return defer.succeed(removed)
 
     def commit(self, envelope, trace_headers: bytes):
         message = CommittedMessage(self.queue_id, envelope, trace_headers, b"".join(self._chunks))

@@ -212,6 +212,8 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
         queue_encryption(sections["queue"], sections["storage"], err)
     with collect():
         sections["dkim"] = _dkim(sections["dkim"], err, collect)
+    with collect():
+        _arc_seal(sections["checks"], sections["dkim"], err)
     sections["limits"] = proxy_limits(sections["limits"], listeners, err, collect)
     http_addr = sections["http"].address
     if http_addr:
@@ -314,6 +316,16 @@ def _host_port(value: str, key: str, err) -> tuple[str, int]:
 
 
 _SELECTOR_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
+
+
+def _arc_seal(checks: ChecksConfig, dkim: DKIMConfig, err) -> None:
+    """ARC sealing needs a key (`[dkim] domains`) and results to seal."""
+    if not checks.arc_seal:
+        return
+    if not dkim.domains:
+        raise err("checks.arc_seal", "needs [dkim] domains: the seal is made with the DKIM key")
+    if (checks.spf, checks.dkim, checks.dmarc) == ("off", "off", "off"):
+        raise err("checks.arc_seal", "needs spf, dkim or dmarc on: it seals their results")
 
 
 def _dkim(section: DKIMConfig, err, collect=contextlib.nullcontext) -> DKIMConfig:

@@ -100,7 +100,8 @@ class Sealer:
         view = memoryview(pending)
         try:
             for start in range(0, whole, SEGMENT):
-                out.append(self._seal(view[start : start + SEGMENT], 0))
+                # bytes(): cryptography 38 (Debian 12) refuses a memoryview
+                out.append(self._seal(bytes(view[start : start + SEGMENT]), 0))
         finally:
             view.release()
         del pending[:whole]

@@ -30,6 +30,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 
 from mta.config import DKIMConfig
+from mta.headers import field_present, results_by
 from mta.observe.logging import Logger
 
 log = Logger()
@@ -101,6 +102,19 @@ def headers_to_sign(message: bytes) -> list[bytes]:
     return chosen + [b"from"]
 
 
+def arc_seal(message: bytes, domain: str, selector: str, private_key: bytes, srv_id: str) -> bytes:
+    """The next ARC set (RFC 8617) for `message`, sealed by `domain`: it vouches for
+    our Authentication-Results (authserv-id `srv_id`), including its `arc=` (the
+    chain as it arrived), so the next hop can trust what we saw.  b"" when dkimpy
+    finds no results of ours to seal or a chain it must not extend."""
+    import dkim
+
+    fields = dkim.arc_sign(
+        message, selector.encode("ascii"), domain.encode("ascii"), private_key, srv_id.encode()
+    )
+    return b"".join(f if f.endswith(b"\r\n") else f.rstrip(b"\r\n") + b"\r\n" for f in fields)
+
+
 def sign_message(message: bytes, domain: str, selector: str, private_key: bytes) -> bytes:
     """Blocking: the ``DKIM-Signature: ...\\r\\n`` header for `message` (CRLF lines)."""
     import dkim  # dkimpy; imported here so a server without [dkim] never needs it
@@ -126,10 +140,25 @@ class DKIMSigner:
 
     `settings` is the validated ``[dkim]`` table, `key_dir` where the keys are,
     `threadpool` a bounded pool started by the service tree, `reactor` the thread hop.
+    `seal_as` (our host name with ``[checks] arc_seal``, else ""): also ARC-seal
+    (RFC 8617) what we relay that came in from outside, i.e. carries our
+    Authentication-Results, with the ``[dkim]`` key of that host's domain.
     """
 
-    def __init__(self, settings: DKIMConfig, key_dir: str, threadpool, reactor):
+    def __init__(
+        self,
+        settings: DKIMConfig,
+        key_dir: str,
+        threadpool,
+        reactor,
+        *,
+        seal_as: str = "",
+    ):
         self.threadpool = threadpool
+        # `[checks] arc_seal`: ARC-seal what carries our (authserv-id `seal_as`)
+        # Authentication-Results; "" for off
+        self._ours = (results_by(seal_as),) if seal_as else ()
+        self.authserv_id = seal_as
         self.reactor = reactor
         self.key_dir = key_dir
         self._settings = settings
@@ -209,14 +238,41 @@ class DKIMSigner:
         return sign_message(message, domain, settings.selector, key)
 
     def _sign_body(self, settings: DKIMConfig, sender_domain: str, body) -> bytes:
-        domain = self._choose(settings, sender_domain, body.header_block(_HEAD_READ))
-        if domain is None:
-            return b""
-        key = self._key(domain, settings.selector)
-        if key is None:
+        head = body.header_block(_HEAD_READ)
+        domain = self._choose(settings, sender_domain, head)
+        key = None if domain is None else self._key(domain, settings.selector)
+        seal = self._sealer(settings, head)
+        if key is None and seal is None:
             return b""
         message = b"".join(body.chunks(_READ_CHUNK))
-        return sign_message(message, domain, settings.selector, key)
+        signature = b"" if key is None else sign_message(message, domain, settings.selector, key)
+        if seal is None:
+            return signature
+        return self._seal(signature + message, settings.selector, *seal) + signature
+
+    def _sealer(self, settings: DKIMConfig, head: bytes) -> tuple[str, bytes] | None:
+        """(domain, key) to ARC-seal a message with (RFC 8617), or None: sealing is
+        off, or the message came in without results of ours (submitted mail, or
+        mail from relay_networks: nothing to vouch for).  The seal's domain is
+        the `[dkim]` domain of our host name, else the first one."""
+        if not self._ours or not field_present(head, self._ours):
+            return None
+        if b"arc=temperror" in head:
+            return None  # the chain could not be checked: no cv= to vouch for
+        host = self.authserv_id.lower()
+        domain = next(
+            (d for d in settings.domains if host == d or host.endswith("." + d)),
+            settings.domains[0],
+        )
+        key = self._key(domain, settings.selector)
+        return None if key is None else (domain, key)
+
+    def _seal(self, message: bytes, selector: str, domain: str, key: bytes) -> bytes:
+        try:
+            return arc_seal(message, domain, selector, key, self.authserv_id)
+        except Exception:
+            log.failure("ARC sealing failed; sending unsealed", event="arc_seal_failed")
+            return b""
 
     @staticmethod
     def _choose(settings: DKIMConfig, sender_domain: str, message: bytes) -> str | None:

@@ -22,20 +22,25 @@ from mta.policy.quota import QuotaCheck
 from mta.policy.ratelimit import RateLimitCheck, RateLimiter
 from mta.policy.relay import RelayCheck
 from mta.policy.sender import SenderCheck
+from mta.policy.senderauth import sender_auth_check
 from mta.policy.spamd import SpamCheck, SpamdClient
 
 # Checks that guard the relay rule and abuse limits: never skipped because they failed.
 _ALWAYS_FAIL_CLOSED = ("relay", "sender", "rate-ip", "rate-user", "clamd")
 
 
-def policy_pipeline(config, clock, directory, sender_policy, pool=None) -> PolicyPipeline:
+def policy_pipeline(
+    config, clock, directory, sender_policy, pool=None, auth_pool=None
+) -> PolicyPipeline:
     """The policy checks, in order: DNS block lists at CONNECT, rate limits and the
     sender rule at MAIL, then the relay rule (recipient resolution) and quotas at
     RCPT, then quotas, clamd, spamd and the attachment rules at the end of DATA;
     timeouts and failure mode from `[checks]` (the virus scan always fails closed).
     Their blocking work (reading the message, MIME and zip parsing) runs on `pool`,
     bounded and their own, so a flood of big attachments queues there and not in
-    front of everything else on the reactor's default pool."""
+    front of everything else on the reactor's default pool.  SPF, DKIM, ARC and
+    DMARC (`[checks] spf/dkim/dmarc`, at MAIL and DATA) block on DNS: they get
+    `auth_pool`, so a slow DNS does not hold up the scanners' reads."""
     checks = []
     if config.checks.dnsbl:
         checks.append(
@@ -57,6 +62,8 @@ def policy_pipeline(config, clock, directory, sender_policy, pool=None) -> Polic
     checks.append(RelayCheck(config.local_domains, config.relay_networks, directory))
     checks.append(QuotaCheck(directory))
     scan = config.checks
+    if (scan.spf, scan.dkim, scan.dmarc) != ("off", "off", "off"):
+        checks.append(sender_auth_check(config, clock, auth_pool or pool or clock.getThreadPool()))
     if scan.clamd:
         clamd = ClamdClient(daemon_endpoint(clock, scan.clamd), clock, pool=pool)
         checks.append(VirusCheck(clamd, scan.virus_action, clock))

@@ -116,7 +116,9 @@ class PolicyPipeline:
         if acc is None or acc is _CONTINUE:
             return _ACCEPT
         if acc.action is Action.CONTINUE:
-            return Verdict(Action.ACCEPT, acc.reply, acc.headers, acc.recipients, acc.reason)
+            return Verdict(
+                Action.ACCEPT, acc.reply, acc.headers, acc.recipients, acc.reason, acc.remove
+            )
         return acc
 
     def _wait(self, d: defer.Deferred, checks, i: int, phase: Phase, context, acc):
@@ -211,4 +213,5 @@ def _combine(acc: Verdict | None, verdict: Verdict) -> Verdict:
     else:
         action = Action.ACCEPT if Action.ACCEPT in (acc.action, verdict.action) else Action.CONTINUE
         reason = acc.reason or verdict.reason
-    return Verdict(action, reply, acc.headers + verdict.headers, recipients, reason)
+    remove = acc.remove + verdict.remove
+    return Verdict(action, reply, acc.headers + verdict.headers, recipients, reason, remove)

@@ -10,7 +10,7 @@ with `TELL` (`Message-class: spam|ham`, `Set: local`; spamd needs --allow-tell).
 `SpamCheck` (the `spamd` check, `Phase.DATA`) reads the message on a thread (it is at
 most `spam_max_size` bytes: bigger ones are not sent, only tagged as not scanned),
 asks spamd, and tags the message with `X-Spam-Status`, `X-Spam-Score` and, for spam,
-`X-Spam-Flag: YES`; `spam_action` then says what spam means: `tag` (deliver with the
+`X-Spam-Flag: YES` (removing those the message arrived with); `spam_action` then says what spam means: `tag` (deliver with the
 tags), `quarantine` or `reject` (550 5.7.1).  Authenticated submissions are not
 spam-checked (they are still virus-scanned).  A spamd that is down, slow or talks
 nonsense makes the check fail; the pipeline turns that into 451 or skips it
@@ -26,6 +26,7 @@ from twisted.internet import defer, threads
 from zope.interface import implementer
 
 from mta.envelope import Reply
+from mta.headers import HeaderMatch, field_present
 from mta.interfaces import IPolicyCheck
 from mta.observe.logging import Logger
 from mta.policy.daemons import DaemonError, ReplyCollector, connect, parse_address
@@ -203,7 +204,9 @@ class SpamCheck:
                 size,
                 self.max_size,
             )
-            return Verdict.continue_(headers=(header,))
+            # Unread here: the spool looks for old tags (a big message is spilled,
+            # so that is one read of its head on the spool's thread).
+            return Verdict.continue_(headers=(header,), remove=SPAM_TAGS)
         return defer.Deferred.fromCoroutine(self._scan(context))
 
     async def _scan(self, context: PolicyContext) -> Verdict:
@@ -213,13 +216,18 @@ class SpamCheck:
             self.reactor, pool, _read_all, context.body, self.max_size
         )
         result = await self.client.symbols(message)
-        return self.verdict(result, context.queue_id, self.reactor.seconds() - started)
+        duration = self.reactor.seconds() - started
+        return self.verdict(result, context.queue_id, duration, _forged_tags(message))
 
     def verdict(
-        self, result: SpamResult, qid: str | None = None, duration: float | None = None
+        self,
+        result: SpamResult,
+        qid: str | None = None,
+        duration: float | None = None,
+        remove: tuple = (),
     ) -> Verdict:
         """The verdict and tags for spamd's `result` (logged with the queue id and how
-        long the scan took)."""
+        long the scan took); `remove` drops the tags the message came with."""
         required = result.required if self.threshold is None else self.threshold
         spam = result.is_spam if self.threshold is None else result.score >= required
         headers = spam_headers(result.score, required, result.tests, spam)
@@ -237,11 +245,20 @@ class SpamCheck:
             action=self.action if spam else "accept",
         )
         if not spam or self.action == "tag":
-            return Verdict.continue_(headers=headers)
+            return Verdict.continue_(headers=headers, remove=remove)
         reason = f"spam (score {result.score:g}, required {required:g})"
         if self.action == "quarantine":
-            return Verdict.quarantine(reason, headers=headers)
+            return Verdict.quarantine(reason, headers=headers, remove=remove)
         return Verdict.reject(SPAM_REJECTED, reason)
+
+
+# Tags only our scan may set: the ones a message arrives with are dropped.
+SPAM_TAGS = (HeaderMatch("X-Spam-Status"), HeaderMatch("X-Spam-Score"), HeaderMatch("X-Spam-Flag"))
+
+
+def _forged_tags(message: bytes) -> tuple:
+    """SPAM_TAGS when the message's header section has such a field, else ()."""
+    return SPAM_TAGS if field_present(message, SPAM_TAGS) else ()
 
 
 def spam_headers(score: float, required: float, tests, spam: bool) -> tuple[bytes, ...]:

@@ -64,6 +64,9 @@ class Verdict:
     headers: tuple[bytes, ...] = ()
     recipients: tuple[Address, ...] = ()
     reason: str = ""
+    # Header fields of the message as received to drop before it is queued
+    # (`mta.headers.HeaderMatch`: a forged Authentication-Results, old X-Spam-* tags).
+    remove: tuple[Any, ...] = ()
 
     ACCEPT: ClassVar[Verdict]
     CONTINUE: ClassVar[Verdict]
@@ -88,11 +91,12 @@ class Verdict:
         return cls(Action.ACCEPT, reply, tuple(headers), tuple(recipients), reason)
 
     @classmethod
-    def continue_(cls, *, headers: tuple[bytes, ...] = ()) -> Verdict:
-        """No opinion (optionally with header fields to add, e.g. a tag)."""
-        if not headers:
+    def continue_(cls, *, headers: tuple[bytes, ...] = (), remove: tuple = ()) -> Verdict:
+        """No opinion (optionally with header fields to add, e.g. a tag, and fields
+        of the message to drop)."""
+        if not headers and not remove:
             return cls.CONTINUE
-        return cls(Action.CONTINUE, None, tuple(headers))
+        return cls(Action.CONTINUE, None, tuple(headers), remove=tuple(remove))
 
     @classmethod
     def reject(cls, reply: Reply, reason: str = "") -> Verdict:
@@ -107,8 +111,10 @@ class Verdict:
         return cls(Action.TEMPFAIL, reply, reason=reason or reply.text)
 
     @classmethod
-    def quarantine(cls, reason: str, *, headers: tuple[bytes, ...] = ()) -> Verdict:
-        return cls(Action.QUARANTINE, None, tuple(headers), reason=reason)
+    def quarantine(
+        cls, reason: str, *, headers: tuple[bytes, ...] = (), remove: tuple = ()
+    ) -> Verdict:
+        return cls(Action.QUARANTINE, None, tuple(headers), reason=reason, remove=tuple(remove))
 
     @classmethod
     def discard(cls, reason: str) -> Verdict:

@@ -4,19 +4,25 @@ The session writes the body as it arrives; up to the spool's memory limit (256 K
 it stays in memory, then it spills to ``queue/tmp/<qid>`` (sealed as it goes with
 ``[queue] encrypt``, see `mta.crypto.stream`).  `commit` hands a `CommitJob` to
 `mta.queue.spool.Spool`, whose group commit makes it durable; `abort` forgets it.
+`remove_headers` drops header fields a check named before the commit
+(`mta.queue.headedit`).
 """
 
 from __future__ import annotations
 
 import os
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mta.crypto.stream import Sealer
 from mta.fileio import write_all
 from mta.interfaces import ISpoolFile
+from mta.queue import headedit
 from mta.queue.body import FileBody
+from mta.queue.files import unlink_quietly
 
 SPILL_FLUSH = 64 * 1024
 OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -75,6 +81,7 @@ class SpoolFile:
         self._sealer: Sealer | None = None  # a spilled body, with a keyring
         self._header_written = False
         self._sealed_end = False  # body() sealed the last segment: nothing more to write
+        self._editing = False  # remove_headers' thread is rewriting the spill file
 
     @property
     def spilled(self) -> bool:
@@ -141,8 +148,53 @@ class SpoolFile:
             self._flush()
         return FileBody(b"", self._spool.tmp_path(self.qid), self.size)
 
+    def remove_headers(self, matches) -> Deferred:
+        """Drop the header fields `matches` name (see ISpoolFile and mta.queue.headedit)."""
+        if self._closed or self._editing:
+            raise ValueError(f"spool file {self.qid} already committed, aborted or busy")
+        if self._fd is None:
+            self._chunks, removed, cut = headedit.edit_chunks(self._chunks, matches)
+            self.size -= cut
+            self.buffered -= cut
+            return succeed(removed)
+        body = self.body()  # flushes (and, sealed, seals the end)
+        keyring = self._spool.keyring if self._sealer is not None else None
+        fd, self._fd, self._editing = self._fd, None, True
+        path = self._spool.tmp_path(self.qid)
+        d = deferToThreadPool(
+            self._spool.reactor,
+            self._spool._pool,
+            headedit.edit_file,
+            body,
+            path,
+            self.size,
+            matches,
+            keyring,
+            self.qid,
+        )
+        return d.addBoth(self._edited, fd, path)
+
+    def _edited(self, result, fd: int, path: str):
+        self._editing = False
+        new_fd = fd
+        if isinstance(result, tuple):
+            new_fd = result[0]
+            os.close(fd)  # its file was replaced
+        if self._closed:  # aborted while the thread worked
+            os.close(new_fd)
+            unlink_quietly(path)
+        else:
+            self._fd = new_fd
+            if isinstance(result, tuple):
+                _, removed, self.size, sealer = result
+                if sealer is not None:
+                    self._sealer, self._header_written, self._sealed_end = sealer, True, True
+        if isinstance(result, Failure):
+            return result
+        return result[1] if isinstance(result, tuple) else 0
+
     def commit(self, envelope, trace_headers: bytes = b"") -> Deferred:
-        if self._closed:
+        if self._closed or self._editing:
             raise ValueError(f"spool file {self.qid} already committed or aborted")
         self._closed = True
         chunks, self._chunks, self.buffered = self._chunks, [], 0
@@ -165,6 +217,9 @@ class SpoolFile:
         if self._closed and self._fd is None:
             return
         self._closed = True
+        if self._editing:
+            self._spool._live.discard(self.qid)
+            return  # remove_headers' thread still holds the file: it cleans up
         self._spool._live.discard(self.qid)
         self._chunks, self.buffered = [], 0
         if self._fd is not None:

@@ -258,7 +258,30 @@ class IncomingMessage:
             )
         if verdict.headers:
             trace = header_block(verdict.headers) + trace
+        if verdict.remove:
+            # A check found fields the message must not keep (see mta.headers).
+            d = self.spoolfile.remove_headers(verdict.remove)
+            d.addCallback(self._removed, envelope, trace, ctx, session_id, started)
+            d.addErrback(self._remove_failed)
+            return d
         return self._commit(envelope, trace, ctx, session_id, started)
+
+    def _removed(self, count: int, envelope, trace, ctx, session_id, started):
+        if self.spoolfile is None:
+            return None  # the connection went away meanwhile
+        if count:
+            log.info(
+                "{qid}: removed {count} header field(s) a check distrusts",
+                event="headers_removed",
+                qid=self.qid,
+                count=count,
+            )
+        self.size = self.spoolfile.size
+        return self._commit(envelope, trace, ctx, session_id, started)
+
+    def _remove_failed(self, failure):
+        self.abort()
+        return write_failed(failure, self.qid)
 
     def _commit(self, envelope: Envelope, trace: bytes, ctx, session_id: str, started: float):
         spoolfile, self.spoolfile = self.spoolfile, None
@@ -319,7 +342,14 @@ def with_earlier(verdict: Verdict, earlier) -> Verdict:
     if verdict.action is Action.QUARANTINE:
         reasons.append(verdict.reason or "quarantined")
     action = Action.QUARANTINE if reasons else verdict.action
-    return Verdict(action, verdict.reply, (*headers, *verdict.headers), (), "; ".join(reasons))
+    return Verdict(
+        action,
+        verdict.reply,
+        (*headers, *verdict.headers),
+        (),
+        "; ".join(reasons),
+        verdict.remove,
+    )
 
 
 def write_failed(failure, qid: str) -> Reply:

@@ -15,6 +15,7 @@ from mta.policy.daemons import DaemonError, daemon_endpoint
 from mta.policy.pipeline import CHECK_FAILED, CHECK_TIMEOUT, PolicyPipeline
 from mta.policy.spamd import (
     SPAM_REJECTED,
+    SPAM_TAGS,
     SpamCheck,
     SpamdClient,
     SpamResult,
@@ -121,6 +122,7 @@ def test_too_big_is_tagged_not_scanned_and_submission_is_skipped():
     verdict = check.check(Phase.DATA, context(HAM + b"x" * 200))
     assert verdict.action is Action.CONTINUE
     assert headers_of(verdict).startswith(b"X-Spam-Status: Unknown, not scanned (size=")
+    assert verdict.remove == SPAM_TAGS  # the spool drops tags it came with, if any
     assert check.check(Phase.DATA, context(SPAM, authenticated_as="a@x.test")) is Verdict.CONTINUE
     verifyObject(IPolicyCheck, check)
 
@@ -142,6 +144,10 @@ async def test_gtube_is_spam(spamd_server):
     headers = headers_of(verdict)
     assert headers.startswith(b"X-Spam-Status: Yes, score=100")
     assert b"GTUBE" in headers and b"X-Spam-Flag: YES\r\n" in headers
+    assert verdict.remove == ()
+    forged = b"X-Spam-Flag: NO\r\nX-Spam-Score: -100\r\n" + SPAM
+    verdict = await tagged.check(Phase.DATA, context(forged))
+    assert verdict.remove == SPAM_TAGS and b"X-Spam-Flag: YES\r\n" in headers_of(verdict)
 
 
 @pytest_twisted.ensureDeferred

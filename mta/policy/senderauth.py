@@ -1,0 +1,357 @@
+"""`SenderAuthCheck`: SPF at MAIL FROM, then DKIM, ARC and DMARC at the end of DATA.
+
+The checks of `[checks] spf`, `dkim` and `dmarc` (each off, tag or enforce) for
+mail from outside: sessions that did not authenticate, from clients not in
+`relay_networks` (authenticated submission and trusted relays skip them).
+
+- MAIL: SPF for the MAIL FROM identity (the HELO identity for `<>`).  With
+  `spf = "enforce"` and DMARC off, `fail` is `550 5.7.23` right there; `temperror`
+  is `451 4.7.24` with `[checks] fail = "closed"` and goes on as
+  `spf=temperror` with `fail = "open"`.  The result waits for DATA in a small table
+  keyed by session and sender (evicted oldest first; recomputed if gone).
+- DATA: the header section is read from the spool (the whole message only when
+  it has a DKIM signature or an ARC seal to check), then DKIM (every signature),
+  ARC and the DMARC record lookups run at the same time on the bounded `pool`; DMARC
+  then combines SPF, DKIM and the record.  With `dmarc = "enforce"`, `p=reject`
+  answers `550 5.7.1` and `p=quarantine` quarantines (after `pct=` sampling); with
+  DMARC on, an SPF `fail` under `spf = "enforce"` is refused here when the From
+  domain has no DMARC policy.  DKIM alone never refuses: `dkim = "tag"` or
+  `"enforce"` reports `dkim=` results, and DMARC always uses the signatures.
+- Every checked message gets one Authentication-Results (authserv-id our host
+  name) and, with SPF on, Received-SPF, at the top; an Authentication-Results that
+  arrived claiming our host name is removed (`Verdict.remove`).
+
+Each result is logged as an `event="check"` line with the queue id (the metrics
+`mta_check_results_total{check,result}` and `mta_check_duration_seconds{check}`
+count them).
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+from collections.abc import Callable, Iterable
+
+from twisted.internet import defer, threads
+from zope.interface import implementer
+
+from mta.dns import make_dnspython_resolver
+from mta.envelope import Reply
+from mta.headers import HeaderMatch, field_present
+from mta.interfaces import IPolicyCheck
+from mta.observe.logging import Logger
+from mta.policy import arc as arcmod
+from mta.policy import dkimverify, dmarc
+from mta.policy.authdns import AuthDNS
+from mta.policy.authresults import authentication_results, forged_results, from_domains
+from mta.policy.dnsbl import client_ip
+from mta.policy.spf import SPFResult, check_spf
+from mta.policy.verdict import Action, Phase, PolicyContext, Verdict
+
+log = Logger()
+
+MODES = ("off", "tag", "enforce")
+SPF_REJECTED = Reply(550, "5.7.23", "SPF validation failed: {domain} does not permit this host")
+SPF_TEMPFAIL = Reply(451, "4.7.24", "SPF check failed temporarily (DNS), try again later")
+DMARC_REJECTED = Reply(550, "5.7.1", "Rejected by the DMARC policy of {domain}")
+DMARC_TEMPFAIL = Reply(451, "4.7.1", "DMARC check failed temporarily (DNS), try again later")
+_SPF_TABLE = 4096
+HEAD_LIMIT = 1024 * 1024  # the most of a header section looked at
+_SIGNED = (HeaderMatch("DKIM-Signature"), HeaderMatch("ARC-Seal"))
+
+
+class SenderAuthCheck:
+    """See the module docstring.  `pool` is a bounded thread pool for the blocking
+    libraries; `dns` the `[dns]` resolver; `sample` feeds DMARC's pct=."""
+
+    name = "sender-auth"
+
+    def __init__(
+        self,
+        dns: AuthDNS,
+        reactor,
+        pool,
+        hostname: str,
+        *,
+        spf: str = "off",
+        dkim: str = "off",
+        dmarc: str = "off",
+        relay_networks: Iterable = (),
+        fail_open: bool = False,
+        querytime: float = 20.0,
+        sample: Callable[[], float] = random.random,
+    ):
+        for key, mode in (("spf", spf), ("dkim", dkim), ("dmarc", dmarc)):
+            if mode not in MODES:
+                raise ValueError(f"checks.{key} must be one of {', '.join(MODES)}")
+        self.dns = dns
+        self.reactor = reactor
+        self.pool = pool
+        self.hostname = hostname
+        self.spf, self.dkim, self.dmarc = spf, dkim, dmarc
+        self.relay_networks = tuple(relay_networks)
+        self.fail_open = fail_open
+        self.querytime = querytime
+        self.sample = sample
+        self.phases = ((Phase.MAIL,) if spf != "off" else ()) + (Phase.DATA,)
+        self._forged = (forged_results(hostname),)
+        self._spf_results: collections.OrderedDict = collections.OrderedDict()
+
+    def __repr__(self) -> str:
+        return f"<SenderAuthCheck spf={self.spf} dkim={self.dkim} dmarc={self.dmarc}>"
+
+    def applies(self, context: PolicyContext) -> bool:
+        """Mail from outside: not authenticated, not from relay_networks."""
+        if context.authenticated_as is not None:
+            return False
+        ip = client_ip(context.client_address)
+        if ip is None:
+            return True
+        return not any(ip.version == n.version and ip in n for n in self.relay_networks)
+
+    def _run(self, f, *args, **kwargs):
+        return threads.deferToThreadPool(self.reactor, self.pool, f, *args, **kwargs)
+
+    def check(self, phase: Phase, context: PolicyContext):
+        if phase is Phase.MAIL:
+            if self.spf == "off" or not self.applies(context):
+                return Verdict.ACCEPT
+            return defer.Deferred.fromCoroutine(self._mail(context))
+        if context.body is None:
+            return Verdict.CONTINUE
+        return defer.Deferred.fromCoroutine(self._data(context))
+
+    # -- MAIL ----------------------------------------------------------------------
+
+    def _spf_key(self, context: PolicyContext) -> tuple:
+        return (context.session_id, context.client_address, str(context.sender or ""))
+
+    def _check_spf(self, context: PolicyContext):
+        sender = str(context.sender) if context.sender else ""
+        ip = client_ip(context.client_address)
+        return self._run(
+            check_spf,
+            self.dns,
+            str(ip) if ip is not None else context.client_address,
+            sender,
+            context.helo or "",
+            receiver=self.hostname,
+            querytime=self.querytime,
+        )
+
+    async def _mail(self, context: PolicyContext) -> Verdict:
+        started = self.reactor.seconds()
+        result: SPFResult = await self._check_spf(context)
+        duration = self.reactor.seconds() - started
+        key = self._spf_key(context)
+        self._spf_results[key] = (result, duration)
+        self._spf_results.move_to_end(key)
+        while len(self._spf_results) > _SPF_TABLE:
+            self._spf_results.popitem(last=False)
+        refusal = self._spf_refusal(result, at_mail=True)
+        if refusal is not None:
+            self._spf_results.pop(key, None)
+            self._log("spf", result.result, None, duration, context, result.explanation, refusal)
+        return refusal or Verdict.ACCEPT
+
+    def _spf_refusal(self, result: SPFResult, *, at_mail: bool) -> Verdict | None:
+        if result.result == "temperror" and not self.fail_open:
+            return Verdict.tempfail(SPF_TEMPFAIL, f"SPF temperror: {result.explanation}")
+        if result.result == "fail" and self.spf == "enforce" and (self.dmarc == "off") == at_mail:
+            reply = SPF_REJECTED
+            reply = Reply(
+                reply.code,
+                reply.enhanced,
+                reply.text.format(domain=result.domain or "the sender's domain"),
+            )
+            return Verdict.reject(reply, f"SPF fail for {result.sender}")
+        return None
+
+    # -- end of DATA ------------------------------------------------------------------
+
+    async def _data(self, context: PolicyContext) -> Verdict:
+        started = self.reactor.seconds()
+        applies = self.applies(context)
+        if not applies:
+            head = await self._run(context.body.header_block)
+            remove = self._forged if field_present(head, self._forged) else ()
+            return Verdict.continue_(remove=remove)
+        # DMARC needs the signatures whether or not dkim= is reported.
+        wanted = self.dkim != "off" or self.dmarc != "off"
+        head, message = await self._run(_read_message, context.body, wanted)
+        spf_entry = self._spf_results.pop(self._spf_key(context), None)
+        domains = from_domains(head) if self.dmarc != "off" else []
+        if message is not None:
+            jobs = [
+                self._run(dkimverify.verify_signatures, message, self.dns),
+                self._run(arcmod.verify_chain, message, self.dns),
+            ]
+        else:
+            arc_result = arcmod.ARCResult("none") if wanted else None
+            jobs = [defer.succeed(()), defer.succeed(arc_result)]
+        jobs += [self._run(dmarc.check_dmarc, d, self.dns) for d in domains]
+        if self.spf != "off" and spf_entry is None:
+            jobs.append(self._check_spf(context))
+        done = await defer.gatherResults(jobs, consumeErrors=True)
+        signatures, arc_result = done[0] or (), done[1]
+        records = done[2 : 2 + len(domains)]
+        if self.spf != "off" and spf_entry is None:
+            spf_entry = (done[-1], self.reactor.seconds() - started)
+        duration = self.reactor.seconds() - started
+        spf_result = spf_entry[0] if spf_entry else None
+        dmarc_result = self._dmarc(domains, records, spf_result, signatures)
+        return self._verdict(
+            context, head, spf_entry, signatures, arc_result, dmarc_result, duration
+        )
+
+    def _dmarc(self, domains, records, spf_result, signatures):
+        if self.dmarc == "off":
+            return None
+        if not domains:
+            return dmarc.DMARCResult("none", reason="no From domain")
+        spf_domain = spf_result.domain if spf_result and spf_result.passed else None
+        passing = [s.domain for s in signatures if s.passed]
+        results = []
+        for domain, (record, error) in zip(domains, records):
+            if error:
+                results.append(dmarc.DMARCResult("temperror", domain, reason=error))
+                continue
+            result = dmarc.evaluate(domain, record, spf_domain, passing, sample=self.sample)
+            if result.result == "fail" and any(
+                s.result == "temperror" and dmarc.aligned(s.domain, domain, "r") for s in signatures
+            ):
+                result = dmarc.DMARCResult(
+                    "temperror", domain, result.policy, "none", "DKIM key lookup failed"
+                )
+            results.append(result)
+        # Several From domains: the one that asks most of us speaks.
+        order = {"reject": 3, "quarantine": 2, "none": 1}
+        rank = {"fail": 4, "temperror": 3, "permerror": 2, "none": 1, "pass": 0}
+        return max(results, key=lambda r: (rank[r.result], order.get(r.disposition, 0)))
+
+    def _verdict(self, context, head, spf_entry, signatures, arc_result, dmarc_result, duration):
+        qid = context.queue_id
+        spf_result = spf_entry[0] if spf_entry else None
+        if spf_result is not None:
+            self._log("spf", spf_result.result, qid, spf_entry[1], context, spf_result.explanation)
+        if self.dkim != "off":
+            for sig in signatures or (None,):
+                self._log(
+                    "dkim",
+                    sig.result if sig else "none",
+                    qid,
+                    duration,
+                    context,
+                    f"d={sig.domain} s={sig.selector} {sig.reason}".strip() if sig else "unsigned",
+                )
+        if arc_result is not None:
+            self._log("arc", arc_result.result, qid, duration, context, arc_result.reason)
+        headers = [
+            authentication_results(
+                self.hostname,
+                spf_result,
+                signatures if self.dkim != "off" else None,
+                dmarc_result,
+                arc_result,
+            )
+        ]
+        if spf_result is not None and spf_result.received_spf:
+            headers.append(spf_result.received_spf)
+        remove = self._forged if field_present(head, self._forged) else ()
+        verdict = self._decide(spf_result, dmarc_result)
+        if dmarc_result is not None:
+            action = "reject" if verdict.refuses else verdict.action.value
+            self._log(
+                "dmarc",
+                dmarc_result.result,
+                qid,
+                duration,
+                context,
+                f"{dmarc_result.from_domain} p={dmarc_result.policy or '-'}"
+                f" dis={dmarc_result.disposition} {dmarc_result.reason}",
+                action=action,
+            )
+        if verdict.refuses:
+            return verdict
+        if verdict.action is Action.QUARANTINE:
+            return Verdict.quarantine(verdict.reason, headers=tuple(headers), remove=remove)
+        return Verdict.continue_(headers=tuple(headers), remove=remove)
+
+    def _decide(self, spf_result, dmarc_result) -> Verdict:
+        if dmarc_result is not None and self.dmarc == "enforce":
+            if dmarc_result.result == "temperror" and not self.fail_open:
+                return Verdict.tempfail(DMARC_TEMPFAIL, f"DMARC temperror: {dmarc_result.reason}")
+            if dmarc_result.result == "fail":
+                domain = dmarc_result.from_domain
+                if dmarc_result.disposition == "reject":
+                    reply = DMARC_REJECTED
+                    text = reply.text.format(domain=domain)
+                    return Verdict.reject(
+                        Reply(reply.code, reply.enhanced, text), f"DMARC p=reject for {domain}"
+                    )
+                if dmarc_result.disposition == "quarantine":
+                    return Verdict.quarantine(f"DMARC p=quarantine for {domain}")
+        if (
+            spf_result is not None
+            and self.dmarc != "off"
+            and (dmarc_result is None or dmarc_result.result in ("none", "permerror"))
+        ):
+            refusal = self._spf_refusal(spf_result, at_mail=False)
+            if refusal is not None and refusal.action is Action.REJECT:
+                return refusal
+        return Verdict.CONTINUE
+
+    def _log(self, check, result, qid, duration, context, detail, verdict=None, action=None):
+        if action is None:
+            action = "accept" if verdict is None else verdict.action.value
+        log.info(
+            "{qid}: {check}: {result} ({detail}) -> {action}",
+            event="check",
+            check=check,
+            result=result,
+            qid=qid or "-",
+            session=context.session_id,
+            client=context.client_address,
+            duration=duration,
+            detail=detail,
+            action=action,
+        )
+
+
+implementer(IPolicyCheck)(SenderAuthCheck)
+
+
+def sender_auth_check(config, reactor, pool) -> SenderAuthCheck:
+    """The check as `config` (`[checks]`, `[dns]`, `hostname`, `relay_networks`)
+    says, on the bounded thread `pool`."""
+    scan = config.checks
+    return SenderAuthCheck(
+        AuthDNS(make_dnspython_resolver(config.dns)),
+        reactor,
+        pool,
+        config.hostname,
+        spf=scan.spf,
+        dkim=scan.dkim,
+        dmarc=scan.dmarc,
+        relay_networks=config.relay_networks,
+        fail_open=scan.fail == "open",
+        # pyspf's own bound, inside the pipeline's: a slow SPF evaluation ends as
+        # spf=temperror (and our fail rule) rather than as a timed-out check
+        querytime=scan.timeout * 0.8,
+    )
+
+
+def _read_message(body, signatures: bool) -> tuple[bytes, bytes | None]:
+    """Thread: (the header section, the whole message or None).  The DKIM and ARC
+    hashes need all of it, but only when there is a signature or seal to check
+    (`signatures`: they are wanted), which the header section tells."""
+    head = body.header_block(HEAD_LIMIT)
+    if not signatures or not field_present(head, _SIGNED):
+        return head, None
+    chunks = body.chunks(262144)
+    try:
+        return head, b"".join(chunks)
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()

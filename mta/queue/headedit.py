@@ -1,0 +1,85 @@
+"""Removing header fields from a message still being received (`SpoolFile.remove_headers`).
+
+A message in memory (the common case, under 256 KB) is edited in place on the
+reactor: one join and one scan of at most that much.  A message that spilled to
+``queue/tmp/<qid>`` is rewritten on the spool's thread: its edited header section and
+then the rest of the old file, read through its `FileBody` (so a sealed spill is
+read in clear and sealed again under a new data key, `mta.crypto.stream`), go to a
+new file that is renamed over the old one, so at every moment ``tmp/<qid>`` is one
+whole message.  Called when a check saw a field to remove, or (spamd, for a message
+too big to scan) did not look: then only the head is read and the file is left
+alone when nothing matches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+from mta.crypto.stream import Sealer, seal_stream
+from mta.fileio import write_all
+from mta.headers import header_end, remove_fields
+
+# The most of a spilled message read to find its header section: a message whose
+# header section is longer keeps the fields past this point.
+HEAD_LIMIT = 1024 * 1024
+_CHUNK = 256 * 1024
+_NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+
+
+def edit_chunks(chunks: list[bytes], matches) -> tuple[list[bytes], int, int]:
+    """(new chunks, fields removed, bytes removed) for a message held in memory."""
+    data = b"".join(chunks)
+    end = header_end(data)
+    head = data if end is None else data[:end]
+    new_head, removed = remove_fields(head, matches)
+    if not removed:
+        return chunks, 0, 0
+    return [new_head, data[len(head) :]], removed, len(head) - len(new_head)
+
+
+def edit_file(body, path: str, length: int, matches, keyring, qid: str):
+    """Thread: rewrite the spilled message at `path` without the matching fields.
+
+    `body` is the `FileBody` over it (clear text, whether or not the file is
+    sealed), `length` its clear length.  None when no field matched (the file is
+    untouched); else (fd of the new file now at `path`, positioned at its end for
+    the commit's trailer; fields removed; its new length; its `Sealer`, end sealed,
+    when `keyring` seals the spool, else None)."""
+    head = body.header_block(HEAD_LIMIT)
+    new_head, removed = remove_fields(head, matches)
+    if not removed:
+        return None
+    sealer = Sealer(keyring, qid) if keyring is not None else None
+    pieces = itertools.chain((new_head,), _after(body, len(head)))
+    out = seal_stream(sealer, pieces) if sealer is not None else pieces
+    tmp = path + ".edit"
+    fd = os.open(tmp, _NEW_FLAGS, 0o600)
+    try:
+        for piece in out:
+            write_all(fd, [piece])
+        os.rename(tmp, path)
+    except BaseException:
+        os.close(fd)
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    return fd, removed, length - (len(head) - len(new_head)), sealer
+
+
+def _after(body, skip: int):
+    """The clear bytes of `body` after its first `skip`."""
+    chunks = body.chunks(_CHUNK)
+    try:
+        for chunk in chunks:
+            if skip >= len(chunk):
+                skip -= len(chunk)
+                continue
+            yield chunk[skip:] if skip else chunk
+            skip = 0
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
