@@ -337,7 +337,7 @@ def _queue_and_delivery(root: MTAService, config: Config, reactor, pools, worker
         worker=worker_index,
         lanes=lanes,
     )
-    root.store = open_store(config)
+    root.store = open_store(config, reactor=reactor)
     local = LocalDelivery(root.store, config.hostname, delivery_pool, reactor, lanes=lanes)
     relay = RelayDelivery(
         MXResolver(

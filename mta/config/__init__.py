@@ -22,6 +22,7 @@ from typing import Any
 import attrs
 
 from mta.config.encryption import storage_encryption
+from mta.config.s3 import s3_settings
 from mta.config.model import (  # noqa: F401 (the sections are part of mta.config's API)
     _CHOICES,
     _NOT_YET,
@@ -44,6 +45,7 @@ from mta.config.model import (  # noqa: F401 (the sections are part of mta.confi
     ManholeConfig,
     QueueConfig,
     RelayConfig,
+    S3Config,
     StorageConfig,
     TLSConfig,
 )
@@ -207,6 +209,11 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
         storage_domains = _storage_domains(data.get("storage", {}), local_domains, err, collect)
     with collect():
         sections["storage"] = storage_encryption(sections["storage"], storage_domains, datadir, err)
+    storage_s3 = S3Config()
+    with collect():
+        storage_s3 = s3_settings(
+            data.get("storage", {}), sections["storage"], storage_domains, datadir, err, collect
+        )
     with collect():
         sections["dkim"] = _dkim(sections["dkim"], err, collect)
     http_addr = sections["http"].address
@@ -227,6 +234,7 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
         workers=workers,
         source=source,
         storage_domains=storage_domains,
+        storage_s3=storage_s3,
         **sections,
     )
 
