@@ -108,7 +108,9 @@ def _check_needed(s3: S3Config, err, collect) -> None:
             raise err(
                 "storage.s3.bucket",
                 f"{s3.bucket!r} is not an S3 bucket name (3 to 63 lower-case letters,"
-                " digits, '.' and '-')" if s3.bucket else 'required with backend = "s3"',
+                " digits, '.' and '-')"
+                if s3.bucket
+                else 'required with backend = "s3"',
             )
     with collect():
         if not s3.region:

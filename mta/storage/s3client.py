@@ -29,6 +29,8 @@ from xml.etree import ElementTree
 import attrs
 from twisted.internet import defer, error, task
 from twisted.web import client as web_client
+from twisted.web.iweb import IBodyProducer
+from zope.interface import implementer
 
 __all__ = ["EMPTY_SHA256", "S3Client", "S3Error", "S3Response", "sha256_hex"]
 
@@ -186,7 +188,8 @@ class S3Client:
         return await d
 
     async def _send(self, method, url, headers, body) -> S3Response:
-        response = await self._http.request(method, url, headers=headers, data=body or None)
+        data = _BytesProducer(body) if body else None
+        response = await self._http.request(method, url, headers=headers, data=data)
         content = await response.content()
         found = {
             name.decode("latin-1").lower(): values[0].decode("latin-1")
@@ -279,6 +282,30 @@ class S3Client:
         )
 
 
+@implementer(IBodyProducer)
+class _BytesProducer:
+    """A request body already in memory, written in one go.  (treq would wrap bytes
+    in a FileBodyProducer, whose default Cooperator runs on the global reactor: a
+    client on a reactor of its own would never send the body.)"""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer):
+        consumer.write(self.data)
+        return defer.succeed(None)
+
+    def pauseProducing(self):
+        pass
+
+    def resumeProducing(self):
+        pass
+
+    def stopProducing(self):
+        pass
+
+
 def _reason(e: Exception, timeout: float) -> str:
     if isinstance(e, error.ConnectionRefusedError):
         return "connection refused"
@@ -287,6 +314,8 @@ def _reason(e: Exception, timeout: float) -> str:
     if isinstance(e, error.DNSLookupError):
         return "cannot resolve the host name"
     if isinstance(e, web_client.ResponseNeverReceived | web_client.ResponseFailed):
+        if any(r.check(defer.CancelledError) for r in e.reasons):
+            return f"no answer within {timeout:g}s"
         return "the connection was lost before an answer"
     return str(e) or type(e).__name__
 

@@ -334,7 +334,6 @@ def _storage_error(error: Exception) -> Exception:
     return storage_error(error)
 
 
-
 def open_s3_store(config, *, keyring=None, reactor=None) -> S3Store:
     """The `S3Store` of `config`'s ``[storage.s3]``, its index in ``mta.db``.
 

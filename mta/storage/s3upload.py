@@ -67,7 +67,9 @@ def upload(
                 done += len(part)
                 if done > size:
                     break
-                etags.append(call(client.upload_part, key, upload_id, number, part, sha256_hex(part)))
+                etags.append(
+                    call(client.upload_part, key, upload_id, number, part, sha256_hex(part))
+                )
             _check_length(key, done, size)
             call(client.complete_multipart, key, upload_id, etags)
         except BaseException:
