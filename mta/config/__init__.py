@@ -22,7 +22,6 @@ from typing import Any
 import attrs
 
 from mta.config.encryption import storage_encryption
-from mta.config.s3 import s3_settings
 from mta.config.model import (  # noqa: F401 (the sections are part of mta.config's API)
     _CHOICES,
     _NOT_YET,
@@ -49,6 +48,7 @@ from mta.config.model import (  # noqa: F401 (the sections are part of mta.confi
     StorageConfig,
     TLSConfig,
 )
+from mta.config.s3 import s3_settings
 from mta.envelope import AddressError, parse_mailbox
 
 
