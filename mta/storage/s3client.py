@@ -28,9 +28,12 @@ from xml.etree import ElementTree
 
 import attrs
 from twisted.internet import defer, error, task
+from twisted.logger import Logger
 from twisted.web import client as web_client
 from twisted.web.iweb import IBodyProducer
 from zope.interface import implementer
+
+_log = Logger()
 
 __all__ = ["EMPTY_SHA256", "S3Client", "S3Error", "S3Response", "sha256_hex"]
 
@@ -101,6 +104,7 @@ class S3Client:
         attempts: int = 5,
         backoff: float = 0.25,
         max_backoff: float = 8.0,
+        on_retry=None,
     ):
         from botocore.credentials import Credentials
 
@@ -113,6 +117,7 @@ class S3Client:
         self.attempts = max(1, attempts)
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.on_retry = on_retry  # called (attempt, delay, S3Error) once a retry is set
         self._signer = _signer_class()(Credentials(access_key_id, secret_access_key), "s3", region)
         self._http, self._pool = _http_client(reactor, timeout)
 
@@ -173,7 +178,17 @@ class S3Client:
                         code=failure.code,
                     )
                 raise failure from cause
-            await task.deferLater(self.clock, self.delay(attempt), lambda: None)
+            delay = self.delay(attempt)
+            wait = task.deferLater(self.clock, delay, lambda: None)
+            _log.warn(
+                "{error}; retry {attempt} in {delay}s",
+                error=str(failure),
+                attempt=attempt,
+                delay=delay,
+            )
+            if self.on_retry is not None:
+                self.on_retry(attempt, delay, failure)
+            await wait
         raise AssertionError("unreachable")
 
     async def _once(self, method, url, body, payload_sha256, headers, timeout) -> S3Response:
