@@ -76,10 +76,15 @@ def _signer_class():
     return PrehashedS3SigV4Auth
 
 
+class _QuietFactory(web_client._HTTP11ClientFactory):
+    noisy = False
+
+
 def _http_client(reactor, connect_timeout: float):
     import treq.client
 
     pool = web_client.HTTPConnectionPool(reactor, persistent=True)
+    pool._factory = _QuietFactory  # no "Starting factory" line per connection
     pool.maxPersistentPerHost = 8
     pool.retryAutomatically = False  # we retry, with backoff, ourselves
     agent = web_client.Agent(reactor, connectTimeout=connect_timeout, pool=pool)
