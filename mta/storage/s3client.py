@@ -236,9 +236,13 @@ class S3Client:
         headers = {"Content-Type": "message/rfc822"}
         await self.request("PUT", key, body=body, payload_sha256=payload_sha256, headers=headers)
 
-    async def get_object(self, key: str) -> bytes:
-        """The object's bytes; `S3Error` with status 404 when there is none."""
-        return (await self.request("GET", key)).body
+    async def get_object(self, key: str, first: int | None = None) -> bytes:
+        """The object's bytes (its `first` bytes only, when given); `S3Error` with
+        status 404 when there is none."""
+        if first is None:
+            return (await self.request("GET", key)).body
+        headers = {"Range": f"bytes=0-{first - 1}"}
+        return (await self.request("GET", key, headers=headers, ok=(200, 206))).body[:first]
 
     async def delete_object(self, key: str) -> None:
         await self.request("DELETE", key, ok=(200, 204))

@@ -184,6 +184,25 @@ class ObjectIndex:
             cursor = conn.execute("DELETE FROM messages WHERE user = ?", (user,))
             return cursor.rowcount > 0
 
+    def sealed_rows(self) -> list[tuple[int, bytes]]:
+        """(id, own lines) of every S3 row: what `mta-admin key retire` re-wraps."""
+        with self._conn().read() as conn:
+            rows = conn.execute(
+                "SELECT id, body FROM messages WHERE object_key IS NOT NULL"
+            ).fetchall()
+        return [(i, bytes(own)) for i, own in rows]
+
+    def replace_own(self, row_id: int, own: bytes) -> None:
+        with self._conn().transaction() as conn:
+            conn.execute("UPDATE messages SET body = ? WHERE id = ?", (own, row_id))
+
+    def object_keys(self) -> list[str]:
+        with self._conn().read() as conn:
+            rows = conn.execute(
+                "SELECT DISTINCT object_key FROM messages WHERE object_key IS NOT NULL"
+            ).fetchall()
+        return [r[0] for r in rows]
+
     def probe(self) -> None:
         """A write transaction (a row inserted, then rolled back); raises
         sqlite3.Error saying why the index cannot take a row now."""

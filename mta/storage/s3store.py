@@ -309,6 +309,24 @@ class S3Store:
         finally:
             store.close()
 
+    def rewrap(self, key_id: str) -> int:
+        """`mta-admin key retire`: re-wrap, under the current key, every row's sealed
+        lines and every object wrapped under `key_id` (an object is read back whole
+        and written again at its key); how many blobs.  Raises DecryptionError."""
+        count = 0
+        for row_id, own in self.index.sealed_rows():
+            if own.startswith(crypto.MAGIC) and crypto.blob_key_id(own) == key_id:
+                self.index.replace_own(row_id, crypto.rewrap(self.keyring, own))
+                count += 1
+        head = crypto.MAGIC + bytes([crypto.VERSION]) + bytes.fromhex(key_id)
+        for key in self.index.object_keys():
+            if self.call(self.client.get_object, key, len(head)) != head:
+                continue
+            blob = crypto.rewrap(self.keyring, self.call(self.client.get_object, key))
+            upload(self.call, self.client, key, [blob], len(blob), part_size=self.part_size)
+            count += 1
+        return count
+
     def _refresh(self) -> None:
         try:
             self.keyring.refresh()
@@ -369,3 +387,16 @@ def open_s3_store(config, *, keyring=None, reactor=None) -> S3Store:
         keyring=keyring,
         on_close=on_close,
     )
+
+
+def rewrap_s3(config, keyring, key_id: str) -> int:
+    """Re-wrap what the S3 store of `config` keeps under `key_id` (0 when no
+    backend is s3); for `mta-admin key retire`."""
+    backends = {config.storage.backend, *(b for _, b in config.storage_domains)}
+    if "s3" not in backends:
+        return 0
+    store = open_s3_store(config, keyring=keyring)
+    try:
+        return store.rewrap(key_id)
+    finally:
+        store.close()

@@ -359,3 +359,16 @@ def test_a_wrong_master_key_is_a_clear_error(s3_store_factory, tmp_path):
     other = s3_store_factory(tmp_path, Keyring.of(b"\x01" * 32))
     with pytest.raises(crypto.DecryptionError, match="wrong master key"):
         other.read_message(BOB, msg.message_id)
+
+
+def test_key_retire_rewraps_rows_and_objects(s3_store_factory, tmp_path):
+    old, new = bytes(range(32)), b"\x02" * 32
+    store = s3_store_factory(tmp_path, Keyring.of(old))
+    store.deliver_batch(items_for(MemoryBody(MESSAGE), BOB, CAROL))
+    rotated = s3_store_factory(tmp_path, Keyring.of(new, old))
+    assert rotated.rewrap(crypto.key_id_of(old)) == 3  # two rows' lines, one object
+    assert rotated.rewrap(crypto.key_id_of(old)) == 0
+    only_new = s3_store_factory(tmp_path, Keyring.of(new))
+    for box in (BOB, CAROL):
+        [msg] = only_new.list_messages(box)
+        assert only_new.read_message(box, msg.message_id) == prefix_for(box) + MESSAGE
