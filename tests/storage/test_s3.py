@@ -5,8 +5,11 @@ retries after a 503 and after a timeout (with an injected clock), encryption."""
 from __future__ import annotations
 
 import contextlib
+import functools
+import re
 import socket
 import threading
+from urllib.parse import quote
 
 import pytest
 from twisted.internet import task
@@ -121,6 +124,7 @@ def test_a_9_mib_message_goes_up_in_parts(spy_store, tmp_path, encrypted):
     body = FileBody(b"", str(path), len(big))
     [where] = spy_store.deliver_batch(items_for(body, BOB))
     assert isinstance(where, str), where
+    assert open_uploads(spy_store) == []
     parts = spy_store.client.parts
     assert len(parts) == 2 and parts[0] == 8 * 1024 * 1024 and 0 < parts[1] < parts[0]
     [msg] = spy_store.list_messages(BOB)
@@ -135,6 +139,14 @@ def test_a_short_big_body_aborts_the_upload(spy_store, tmp_path):
     assert isinstance(outcome, OSError) and "shorter than recorded" in str(outcome)
     assert spy_store.client.parts == [8 * 1024 * 1024]  # one part went up, then the abort
     assert keys_of(spy_store) == [] and spy_store.list_messages(BOB) == []
+    assert open_uploads(spy_store) == []
+
+
+def open_uploads(store: S3Store) -> list[bytes]:
+    """Keys of the multipart uploads begun under the store's prefix and not finished."""
+    query = f"uploads=&prefix={quote(store.prefix, safe='')}"
+    listing = store.call(functools.partial(store.client.request, "GET", query=query))
+    return re.findall(rb"<Key>([^<]*)</Key>", listing.body)
 
 
 def test_a_wrong_secret_is_a_clear_temporary_error(s3_store_factory, tmp_path):
