@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Awaitable, Callable
+from concurrent import futures
 from typing import Any
 
 from twisted.internet import defer
@@ -41,6 +42,19 @@ class ReactorCaller:
         if self.on_reactor_thread():
             raise RuntimeError("the S3 store blocks: call it from a thread, not the reactor")
         return blockingCallFromThread(self.reactor, lambda: defer.ensureDeferred(f(*args)))
+
+    def submit(self, f: Callable[..., Awaitable[Any]], *args: Any) -> futures.Future:
+        """Start `f(*args)` on the reactor and return at once: a Future of its result."""
+        if self.on_reactor_thread():
+            raise RuntimeError("the S3 store blocks: call it from a thread, not the reactor")
+        future: futures.Future = futures.Future()
+
+        def start() -> None:
+            d = defer.ensureDeferred(f(*args))
+            d.addCallbacks(future.set_result, lambda failure: future.set_exception(failure.value))
+
+        self.reactor.callFromThread(start)
+        return future
 
 
 def _new_reactor():

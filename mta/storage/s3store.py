@@ -49,7 +49,7 @@ from mta.storage.items import StoredMessage, StoreItem
 from mta.storage.names import safe_component
 from mta.storage.s3client import S3Client
 from mta.storage.s3index import IndexRow, ObjectIndex
-from mta.storage.s3upload import PART_SIZE, upload
+from mta.storage.s3upload import PART_SIZE, UploadWindow, upload
 from mta.storage.sql import parse_message, storage_error
 
 __all__ = ["S3Store", "object_key"]
@@ -157,17 +157,7 @@ class S3Store:
                 groups.setdefault(id(item.body), []).append(i)
             except Exception as e:  # noqa: BLE001 (one outcome per item, never raise)
                 results[i] = _storage_error(e)
-        rows, row_items = [], []
-        for indexes in groups.values():
-            first = items[indexes[0]]
-            try:
-                uploaded = self._upload(first, now)
-                for i in indexes:
-                    rows.append(self._row(items[i], uploaded, now))
-                    row_items.append(i)
-            except Exception as e:  # noqa: BLE001
-                for i in indexes:
-                    results[i] = _storage_error(e)
+        rows, row_items = self._upload_groups(items, list(groups.values()), now, results)
         if rows:
             try:
                 for i, row_id in zip(row_items, self.index.insert(rows)):
@@ -177,7 +167,37 @@ class S3Store:
                     results[i] = _storage_error(e)
         return results
 
-    def _upload(self, item: StoreItem, now: float) -> _Uploaded:
+    def _upload_groups(self, items, groups: list[list[int]], now: float, results: list):
+        """Put each group's object (single PUTs several at a time); the index rows
+        of the groups whose object is stored, and their items.  A failed group's
+        items get their error in `results`."""
+        errors: dict[int, Exception] = {}
+        staged: dict[int, list] = {}
+        window = UploadWindow(self.call)
+        for g, indexes in enumerate(groups):
+
+            def done(error, g=g):
+                if error is not None:
+                    errors[g] = error
+
+            try:
+                uploaded = self._upload(items[indexes[0]], now, window, done)
+                staged[g] = [(i, self._row(items[i], uploaded, now)) for i in indexes]
+            except Exception as e:  # noqa: BLE001
+                errors[g] = e
+        window.drain()
+        rows, row_items = [], []
+        for g, indexes in enumerate(groups):
+            if g in errors:
+                for i in indexes:
+                    results[i] = _storage_error(errors[g])
+                continue
+            for i, row in staged[g]:
+                rows.append(row)
+                row_items.append(i)
+        return rows, row_items
+
+    def _upload(self, item: StoreItem, now: float, window=None, done=None) -> _Uploaded:
         body = item.body
         key = object_key(self.prefix, now, _message_id(body.header_block()), item.message_tag)
         if self.keyring is None:
@@ -188,6 +208,8 @@ class S3Store:
                 body.chunks(1024 * 1024),
                 body.size,
                 part_size=self.part_size,
+                window=window,
+                done=done,
             )
             return _Uploaded(key, first)
         chunks = body.chunks()
@@ -201,7 +223,16 @@ class S3Store:
             raise OSError(f"message body is not as long as recorded ({len(data)} of {body.size})")
         blob = crypto.encrypt(self.keyring, _OBJECT_OWNER, key, data)
         del data
-        upload(self.call, self.client, key, [blob], len(blob), part_size=self.part_size)
+        upload(
+            self.call,
+            self.client,
+            key,
+            [blob],
+            len(blob),
+            part_size=self.part_size,
+            window=window,
+            done=done,
+        )
         return _Uploaded(key, b"")
 
     def _row(self, item: StoreItem, uploaded: _Uploaded, now: float) -> IndexRow:

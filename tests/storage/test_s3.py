@@ -384,3 +384,14 @@ def test_key_retire_rewraps_rows_and_objects(s3_store_factory, tmp_path):
     for box in (BOB, CAROL):
         [msg] = only_new.list_messages(box)
         assert only_new.read_message(box, msg.message_id) == prefix_for(box) + MESSAGE
+
+
+def test_a_batch_of_many_messages_keeps_several_puts_in_flight(s3_store_factory, tmp_path):
+    store = s3_store_factory(tmp_path)
+    bodies = [MemoryBody(MESSAGE + b"%d\r\n" % n) for n in range(20)]
+    items = [StoreItem(BOB, f"{n:04x}-0", prefix_for(BOB), body) for n, body in enumerate(bodies)]
+    outcomes = store.deliver_batch(items)
+    assert all(isinstance(o, str) for o in outcomes), outcomes
+    assert len(keys_of(store)) == 20
+    got = [store.read_message(BOB, m.message_id) for m in store.list_messages(BOB)]
+    assert got == [prefix_for(BOB) + body.data for body in bodies]
