@@ -11,10 +11,11 @@ table): its own Return-Path and Delivered-To lines, the object key, and what
 listing and ``mta-admin search`` need.  `read_message` gives back the row's lines
 followed by the object: byte for byte what was delivered.
 
-The order is what makes it safe: the object is written first, the rows are then
-committed (the durability point); an upload that fails (S3 down, 5xx after the
-retries, 403) fails those items with `S3Error`, an OSError, so local delivery
-defers them and the message stays queued.  Deleting the last row of an object
+The order is what makes it safe: the objects are written first (the single PUTs
+of a batch several at a time, `mta.storage.s3upload.UploadWindow`; the rows are
+parsed meanwhile), the rows are then committed (the durability point); an upload
+that fails (S3 down, 5xx after the retries, 403) fails those items with `S3Error`,
+an OSError, so local delivery defers them and the message stays queued.  Deleting the last row of an object
 deletes the object first.
 
 Encryption at rest (``[storage] encrypt = true``) is done here, not by
