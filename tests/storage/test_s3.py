@@ -395,3 +395,14 @@ def test_a_batch_of_many_messages_keeps_several_puts_in_flight(s3_store_factory,
     assert len(keys_of(store)) == 20
     got = [store.read_message(BOB, m.message_id) for m in store.list_messages(BOB)]
     assert got == [prefix_for(BOB) + body.data for body in bodies]
+
+
+def test_a_prefix_that_needs_percent_encoding_is_signed_right(s3_store_factory, tmp_path):
+    store = s3_store_factory(tmp_path)
+    store.prefix = s3_prefix(tmp_path) + "mail box+é=1/"
+    [where] = store.deliver_batch(items_for(MemoryBody(MESSAGE), BOB))
+    assert isinstance(where, str), where
+    [key] = keys_of(store)
+    assert key.startswith(store.prefix)
+    [msg] = store.list_messages(BOB)
+    assert store.read_message(BOB, msg.message_id) == prefix_for(BOB) + MESSAGE
