@@ -19,8 +19,10 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -140,3 +142,62 @@ class SeaweedS3:
             return self.log_path.read_text(errors="replace")[-5000:]
         except OSError:
             return "<no log>"
+
+
+class S3Proxy:
+    """A real HTTP proxy in front of the S3 server: answers the first `fail` requests
+    with 503 SlowDown (and closes), then forwards connections byte for byte."""
+
+    def __init__(self, target_port: int, fail: int = 1, port: int = 0):
+        self.target_port = target_port
+        self.fail = fail
+        self.requests: list[bytes] = []
+        self.sock = socket.create_server(("127.0.0.1", port))
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn):
+        if self.fail > 0:
+            self.fail -= 1
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, rest = data.partition(b"\r\n\r\n")
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            while len(rest) < length:
+                rest += conn.recv(65536)
+            self.requests.append(head.split(b"\r\n")[0])
+            body = (
+                b"<Error><Code>SlowDown</Code><Message>Please reduce your rate.</Message></Error>"
+            )
+            conn.sendall(
+                b"HTTP/1.1 503 Slow Down\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
+                % (len(body), body)
+            )
+            conn.close()
+            return
+        upstream = socket.create_connection(("127.0.0.1", self.target_port))
+        for a, b in ((conn, upstream), (upstream, conn)):
+            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst):
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        with contextlib.suppress(OSError):
+            dst.shutdown(socket.SHUT_WR)
+
+    def close(self):
+        self.sock.close()

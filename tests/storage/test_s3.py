@@ -4,7 +4,6 @@ retries after a 503 and after a timeout (with an injected clock), encryption."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import re
 import socket
@@ -24,6 +23,7 @@ from mta.storage.s3reactor import ReactorThread
 from mta.storage.s3store import S3Store, object_key
 from mta.testing import MemoryBody
 from tests.conftest import free_port
+from tests.s3server import S3Proxy
 from tests.storage.conftest import S3_BUCKET, make_client, s3_prefix
 
 BOB = Address("bob", "example.test")
@@ -184,65 +184,6 @@ def test_probe_of_a_healthy_store(s3_store_factory, tmp_path):
 # -- retries, on an injected clock ----------------------------------------------------
 
 
-class Flaky503:
-    """A real HTTP proxy in front of the S3 server: answers the first `fail` requests
-    with 503 SlowDown (and closes), then forwards connections byte for byte."""
-
-    def __init__(self, target_port: int, fail: int = 1):
-        self.target_port = target_port
-        self.fail = fail
-        self.requests: list[bytes] = []
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
-
-    def _handle(self, conn):
-        if self.fail > 0:
-            self.fail -= 1
-            data = b""
-            while b"\r\n\r\n" not in data:
-                data += conn.recv(65536)
-            head, _, rest = data.partition(b"\r\n\r\n")
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line.lower().startswith(b"content-length:"):
-                    length = int(line.split(b":")[1])
-            while len(rest) < length:
-                rest += conn.recv(65536)
-            self.requests.append(head.split(b"\r\n")[0])
-            body = (
-                b"<Error><Code>SlowDown</Code><Message>Please reduce your rate.</Message></Error>"
-            )
-            conn.sendall(
-                b"HTTP/1.1 503 Slow Down\r\nConnection: close\r\nContent-Length: %d\r\n\r\n%s"
-                % (len(body), body)
-            )
-            conn.close()
-            return
-        upstream = socket.create_connection(("127.0.0.1", self.target_port))
-        for a, b in ((conn, upstream), (upstream, conn)):
-            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pipe(src, dst):
-        with contextlib.suppress(OSError):
-            while data := src.recv(65536):
-                dst.sendall(data)
-        with contextlib.suppress(OSError):
-            dst.shutdown(socket.SHUT_WR)
-
-    def close(self):
-        self.sock.close()
-
-
 class BlackHole:
     """Accepts connections and never answers; `accepted` is set for each one."""
 
@@ -304,7 +245,7 @@ def in_thread(f, *args):
 
 def test_a_503_is_retried_after_a_backoff(s3_server, clocked):
     make, advance, retry_set, retries = clocked
-    proxy = Flaky503(int(s3_server.endpoint.rpartition(":")[2]), fail=1)
+    proxy = S3Proxy(int(s3_server.endpoint.rpartition(":")[2]), fail=1)
     try:
         store = make(f"http://127.0.0.1:{proxy.port}")
         t, box = in_thread(store.deliver_batch, items_for(MemoryBody(MESSAGE), BOB))

@@ -3,7 +3,7 @@
 Mail received over SMTP (smtplib) lands as one object for all its local recipients;
 `mta-admin mail cat` prints it byte for byte, `mail list`, `search`, `export` and
 `delete` work on it; `check-config` names a broken ``[storage.s3]``; with S3
-unreachable the message stays queued and /readyz says why.
+unreachable the message stays queued and /readyz says why, until S3 is back.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 
 from tests.conftest import free_port
-from tests.s3server import ACCESS_KEY, SECRET_KEY
+from tests.s3server import ACCESS_KEY, SECRET_KEY, S3Proxy
 from tests.storage.conftest import S3_BUCKET, make_client, s3_prefix
 
 TIMEOUT = 60.0
@@ -121,10 +121,14 @@ def http_get(url: str) -> tuple[int, bytes]:
         return e.code, e.read()
 
 
-def test_s3_down_keeps_the_message_queued_and_readyz_says_why(mta_server_factory, tmp_path):
-    port = free_port()  # nothing listens there
+def test_s3_down_keeps_the_message_queued_and_readyz_says_why(
+    s3_server, mta_server_factory, tmp_path
+):
+    port = free_port()  # nothing listens there (yet)
     endpoint = f"http://127.0.0.1:{port}"
-    server = mta_server_factory(s3_config(tmp_path, endpoint, retries=1), start=False)
+    config = s3_config(tmp_path, endpoint, retries=1)
+    config["queue"] = {"retry_schedule": [1.0]}
+    server = mta_server_factory(config, start=False)
     add_users(server, "bob@example.test")
     server.start()
     with smtplib.SMTP(server.host, server.smtp_port, timeout=30) as client:
@@ -143,6 +147,16 @@ def test_s3_down_keeps_the_message_queued_and_readyz_says_why(mta_server_factory
     storage = json.loads(body)["checks"]["storage"]
     assert storage["status"] == "fail"
     assert storage["detail"] == f"s3: {endpoint}/{S3_BUCKET} unreachable: connection refused"
+    # S3 comes back (a forwarder to the real server on that port): the next attempt
+    # delivers the message that waited in the queue.
+    proxy = S3Proxy(int(s3_server.endpoint.rpartition(":")[2]), fail=0, port=port)
+    try:
+        [message_id] = wait_listed(server, "bob@example.test")
+        assert cat(server, "bob@example.test", message_id).endswith(b"\r\n" + MESSAGE)
+        status, body = http_get(f"http://127.0.0.1:{server.http_port}/readyz")
+        assert status == 200, body
+    finally:
+        proxy.close()
 
 
 def test_check_config_names_s3_problems(mta_server_factory, tmp_path):
