@@ -347,3 +347,18 @@ def test_a_prefix_that_needs_percent_encoding_is_signed_right(s3_store_factory, 
     assert key.startswith(store.prefix)
     [msg] = store.list_messages(BOB)
     assert store.read_message(BOB, msg.message_id) == prefix_for(BOB) + MESSAGE
+
+
+def test_a_missing_bucket_is_named(s3_server, tmp_path):
+    thread = ReactorThread()
+    try:
+        client = S3Client(
+            thread.reactor, s3_server.endpoint, "no-such-bucket", "us-east-1", *_credentials()
+        )
+        store = S3Store(client, str(tmp_path / "mta.db"), thread.call)
+        with pytest.raises(S3Error) as e:
+            store.probe()
+        assert e.value.status == 404 and e.value.code == "NoSuchBucket"
+        assert "create the bucket 'no-such-bucket' first" in str(e.value)
+    finally:
+        thread.stop()
