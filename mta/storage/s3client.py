@@ -39,6 +39,18 @@ __all__ = ["EMPTY_SHA256", "S3Client", "S3Error", "S3Response", "sha256_hex"]
 
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 _RETRY_STATUS = frozenset((429, 500, 502, 503, 504))
+# What a request that never got an answer raises (anything else is a bug: not retried).
+_NETWORK_ERRORS = (
+    OSError,  # socket errors, DNS
+    error.ConnectError,
+    error.ConnectionLost,
+    error.TimeoutError,
+    defer.TimeoutError,
+    defer.CancelledError,
+    web_client.ResponseNeverReceived,
+    web_client.ResponseFailed,
+    web_client.RequestTransmissionFailed,
+)
 
 
 def sha256_hex(data: bytes) -> str:
@@ -166,7 +178,7 @@ class S3Client:
         for attempt in range(1, attempts + 1):
             try:
                 response = await self._once(method, url, body, payload_sha256, headers, timeout)
-            except Exception as e:  # connection refused, reset, timeout, ...
+            except _NETWORK_ERRORS as e:  # refused, reset, no answer in time, ...
                 failure = S3Error(f"s3: {self.where} unreachable: {_reason(e, timeout)}")
                 cause: BaseException | None = e
             else:
