@@ -297,7 +297,9 @@ def _queue_and_delivery(
         worker=worker_index,
         lanes=lanes,
     )
-    root.store = QuotaStore(open_store(config), database)  # quotas above every backend
+    root.store = QuotaStore(
+        open_store(config, reactor=reactor), database
+    )  # quotas above every backend
     local = LocalDelivery(root.store, config.hostname, delivery_pool, reactor, lanes=lanes)
     relay = RelayDelivery(
         MXResolver(

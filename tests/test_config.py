@@ -77,7 +77,6 @@ def test_relative_datadir_resolves_against_the_file(tmp_path):
 @pytest.mark.parametrize(
     "data,key",
     [
-        ({"storage": {"backend": "s3"}}, "storage.backend"),
         ({"queue": {"backend": "postgresql"}}, "queue.backend"),
     ],
 )

@@ -13,9 +13,10 @@ The key files are the ones ``[storage] master_key_file`` or
   the wrapped key changes, in place, with a write-to-temp and rename; message ids,
   file modes and times stay), then deletes key ID.  It walks ``<datadir>/mail`` and
   ``<datadir>/archive``, where the stores that can be encrypted (maildir,
-  timeseries) keep their files, the quarantine, and the queue's entries on hold
-  and dead letters; it refuses (and keeps the key) while messages in the active
-  queue are still sealed under it (``[queue] encrypt``).
+  timeseries) keep their files, the S3 store's rows and objects when a backend is
+  s3, the quarantine, and the queue's entries on hold and dead letters; it refuses
+  (and keeps the key) while messages in the active queue are still sealed under it
+  (``[queue] encrypt``).
 """
 
 from __future__ import annotations
@@ -171,6 +172,7 @@ def cmd_key_retire(args: argparse.Namespace) -> int:
     queued, _ = rekey_queue(config, ring, key_id)
     count += queued
     count += _rewrap_quarantine(config.path("quarantine"), ring, key_id)
+    count += _rewrap_s3(config, ring, key_id)
     os.unlink(os.path.join(ring.directory, key_id + (".key" if key_file else ".salt")))
     fsync_dir(ring.directory)
     print(f"re-wrapped {count} message(s) under key {ring.current}; deleted key {key_id}")
@@ -192,6 +194,16 @@ def _rewrap_quarantine(directory: str, ring, key_id: str) -> int:
         except crypto.DecryptionError as e:
             raise CLIError(f"{e}; key {key_id} kept") from None
     return count
+
+
+def _rewrap_s3(config, ring: crypto.Keyring, key_id: str) -> int:
+    """The S3 store's rows and objects (`mta.storage.s3store.rewrap_s3`)."""
+    from mta.storage.s3store import rewrap_s3
+
+    try:
+        return rewrap_s3(config, ring, key_id)
+    except crypto.DecryptionError as e:
+        raise CLIError(f"s3: {e}; key {key_id} kept") from None
 
 
 def rewrap_tree(root: str, ring: crypto.Keyring, key_id: str) -> int:

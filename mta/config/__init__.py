@@ -44,10 +44,12 @@ from mta.config.model import (  # noqa: F401 (the sections are part of mta.confi
     ManholeConfig,
     QueueConfig,
     RelayConfig,
+    S3Config,
     StorageConfig,
     TLSConfig,
 )
 from mta.config.proxy import proxy_limits
+from mta.config.s3 import s3_settings
 from mta.envelope import AddressError, parse_mailbox
 
 
@@ -208,6 +210,11 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
         storage_domains = _storage_domains(data.get("storage", {}), local_domains, err, collect)
     with collect():
         sections["storage"] = storage_encryption(sections["storage"], storage_domains, datadir, err)
+    storage_s3 = S3Config()
+    with collect():
+        storage_s3 = s3_settings(
+            data.get("storage", {}), sections["storage"], storage_domains, datadir, err, collect
+        )
     with collect():
         queue_encryption(sections["queue"], sections["storage"], err)
     with collect():
@@ -233,6 +240,7 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
         workers=workers,
         source=source,
         storage_domains=storage_domains,
+        storage_s3=storage_s3,
         **sections,
     )
 

@@ -38,7 +38,7 @@ def storage_encryption(storage, storage_domains, datadir: str, err):
             raise err(
                 "storage.encrypt",
                 f"not available with backend = {storage.backend!r}:"
-                f" {_NOT_ENCRYPTABLE[storage.backend]} (use maildir or timeseries)",
+                f" {_NOT_ENCRYPTABLE[storage.backend]} (use maildir, timeseries or s3)",
             )
         for domain, backend in storage_domains or ():
             if backend in _NOT_ENCRYPTABLE:

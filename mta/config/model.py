@@ -74,6 +74,21 @@ class StorageConfig:
 
 
 @attrs.frozen
+class S3Config:
+    """`[storage.s3]`: the bucket of `backend = "s3"` (`mta.storage.s3store`); checked
+    by `mta.config.s3` (the secret file is read only when a backend uses s3)."""
+
+    endpoint: str = ""  # http(s)://host[:port]; requests are path-style
+    bucket: str = ""
+    region: str = "us-east-1"
+    prefix: str = ""  # object keys: <prefix>YYYY/MM/DD/<message-id>~<tag>.eml
+    access_key_id: str = ""
+    secret_access_key_file: str = ""  # relative: to datadir
+    timeout: float = 30.0  # seconds per request
+    retries: int = 4  # after a 5xx, a timeout or a connection error, with backoff
+
+
+@attrs.frozen
 class QueueConfig:
     backend: str = "local"
     dsn: str = ""
@@ -208,6 +223,7 @@ class Config:
     source: str = "<defaults>"
     # (domain, backend) from [storage."<domain>"] tables: a local domain kept elsewhere
     storage_domains: tuple[tuple[str, str], ...] = ()
+    storage_s3: S3Config = S3Config()
 
     def path(self, *parts: str) -> str:
         """A path under the data directory."""
@@ -259,7 +275,7 @@ _OPTIONAL_NUMBERS = frozenset(("checks.spam_threshold",))
 # Values of the operator contract that this version validates but cannot serve yet:
 # refusing them at start is better than silently running something else.
 _NOT_YET = {
-    "storage.backend": ("maildir", "mbox", "timeseries", "sql", "sqlite"),
+    "storage.backend": ("maildir", "mbox", "timeseries", "sql", "sqlite", "s3"),
     "queue.backend": ("local",),
 }
 # Sections of the operator contract implemented by later stages: accepted so that one

@@ -21,24 +21,25 @@ __all__ = [
     "safe_component",
 ]
 
-BACKENDS = ("maildir", "mbox", "timeseries", "sql")
+BACKENDS = ("maildir", "mbox", "timeseries", "sql", "s3")
 
 
 class UnknownBackend(ValueError):
     """`[storage] backend` names a store this build does not have."""
 
 
-def open_store(config, *, fsync=None):
+def open_store(config, *, fsync=None, reactor=None):
     """The `IMailStore` that `config`'s ``[storage]`` asks for: the backend's store,
     or a `RoutingStore` when ``[storage."<domain>"]`` tables send domains elsewhere;
-    wrapped in an `EncryptingStore` with ``encrypt = true``."""
-    store = _open_routed(config, fsync)
-    if not config.storage.encrypt:
-        return store
-    from mta.storage.crypto import FileKeyring
-    from mta.storage.encrypted import EncryptingStore
+    with ``encrypt = true`` each backend's store is wrapped in an `EncryptingStore`
+    (the S3 store seals its shared objects itself).  `reactor`: the running reactor
+    the S3 store sends its requests on (None: one of its own, in a thread)."""
+    keyring = None
+    if config.storage.encrypt:
+        from mta.storage.crypto import FileKeyring
 
-    return EncryptingStore(store, open_keyring(config, FileKeyring))
+        keyring = open_keyring(config, FileKeyring)
+    return _open_routed(config, fsync, keyring, reactor)
 
 
 def open_keyring(config, keyring_class=None):
@@ -49,8 +50,8 @@ def open_keyring(config, keyring_class=None):
     return open_ring(config, keyring_class)
 
 
-def _open_routed(config, fsync):
-    default = _open_backend(config, config.storage.backend, fsync)
+def _open_routed(config, fsync, keyring=None, reactor=None):
+    default = _open_sealed(config, config.storage.backend, fsync, keyring, reactor)
     per_domain = getattr(config, "storage_domains", ())
     if not per_domain:
         return default
@@ -59,8 +60,21 @@ def _open_routed(config, fsync):
     stores = {config.storage.backend: default}
     for _, backend in per_domain:
         if backend not in stores:
-            stores[backend] = _open_backend(config, backend, fsync)
+            stores[backend] = _open_sealed(config, backend, fsync, keyring, reactor)
     return RoutingStore(default, {domain: stores[backend] for domain, backend in per_domain})
+
+
+def _open_sealed(config, backend: str, fsync, keyring, reactor):
+    if backend == "s3":
+        from mta.storage.s3store import open_s3_store
+
+        return open_s3_store(config, keyring=keyring, reactor=reactor)
+    store = _open_backend(config, backend, fsync)
+    if keyring is None:
+        return store
+    from mta.storage.encrypted import EncryptingStore
+
+    return EncryptingStore(store, keyring)
 
 
 def _open_backend(config, backend: str, fsync):

@@ -67,6 +67,7 @@ DEBIAN_PACKAGE_OF = {
     "dnspython": "python3-dnspython",
     "dkimpy": "python3-dkim",
     "treq": "python3-treq",
+    "botocore": "python3-botocore",
     "pyspf": "python3-spf",
     "authheaders": "python3-authheaders",
 }

@@ -1,7 +1,8 @@
 """The `IMailStore` contract: every backend passes the same tests.
 
 Add a backend to `BACKENDS` below (``routing`` is a `RoutingStore` sending BOX's
-domain to mbox; ``encrypted-*`` an `EncryptingStore` over a backend).  Two
+domain to mbox; ``encrypted-*`` an `EncryptingStore` over a backend; ``s3`` and
+``encrypted-s3`` the S3 store, which seals its objects itself, on a real S3 server).  Two
 documented exceptions: mbox's norm is LF line endings and a ``From `` separator
 line, so what mbox reads back is what was delivered with CRLF turned into LF
 (`expected`); every other store gives back the delivered bytes exactly.  An
@@ -44,6 +45,8 @@ BACKENDS = {
     ),
 }
 KEYRING = Keyring.of(bytes(range(32)))
+# The S3 store against the session's real S3 server (tests/storage/conftest.py).
+S3_BACKENDS = {"s3": None, "encrypted-s3": KEYRING}
 
 BOX = Address("bob", "example.test")
 PREFIX = b"Return-Path: <alice@remote.test>\r\nDelivered-To: bob@example.test\r\n"
@@ -54,13 +57,16 @@ MESSAGE = (
 )
 
 
-@pytest.fixture(params=sorted(BACKENDS))
+@pytest.fixture(params=sorted([*BACKENDS, *S3_BACKENDS]))
 def backend(request):
     return request.param
 
 
 @pytest.fixture
-def make_store(backend, tmp_path):
+def make_store(backend, tmp_path, request):
+    if backend in S3_BACKENDS:
+        make_s3 = request.getfixturevalue("s3_store_factory")
+        return lambda: make_s3(tmp_path, S3_BACKENDS[backend])
     return lambda: BACKENDS[backend](tmp_path)
 
 

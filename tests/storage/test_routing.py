@@ -63,7 +63,7 @@ def test_no_tables_no_routing(tmp_path):
         ({"remote.test": {"backend": "mbox"}}, "storage.remote.test", "not in local_domains"),
         ({"example": {"test": {"backend": "mbox"}}}, "storage.example", "needs quotes"),
         ({"other.test": {"backend": "nope"}}, "storage.other.test.backend", "must be one of"),
-        ({"other.test": {"backend": "s3"}}, "storage.other.test.backend", "not available"),
+        ({"other.test": {"backend": "s3"}}, "storage.s3.endpoint", "required with backend"),
         ({"other.test": {"backend": "mbox", "x": 1}}, "storage.other.test.x", "unknown key"),
         ({"storage_domains": []}, "storage.storage_domains", "unknown key"),
     ],
