@@ -21,6 +21,7 @@ from typing import Any
 
 import attrs
 
+from mta.config.database import database_section
 from mta.config.encryption import storage_encryption
 from mta.config.model import (  # noqa: F401 (the sections are part of mta.config's API)
     _CHOICES,
@@ -35,6 +36,7 @@ from mta.config.model import (  # noqa: F401 (the sections are part of mta.confi
     AuthConfig,
     ChecksConfig,
     Config,
+    DatabaseConfig,
     DKIMConfig,
     DNSConfig,
     HTTPConfig,
@@ -209,6 +211,8 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
         sections["storage"] = storage_encryption(sections["storage"], storage_domains, datadir, err)
     with collect():
         sections["dkim"] = _dkim(sections["dkim"], err, collect)
+    with collect():
+        sections["database"] = database_section(sections["database"], err)
     http_addr = sections["http"].address
     if http_addr:
         with collect():

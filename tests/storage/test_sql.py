@@ -162,7 +162,8 @@ def test_a_failed_commit_fails_every_item(store, tmp_path):
     deliver(store, BOB, message(), tag="first")  # opens the store
     other = sqlite3.connect(str(tmp_path / "mta.db"), timeout=0, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
-    store._conn()._conn.execute("PRAGMA busy_timeout = 0")
+    with store._conn().read() as conn:
+        conn.execute("PRAGMA busy_timeout = 0")
     try:
         outcomes = store.deliver_batch(
             [StoreItem(BOB, t, b"", MemoryBody(message())) for t in ("x", "y")]
