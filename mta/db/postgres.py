@@ -201,7 +201,7 @@ class PostgresEngine:
         try:
             conn.execute(statement)
             return conn
-        except self.driver.OperationalError as e:
+        except self.driver.OperationalError:
             if not conn.broken:
                 raise
             self.discard(conn)
