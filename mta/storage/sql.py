@@ -41,12 +41,14 @@ from mta.db.connection import Connection
 from mta.db.errors import DatabaseUnavailable
 from mta.interfaces import IMailStore
 from mta.storage.items import StoredMessage, StoreItem
+from mta.storage.names import safe_component
 from mta.storage.sqlsearch import fts_query, search_sql, tsvector_text
 
 __all__ = ["SQLStore", "SearchHit", "fts_query"]
 
 _MAX_INDEXED_TEXT = 1 << 20  # characters of body text indexed per message
 _TAG_RE = re.compile(r"<[^>]*>")  # HTML tags, dropped from indexed text
+_MESSAGE_TAG_RE = re.compile(r"[A-Za-z0-9_-]+\Z")  # as every file store accepts them
 
 
 @attrs.frozen
@@ -132,7 +134,9 @@ class SQLStore:
         return results
 
     def _deliver_one(self, conn, dialect: str, item: StoreItem, now: float) -> str:
-        user = address_key(item.mailbox)
+        user = _user(item.mailbox)
+        if not _MESSAGE_TAG_RE.match(item.message_tag):
+            raise ValueError(f"bad message tag {item.message_tag!r}")
         if item.check_existing:
             row = conn.execute(
                 'SELECT id FROM messages WHERE "user" = ? AND tag = ? LIMIT 1',
@@ -192,20 +196,20 @@ class SQLStore:
         with self._conn().read() as conn:
             row = conn.execute(
                 'SELECT 1 FROM messages WHERE "user" = ? AND tag = ? LIMIT 1',
-                (address_key(mailbox), message_tag),
+                (_user(mailbox), message_tag),
             ).fetchone()
         return row is not None
 
     def create_mailbox(self, mailbox) -> None:
         """Nothing to make: a mailbox is the rows that name it."""
-        address_key(mailbox)
+        _user(mailbox)
         return None
 
     def remove_mailbox(self, mailbox) -> bool:
         """Delete every message of `mailbox` (and its index rows); False when it had
         none."""
         with self._conn().transaction(exclusive=False) as conn:
-            cursor = conn.execute('DELETE FROM messages WHERE "user" = ?', (address_key(mailbox),))
+            cursor = conn.execute('DELETE FROM messages WHERE "user" = ?', (_user(mailbox),))
             return cursor.rowcount > 0
 
     def probe(self) -> str:
@@ -232,7 +236,7 @@ class SQLStore:
             rows = conn.execute(
                 'SELECT id, size, received, folder FROM messages WHERE "user" = ?'
                 " ORDER BY received, id",
-                (address_key(mailbox),),
+                (_user(mailbox),),
             ).fetchall()
         return [StoredMessage(str(i), size, received, folder) for i, size, received, folder in rows]
 
@@ -240,7 +244,7 @@ class SQLStore:
         with self._conn().read() as conn:
             row = conn.execute(
                 'SELECT body FROM messages WHERE id = ? AND "user" = ?',
-                (_row_id(message_id), address_key(mailbox)),
+                (_row_id(message_id), _user(mailbox)),
             ).fetchone()
         if row is None:
             raise KeyError(message_id)
@@ -252,7 +256,7 @@ class SQLStore:
         with self._conn().transaction(exclusive=False) as conn:
             cursor = conn.execute(
                 'DELETE FROM messages WHERE id = ? AND "user" = ?',
-                (_row_id(message_id), address_key(mailbox)),
+                (_row_id(message_id), _user(mailbox)),
             )
             if cursor.rowcount == 0:
                 raise KeyError(message_id)
@@ -325,6 +329,15 @@ def _is_psycopg_error(error: Exception) -> bool:
 def _text(value: str | None) -> str | None:
     """A header value PostgreSQL's text type takes (it refuses NUL characters)."""
     return value if value is None or "\x00" not in value else value.replace("\x00", "\ufffd")
+
+
+def _user(mailbox) -> str:
+    """The mailbox's key in the rows.  Names no file-based store could hold are
+    refused here too (`UnsafeMailboxName`, permanent), as the `IMailStore` contract
+    says, so a mailbox can always move to another backend."""
+    safe_component(mailbox.domain, "domain")
+    safe_component(mailbox.local, "local part")
+    return address_key(mailbox)
 
 
 def _row_id(message_id: str) -> int:
