@@ -81,8 +81,9 @@ def migrate(
     apply: bool = True,
     clock=time.time,
 ) -> list[Migration]:
-    """Apply what is missing (with `apply`); returns the migrations that were
-    missing.  Raises `SchemaError` for a database migrated by a newer mta."""
+    """Apply what is missing (with `apply`); returns the migrations this call
+    applied (without `apply`: the missing ones).  Raises `SchemaError` for a
+    database migrated by a newer mta."""
     known = {m.version for m in migrations}
     applied = applied_versions(engine)
     _check_not_newer(engine, applied, known)
@@ -92,6 +93,7 @@ def migrate(
     conn = engine.connection()
     session = Session(engine, conn)
     session.execute(f"SELECT pg_advisory_lock({_LOCK_KEY})")
+    done = []
     try:
         # Re-read under the lock: another node may have done the work meanwhile.
         session.execute(_CREATE_TABLE)
@@ -100,10 +102,11 @@ def migrate(
         for migration in migrations:
             if migration.version not in applied:
                 _apply(engine, session, migration, clock())
+                done.append(migration)
     finally:
         if not conn.broken and not conn.closed:
             session.execute(f"SELECT pg_advisory_unlock({_LOCK_KEY})")
-    return pending
+    return done
 
 
 def _apply(engine: PostgresEngine, session: Session, migration: Migration, now: float) -> None:

@@ -63,17 +63,15 @@ class SQLiteEngine:
             raise
 
     def migrate(self, migrations: Sequence[Migration], *, apply: bool = True) -> list[Migration]:
-        """Apply the migrations not applied yet (all of them, or none with
-        `apply=False`); returns the ones that were (or would be) applied."""
-        current = self.schema_version()
-        pending = [m for m in migrations if m.version > current]
+        """Apply the migrations not applied yet; returns the ones this call applied
+        (with `apply=False`: none applied, the missing ones returned)."""
         if apply:
-            migrate(self.path, self.read, self.transaction, migrations)
-        else:
-            latest = migrations[-1].version if migrations else 0
-            if current > latest:
-                migrate(self.path, self.read, self.transaction, migrations)  # raises: newer
-        return pending
+            return migrate(self.path, self.read, self.transaction, migrations)
+        current = self.schema_version()
+        latest = migrations[-1].version if migrations else 0
+        if current > latest:
+            migrate(self.path, self.read, self.transaction, migrations)  # raises: newer
+        return [m for m in migrations if m.version > current]
 
     def close(self) -> None:
         with self._lock:
