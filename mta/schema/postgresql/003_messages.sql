@@ -24,5 +24,8 @@ CREATE TABLE messages (
 );
 CREATE INDEX messages_by_folder_date ON messages ("user", folder, date);
 CREATE INDEX messages_by_tag ON messages ("user", tag);
+-- What search sorts by (newest first), for everyone and per mailbox: a query for a
+-- common word walks these and stops at --limit; a rare word goes through the GIN index.
 CREATE INDEX messages_by_date ON messages (date DESC, id DESC);
+CREATE INDEX messages_by_user_date ON messages ("user", date DESC, id DESC);
 CREATE INDEX messages_search ON messages USING GIN (search_vector);
