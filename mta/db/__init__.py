@@ -3,13 +3,13 @@
 
 This package owns the schema (versioned SQL files: `mta/schema/` for SQLite, the
 version kept in `PRAGMA user_version`, `mta.db.schema`; `mta/schema/postgresql/`,
-recorded in `schema_migrations`, `mta.db.pgschema`) and a small *blocking* API over it,
-`Database`, one mixin per table: `users`, `aliases`, `lockouts` (auth_failures),
-`audit`, over one engine per dialect (`mta.db.sqlite`, `mta.db.postgres`, chosen
-by the location string: `mta.db.location`).  Two kinds of callers share the file: `mta-admin` (a separate short-lived
-process) and the running daemon, which calls in only from a thread pool
-(`mta.db.directory`), never on the reactor.  WAL mode lets the daemon keep reading
-while the CLI writes.
+recorded in `schema_migrations`, `mta.db.pgschema`) and a small *blocking* API over
+it, `Database`, one mixin per table: `users`, `aliases`, `lockouts`
+(auth_failures), `audit`, over one engine per dialect (`mta.db.sqlite`,
+`mta.db.postgres`, chosen by the location string: `mta.db.location`).  Two kinds
+of callers share the database: `mta-admin` (a separate short-lived process) and the
+running daemon, which calls in only from a thread pool (`mta.db.directory`), never
+on the reactor.  SQLite's WAL mode lets the daemon keep reading while the CLI writes.
 
 Addresses are validated and canonicalised in `mta.db.addresses` so that every writer
 stores the same form: see `address_key`.  Everything public is re-exported here;

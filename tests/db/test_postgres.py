@@ -11,8 +11,10 @@ the shared PostgreSQL server itself is left to a test with a private cluster
 
 from __future__ import annotations
 
+import base64
 import json
 import smtplib
+import ssl
 import threading
 import urllib.error
 import urllib.request
@@ -135,6 +137,19 @@ def rcpt(server, address: str) -> int:
         return code
 
 
+def auth(server, user: str, password: str) -> int:
+    """One AUTH PLAIN on submission, after STARTTLS."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    with smtplib.SMTP(server.host, server.submission_port, timeout=30) as smtp:
+        smtp.ehlo("mua.example.test")
+        smtp.starttls(context=context)
+        smtp.ehlo("mua.example.test")
+        token = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+        return smtp.docmd("AUTH", "PLAIN " + token)[0]
+
+
 def readyz(server) -> dict:
     url = f"http://{server.host}:{server.http_port}/readyz"
     try:
@@ -148,10 +163,13 @@ def test_the_daemon_answers_451_while_the_database_is_gone_and_recovers(
     mta_server_factory, postgres_dsn
 ):
     name = postgres_dsn.rsplit("/", 1)[1]
-    server = mta_server_factory({"database": {"dsn": postgres_dsn}}, start=False)
+    cheap = {"time_cost": 1, "memory_cost": 8192, "parallelism": 1}
+    server = mta_server_factory({"database": {"dsn": postgres_dsn}, "auth": cheap}, start=False)
     # bob exists before the start, so he is in the directory's snapshot.
-    assert server.admin("user", "add", "--no-password", "bob@example.test").returncode == 0
+    add = server.admin("user", "add", "--password-stdin", "bob@example.test", input="pw1\n")
+    assert add.returncode == 0, add.stderr
     server.start()
+    assert auth(server, "bob@example.test", "pw1") == 235
     assert rcpt(server, "bob@example.test") == 250
     assert rcpt(server, "nobody@example.test") == 550
     assert readyz(server)["checks"]["database"]["status"] == "ok"
@@ -162,12 +180,14 @@ def test_the_daemon_answers_451_while_the_database_is_gone_and_recovers(
     assert rcpt(server, "carol@example.test") == 451
     assert readyz(server)["checks"]["database"]["status"] == "fail"
     assert rcpt(server, "bob@example.test") == 250  # the snapshot still answers
+    assert auth(server, "bob@example.test", "pw1") == 454  # not 535: try again later
 
     with admin_connection() as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     assert server.admin("db", "migrate").returncode == 0
     assert server.admin("user", "add", "--no-password", "carol@example.test").returncode == 0
     assert rcpt(server, "carol@example.test") == 250  # reconnected by itself
+    assert auth(server, "carol@example.test", "x") == 535  # no password: refused
     assert readyz(server)["checks"]["database"]["status"] == "ok"
     assert server.running
 
