@@ -44,6 +44,16 @@ from mta.db.location import describe
 # each other.
 LOCK_CLASS = 0x6D7461
 _WRITE_LOCK = f"SELECT pg_advisory_xact_lock({LOCK_CLASS}, hashtext(current_schema() || '/write'))"
+# libpq settings unless the dsn says otherwise: a server that vanishes without closing
+# the connection (host down, network cut) is noticed within about a minute instead
+# of the kernel's TCP timeouts, so a pool thread is not stuck for hours.
+_CONNECTION_DEFAULTS = {
+    "keepalives": "1",
+    "keepalives_idle": "30",
+    "keepalives_interval": "10",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "60000",
+}
 
 
 @functools.lru_cache(maxsize=1024)
@@ -159,12 +169,17 @@ class PostgresEngine:
             self.discard(conn)
         if self._closed:
             raise DatabaseUnavailable(f"{describe(self.dsn)}: the database was closed")
+        given = self.driver.conninfo.conninfo_to_dict(self.dsn)
+        settings = {
+            "connect_timeout": str(max(1, int(self._timeout))),
+            "application_name": self._application_name,
+            **_CONNECTION_DEFAULTS,
+        }
         try:
             conn = self.driver.connect(
                 self.dsn,
                 autocommit=True,
-                connect_timeout=max(1, int(self._timeout)),
-                application_name=self._application_name,
+                **{k: v for k, v in settings.items() if k not in given},
             )
         except self.driver.OperationalError as e:
             raise self.unavailable(e) from e
