@@ -4,9 +4,9 @@ gone fails with `DatabaseUnavailable` (451 in an SMTP session), the next one aft
 it is back works, with no restart of mta.
 
 The outage here is the database disappearing under live connections (DROP DATABASE
-WITH (FORCE) terminates them, as a server restart does) and coming back; stopping
-the shared PostgreSQL server itself is left to a test with a private cluster
-(not written yet).
+WITH (FORCE) terminates them, as a server restart does) and coming back; a real
+server stop and start is in test_postgres_restart.py (a private server: the shared
+one is never stopped).
 """
 
 from __future__ import annotations
