@@ -12,6 +12,8 @@ Several nodes may start at once: the whole run holds a session-level advisory lo
 (`pg_advisory_lock`), so one node migrates while the others wait and then find
 nothing left to do.  A database that has a migration this mta does not ship was
 migrated by a newer mta: it is refused, as SQLite's newer `user_version` is.
+A file is sent as one script (no parameters: `%` is literal, `$$` bodies work);
+statements that refuse a transaction (CREATE INDEX CONCURRENTLY) cannot be used.
 """
 
 from __future__ import annotations
