@@ -55,6 +55,9 @@ $(DEBIAN_VENV)/.installed: setup.cfg pyproject.toml
 	@# Debian 12 packages pytest-twisted 1.13 (python3-pytest-twisted); PyPI's otherwise.
 	$(DEBIAN_VENV)/bin/python -c 'import pytest_twisted' 2>/dev/null || \
 	  $(DEBIAN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check 'pytest-twisted>=1.13'
+	@# Not packaged in Debian 12: tests/test_deploy_manifests.py validates etc/kubernetes/ with it.
+	$(DEBIAN_VENV)/bin/python -c 'import kubernetes_validate' 2>/dev/null || \
+	  $(DEBIAN_VENV)/bin/python -m pip install --quiet --disable-pip-version-check 'kubernetes-validate>=1.28'
 	@touch $@
 
 debian-venv: $(DEBIAN_VENV)/.installed

@@ -32,16 +32,10 @@ from mta.delivery.router import Router
 from mta.delivery.smtpclient import Timeouts
 from mta.dns import make_resolver
 from mta.observe.logging import Logger, make_observer
-from mta.policy.attachments import AttachmentCheck
-from mta.policy.clamd import ClamdClient, VirusCheck
-from mta.policy.daemons import daemon_endpoint
-from mta.policy.dnsbl import DNSBLCheck
+from mta.policy.compose import policy_pipeline
 from mta.policy.lockout import LockoutRules, LockoutTracker
 from mta.policy.pipeline import PolicyPipeline
-from mta.policy.ratelimit import RateLimitCheck, RateLimiter
-from mta.policy.relay import RelayCheck
-from mta.policy.sender import SenderCheck, SenderPolicy
-from mta.policy.spamd import SpamCheck, SpamdClient
+from mta.policy.sender import SenderPolicy
 from mta.process.balance import Balancer
 from mta.process.threads import ThreadPoolService, WorkThreads
 from mta.process.workers import WorkerSupervisor
@@ -54,6 +48,7 @@ from mta.smtp.server import ConnectionTracker, ListenerService, SMTPFactory
 from mta.smtp.session import SessionContext
 from mta.smtp.tls import server_context
 from mta.storage import open_store
+from mta.storage.quota import QuotaStore
 
 log = Logger()
 
@@ -243,58 +238,6 @@ def _submission(config: Config, reactor, root, database, db_pool, auth_pool):
     return authenticator, SenderPolicy(database, run_db)
 
 
-# Checks that guard the relay rule and abuse limits: never skipped because they failed.
-_ALWAYS_FAIL_CLOSED = ("relay", "sender", "rate-ip", "rate-user", "clamd")
-
-
-def policy_pipeline(config: Config, clock, directory, sender_policy) -> PolicyPipeline:
-    """The policy checks, in order: DNS block lists at CONNECT, rate limits and the
-    sender rule at MAIL, then the relay rule (recipient resolution) at RCPT, then
-    clamd, spamd and the attachment rules at the end of DATA when configured;
-    timeouts and failure mode from `[checks]` (the virus scan always fails closed)."""
-    checks = []
-    if config.checks.dnsbl:
-        checks.append(
-            DNSBLCheck(
-                make_resolver(config.dns, clock),
-                config.checks.dnsbl,
-                action=config.checks.dnsbl_action,
-                allow_zones=config.checks.dnswl,
-                relay_networks=config.relay_networks,
-            )
-        )
-    limits = config.limits
-    if limits.messages_per_ip_per_minute:
-        checks.append(RateLimitCheck(RateLimiter(clock, limits.messages_per_ip_per_minute), "ip"))
-    if limits.messages_per_user_per_minute:
-        limiter = RateLimiter(clock, limits.messages_per_user_per_minute)
-        checks.append(RateLimitCheck(limiter, "user"))
-    checks.append(SenderCheck(sender_policy))
-    checks.append(RelayCheck(config.local_domains, config.relay_networks, directory))
-    scan = config.checks
-    if scan.clamd:
-        clamd = ClamdClient(daemon_endpoint(clock, scan.clamd), clock)
-        checks.append(VirusCheck(clamd, scan.virus_action, clock))
-    if scan.spamd:
-        spamd = SpamdClient(daemon_endpoint(clock, scan.spamd))
-        checks.append(
-            SpamCheck(spamd, clock, scan.spam_threshold, scan.spam_action, scan.spam_max_size)
-        )
-    if config.checks.blocked_attachments:
-        checks.append(
-            AttachmentCheck(
-                config.checks.blocked_attachments, action=config.checks.attachment_action
-            )
-        )
-    return PolicyPipeline(
-        checks,
-        clock,
-        timeout=config.checks.timeout,
-        fail_open=config.checks.fail == "open",
-        fail_open_by_check=dict.fromkeys(_ALWAYS_FAIL_CLOSED, False),
-    )
-
-
 def _pool(name: str, size: int) -> ThreadPool:
     pool = ThreadPool(minthreads=0, maxthreads=size, name=f"mta-{name}")
     return pool
@@ -314,13 +257,26 @@ def _thread_pools(root: MTAService, config: Config) -> dict:
         "db": _pool("db", 2),
         "auth": _pool("auth", config.auth.threads),
         "dkim": _pool("dkim", 2),
+        "checks": _pool("checks", 4),  # message reads for clamd/spamd, MIME and zip parsing
     }
     for pool in pools.values():
         ThreadPoolService(pool).setServiceParent(root)
     return pools
 
 
-def _queue_and_delivery(root: MTAService, config: Config, reactor, pools, worker_index: int):
+def _at_rest_keyring(config: Config):
+    """The master keys when encryption at rest is on anywhere (the quarantine seals
+    its message files then), else None."""
+    if not (config.storage.encrypt or config.queue.encrypt):
+        return None
+    from mta.crypto.keys import open_keyring
+
+    return open_keyring(config)
+
+
+def _queue_and_delivery(
+    root: MTAService, config: Config, reactor, pools, worker_index: int, database
+):
     """The queue store, its runner and control channel, and the delivery agents
     behind them: local delivery into the configured mail store, and the outbound
     relay with DKIM signing."""
@@ -338,7 +294,7 @@ def _queue_and_delivery(root: MTAService, config: Config, reactor, pools, worker
         worker=worker_index,
         lanes=lanes,
     )
-    root.store = open_store(config)
+    root.store = QuotaStore(open_store(config), database)  # quotas above every backend
     local = LocalDelivery(root.store, config.hostname, delivery_pool, reactor, lanes=lanes)
     relay = RelayDelivery(
         MXResolver(
@@ -369,7 +325,9 @@ def _queue_and_delivery(root: MTAService, config: Config, reactor, pools, worker
             config.local_domains,
             local,
             remote_agent=relay,
-            quarantine_agent=QuarantineAgent(config.path("quarantine"), delivery_pool, reactor),
+            quarantine_agent=QuarantineAgent(
+                config.path("quarantine"), delivery_pool, reactor, keyring=_at_rest_keyring(config)
+            ),
         ),
         reactor,
         retry_schedule=config.queue.retry_schedule,
@@ -430,6 +388,8 @@ def _listeners(
             inherited_fd=fd,
             shared=config.workers > 1,
             balancer=balancer,
+            proxy_networks=config.limits.proxy_networks,
+            proxy_timeout=config.limits.proxy_timeout,
         )
         service_.setServiceParent(root)
         listeners.append(service_)
@@ -458,7 +418,7 @@ def build_service(
 
     directory = UserDirectory(config, location, reactor, db_pool)
     directory.setServiceParent(root)
-    spool, runner = _queue_and_delivery(root, config, reactor, pools, worker_index)
+    spool, runner = _queue_and_delivery(root, config, reactor, pools, worker_index, database)
 
     tls = None
     if any(lst.tls != "none" for lst in config.listeners):
@@ -466,7 +426,7 @@ def build_service(
             config.tls.certificate, config.tls.key, config.datadir, config.hostname
         )
     authenticator, sender_policy = _submission(config, reactor, root, database, db_pool, auth_pool)
-    pipeline = policy_pipeline(config, reactor, directory, sender_policy)
+    pipeline = policy_pipeline(config, reactor, directory, sender_policy, pools["checks"])
     tracker, listeners = _listeners(
         root, config, reactor, spool, pipeline, authenticator, tls, worker_index, inherited
     )

@@ -183,6 +183,11 @@ class IUserDirectory(Interface):
         (`mta.envelope.Address`) that mail for `address` goes to, or an empty tuple
         when no such local user or alias exists."""
 
+    def quota_usage(mailboxes):
+        """`{mailbox: (quota, used)}` in bytes for those of `mailboxes` (final
+        mailboxes, as `resolve` gives them) that have a quota; a dict, or a Deferred
+        firing with one.  Mailboxes without a quota are left out."""
+
 
 class IMailStore(Interface):
     """Where local mail ends up (Maildir, mbox, SQL, ...).  All methods block.

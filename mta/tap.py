@@ -24,14 +24,15 @@ class Options(usage.Options):
             self["loaded_config"] = load_config(self["config"], datadir=self["datadir"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
-        if self["loaded_config"].storage.encrypt:  # the key files, before anything listens
-            from mta.storage import open_keyring
-            from mta.storage.crypto import KeyringError
+        config = self["loaded_config"]
+        if config.storage.encrypt or config.queue.encrypt:  # the keys, before anything listens
+            from mta.crypto.keys import KeyringError, open_keyring
 
+            section = "[storage] encrypt" if config.storage.encrypt else "[queue] encrypt"
             try:
-                open_keyring(self["loaded_config"])
+                open_keyring(config)
             except KeyringError as e:
-                raise usage.UsageError(f"[storage] encrypt: {e}") from None
+                raise usage.UsageError(f"{section}: {e}") from None
         _prepare_database(self["loaded_config"])
 
 

@@ -129,6 +129,7 @@ class FakeDirectory:
         self.deferred = deferred
         self.pending: list[tuple[defer.Deferred, tuple]] = []
         self.lookups: list[str] = []
+        self.quotas: dict[str, tuple[int, int]] = {}
 
     def _lookup(self, address: Address) -> tuple[Address, ...]:
         key = str(address).lower()
@@ -154,6 +155,12 @@ class FakeDirectory:
         pending, self.pending = self.pending, []
         for d, result in pending:
             d.callback(result)
+
+    def quota_usage(self, mailboxes):
+        """From `self.quotas`: `local@domain` -> (quota, used) bytes."""
+        quotas = self.quotas
+        found = {m: quotas[str(m).lower()] for m in mailboxes if str(m).lower() in quotas}
+        return defer.succeed(found) if self.deferred else found
 
 
 class FakeAuthenticator:

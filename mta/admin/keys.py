@@ -13,7 +13,9 @@ The key files are the ones ``[storage] master_key_file`` or
   the wrapped key changes, in place, with a write-to-temp and rename; message ids,
   file modes and times stay), then deletes key ID.  It walks ``<datadir>/mail`` and
   ``<datadir>/archive``, where the stores that can be encrypted (maildir,
-  timeseries) keep their files.
+  timeseries) keep their files, the quarantine, and the queue's entries on hold
+  and dead letters; it refuses (and keeps the key) while messages in the active
+  queue are still sealed under it (``[queue] encrypt``).
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ import secrets
 from typing import Any
 
 from mta.admin.common import CLIError, config_of
+from mta.crypto import stream
 from mta.fileio import fsync_dir
+from mta.queue import rekey_queue
 from mta.storage import crypto, open_keyring
 
 
@@ -155,13 +159,39 @@ def cmd_key_retire(args: argparse.Namespace) -> int:
         raise CLIError(f"key {key_id} is the current key: rotate first (mta-admin key rotate)")
     if key_id not in ring.keys:
         raise CLIError(f"no key {key_id} (keys: {', '.join(sorted(ring.keys))})")
+    _, active = rekey_queue(config, ring, key_id, dry_run=True)
+    if active:
+        raise CLIError(
+            f"{active} queued message(s) in the active queue are sealed under key {key_id}:"
+            " retire it once the queue has delivered them (mta-admin queue list); key kept"
+        )
     count = 0
     for root in (config.path("mail"), config.path("archive")):
         count += rewrap_tree(root, ring, key_id)
+    queued, _ = rekey_queue(config, ring, key_id)
+    count += queued
+    count += _rewrap_quarantine(config.path("quarantine"), ring, key_id)
     os.unlink(os.path.join(ring.directory, key_id + (".key" if key_file else ".salt")))
     fsync_dir(ring.directory)
     print(f"re-wrapped {count} message(s) under key {ring.current}; deleted key {key_id}")
     return 0
+
+
+def _rewrap_quarantine(directory: str, ring, key_id: str) -> int:
+    """Re-wrap the sealed quarantined messages (``<qid>.eml``) under `key_id`."""
+    try:
+        names = sorted(n for n in os.listdir(directory) if n.endswith(".eml"))
+    except FileNotFoundError:
+        return 0
+    count = 0
+    for name in names:
+        try:
+            count += stream.rewrap_file(ring, os.path.join(directory, name), key_id)
+        except FileNotFoundError:
+            continue
+        except crypto.DecryptionError as e:
+            raise CLIError(f"{e}; key {key_id} kept") from None
+    return count
 
 
 def rewrap_tree(root: str, ring: crypto.Keyring, key_id: str) -> int:

@@ -5,7 +5,8 @@ Everything goes through the configured `IMailStore` (`mta.storage.open_store`):
 bytes to stdout unchanged; `export` copies a mailbox into an mbox file or a Maildir
 under a directory (by delivering into a store of that kind rooted there, so the
 layout is the one the server writes: ``DIR/<domain>/<local>.mbox`` or
-``DIR/<domain>/<local>/``); `delete` removes one message.
+``DIR/<domain>/<local>/``); `delete` removes one message and gives its size back to
+the user's quota (`mta.storage.quota`).
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ from typing import Any
 
 from zope.interface import implementer
 
-from mta.admin.common import CLIError, config_of, table, when
-from mta.db import mailbox_address
+from mta.admin.common import CLIError, config_of, open_database, table, when
+from mta.db import database_errors, mailbox_address
 from mta.interfaces import IMessageBody
 from mta.storage import StoreItem, UnknownBackend, UnsafeMailboxName, open_store
 from mta.storage.crypto import DecryptionError, KeyringError
+from mta.storage.quota import QuotaStore
 
 EXPORT_FORMATS = ("mbox", "maildir")
 
@@ -118,13 +120,20 @@ def cmd_mail_cat(args: argparse.Namespace) -> int:
 
 
 def cmd_mail_delete(args: argparse.Namespace) -> int:
-    _, store, mailbox = _store_and_mailbox(args)
-    try:
-        store.delete_message(mailbox, args.message_id)
-    except KeyError:
-        raise CLIError(f"{args.email}: no message {args.message_id}") from None
-    except UnsafeMailboxName as e:
-        raise CLIError(f"{args.email}: {e}") from None
+    config, store, mailbox = _store_and_mailbox(args)
+    with open_database(config) as db:
+        try:
+            # Through the quota layer, so the user's usage goes down with it.
+            QuotaStore(store, lambda: db).delete_message(mailbox, args.message_id)
+        except KeyError:
+            raise CLIError(f"{args.email}: no message {args.message_id}") from None
+        except UnsafeMailboxName as e:
+            raise CLIError(f"{args.email}: {e}") from None
+        except database_errors() as e:  # the message is gone; its size was not given back
+            raise CLIError(
+                f"deleted {args.message_id}, but the usage of {args.email} was not updated"
+                f" ({e}): run mta-admin user quota {args.email} --recount"
+            ) from None
     print(f"deleted {args.message_id} from {args.email}")
     return 0
 

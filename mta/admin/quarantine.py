@@ -41,6 +41,22 @@ def _directory(args: argparse.Namespace) -> str:
     return config_of(args).path("quarantine")
 
 
+def _message(config, qid: str) -> bytes:
+    """The quarantined message, decrypted when encryption at rest is on."""
+    from mta.crypto.keys import DecryptionError, KeyringError, open_keyring
+    from mta.delivery.quarantine import NotQuarantined, read_message
+
+    try:
+        keyring = None
+        if config.storage.encrypt or config.queue.encrypt:
+            keyring = open_keyring(config)
+        return read_message(config.path("quarantine"), qid, keyring)
+    except NotQuarantined as e:
+        raise CLIError(str(e)) from None
+    except (KeyringError, DecryptionError) as e:
+        raise CLIError(f"{qid}: {e}") from None
+
+
 def _address(pair) -> str:
     local, domain = pair
     return f"{local}@{domain}" if domain else local
@@ -79,14 +95,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    from mta.delivery.quarantine import NotQuarantined, read_message
-
-    directory = _directory(args)
-    record = _record(directory, args.qid)
-    try:
-        message = read_message(directory, args.qid)
-    except NotQuarantined as e:
-        raise CLIError(str(e)) from None
+    config = config_of(args)
+    record = _record(config.path("quarantine"), args.qid)
+    message = _message(config, args.qid)
     lines = [
         f"ID: {record.get('qid')}",
         f"Quarantined: {when(record.get('quarantined_at'))}",
@@ -108,23 +119,16 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 
 def cmd_release(args: argparse.Namespace) -> int:
-    from mta.delivery.quarantine import (
-        NotQuarantined,
-        delete_quarantined,
-        read_message,
-        record_envelope,
-    )
+    from mta.delivery.quarantine import delete_quarantined, record_envelope
     from mta.queue import hold_message
     from mta.queue.control import ControlError
 
     config = config_of(args)
     directory = config.path("quarantine")
     record = _record(directory, args.qid)
+    message = _message(config, args.qid)
     try:
-        message = read_message(directory, args.qid)
         envelope = record_envelope(record)
-    except NotQuarantined as e:
-        raise CLIError(str(e)) from None
     except (KeyError, TypeError, ValueError) as e:
         raise CLIError(f"{args.qid}: unreadable quarantine record: {e}") from None
     note = (

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from mta.admin import quota
 from mta.admin.common import (
     CLIError,
     audit_change,
@@ -41,7 +42,7 @@ from mta.storage import UnknownBackend, UnsafeMailboxName, open_store
 
 
 def add_user_commands(commands: Any, leaf: Any) -> None:
-    """`user add|del|list|passwd|unlock|set-send-as`."""
+    """`user add|del|list|show|passwd|unlock|set-send-as|quota`."""
     user = commands.add_parser("user", help="mailbox users").add_subparsers(
         dest="action", metavar="ACTION", required=True
     )
@@ -79,6 +80,7 @@ def add_user_commands(commands: Any, leaf: Any) -> None:
         choices=("own", "any"),
         help="own: its address and aliases pointing at it; any: every address (service accounts)",
     )
+    quota.add_commands(user, leaf)
 
 
 def add_alias_commands(commands: Any, leaf: Any) -> None:
@@ -214,7 +216,7 @@ def cmd_user_list(args: argparse.Namespace) -> int:
         users = db.list_users()
     print(
         table(
-            ("EMAIL", "ENABLED", "LOGIN", "CREATED", "LAST LOGIN", "QUOTA"),
+            ("EMAIL", "ENABLED", "LOGIN", "CREATED", "LAST LOGIN", "USED/QUOTA"),
             [_user_row(u) for u in users],
         )
     )
@@ -222,14 +224,13 @@ def cmd_user_list(args: argparse.Namespace) -> int:
 
 
 def _user_row(user: User) -> tuple[str, ...]:
-    quota = "-" if user.quota_mb is None else f"{user.used_mb}/{user.quota_mb} MB"
     return (
         user.email,
         "yes" if user.enabled else "no",
         "password" if user.password_hash else "none",
         when(user.created_at),
         when(user.last_login),
-        quota,
+        quota.usage_cell(user),
     )
 
 

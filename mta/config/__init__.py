@@ -22,7 +22,7 @@ from typing import Any
 import attrs
 
 from mta.config.database import database_section
-from mta.config.encryption import storage_encryption
+from mta.config.encryption import queue_encryption, storage_encryption
 from mta.config.model import (  # noqa: F401 (the sections are part of mta.config's API)
     _CHOICES,
     _NOT_YET,
@@ -49,6 +49,7 @@ from mta.config.model import (  # noqa: F401 (the sections are part of mta.confi
     StorageConfig,
     TLSConfig,
 )
+from mta.config.proxy import proxy_limits
 from mta.envelope import AddressError, parse_mailbox
 
 
@@ -210,9 +211,12 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
     with collect():
         sections["storage"] = storage_encryption(sections["storage"], storage_domains, datadir, err)
     with collect():
+        queue_encryption(sections["queue"], sections["storage"], err)
+    with collect():
         sections["dkim"] = _dkim(sections["dkim"], err, collect)
     with collect():
         sections["database"] = database_section(sections["database"], err)
+    sections["limits"] = proxy_limits(sections["limits"], listeners, err, collect)
     http_addr = sections["http"].address
     if http_addr:
         with collect():
@@ -377,7 +381,7 @@ def _listeners(raw: Any, err, collect=contextlib.nullcontext) -> tuple[ListenerC
                 raise err(key, "must be a table")
             continue
         for k in item:
-            if k not in ("name", "address", "tls", "auth"):
+            if k not in ("name", "address", "tls", "auth", "proxy_protocol"):
                 with collect():
                     raise err(f"{key}.{k}", "unknown key")
         name = item.get("name")
@@ -404,7 +408,11 @@ def _listeners(raw: Any, err, collect=contextlib.nullcontext) -> tuple[ListenerC
         with collect():
             if auth not in AUTH_MODES:
                 raise err(f"{key}.auth", f"must be one of {', '.join(AUTH_MODES)}")
-        out.append(ListenerConfig(name, host, port, tls, auth))
+        proxy = item.get("proxy_protocol", False)
+        with collect():
+            if not isinstance(proxy, bool):
+                raise err(f"{key}.proxy_protocol", "must be true or false")
+        out.append(ListenerConfig(name, host, port, tls, auth, proxy is True))
     return tuple(out)
 
 

@@ -1,4 +1,5 @@
-"""`[storage] encrypt` and its key source: the checks `mta.config` runs on them."""
+"""`[storage] encrypt`, `[queue] encrypt` and their key source: the checks `mta.config`
+runs on them."""
 
 from __future__ import annotations
 
@@ -51,3 +52,14 @@ def storage_encryption(storage, storage_domains, datadir: str, err):
         master_key_file=key_file and os.path.join(datadir, key_file),
         master_key_passphrase_file=passphrase_file and os.path.join(datadir, passphrase_file),
     )
+
+
+def queue_encryption(queue, storage, err) -> None:
+    """Raises `err(...)` for ``[queue] encrypt`` without a ``[storage]`` key source
+    (the spool seals with the stores' master key)."""
+    if queue.encrypt and not (storage.master_key_file or storage.master_key_passphrase_file):
+        raise err(
+            "queue.encrypt",
+            "needs a key: set [storage] master_key_file or master_key_passphrase_file"
+            " (mta-admin key init creates it)",
+        )

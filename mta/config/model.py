@@ -19,6 +19,9 @@ class ListenerConfig:
     port: int
     tls: str = "none"
     auth: str = "none"
+    # Connections open with a PROXY v1/v2 header (mta.smtp.proxy), accepted only
+    # from [limits] proxy_networks.
+    proxy_protocol: bool = False
 
     @property
     def address(self) -> str:
@@ -44,6 +47,10 @@ class LimitsConfig:
     max_received_headers: int = 50
     min_data_rate: int = 500
     bare_newlines: str = "normalize"
+    # Load balancers allowed to send a PROXY header on proxy_protocol listeners
+    # (CIDRs, parsed by mta.config.proxy), and how long one may take to send it.
+    proxy_networks: tuple = ()
+    proxy_timeout: float = 10.0
 
 
 @attrs.frozen
@@ -77,6 +84,9 @@ class QueueConfig:
     delivery_concurrency: int = 20
     delay_warning: float = 4 * 3600.0
     io_lanes: int = 1
+    # Seal queued messages on the disk (AES-256-GCM, mta.crypto.stream) with the
+    # [storage] master key.
+    encrypt: bool = False
 
 
 @attrs.frozen

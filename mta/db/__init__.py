@@ -42,10 +42,11 @@ from mta.db.errors import (
 from mta.db.location import auto_migrate, database_location, describe, is_postgres
 from mta.db.lockouts import IP_PREFIX, AuthFailure, same_client
 from mta.db.schema import Migration, load_migrations, split_sql
-from mta.db.users import User
+from mta.db.users import MIB, User, quota_bytes
 
 __all__ = [
     "IP_PREFIX",
+    "MIB",
     "AliasExists",
     "AuditEntry",
     "AuthFailure",
@@ -73,6 +74,7 @@ __all__ = [
     "load_migrations",
     "lookup_key",
     "mailbox_address",
+    "quota_bytes",
     "match_owner",
     "same_client",
     "split_sql",

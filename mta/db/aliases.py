@@ -10,6 +10,7 @@ import attrs
 from mta.db.addresses import address_key, alias_source, alias_target, fold, lookup_key
 from mta.db.connection import Connection
 from mta.db.errors import AliasExists, InvalidAddress, NoSuchAlias
+from mta.db.users import MIB
 
 
 @attrs.frozen
@@ -19,6 +20,7 @@ class Snapshot:
     generation: int
     users: frozenset[str]  # enabled users only
     aliases: dict[str, tuple[str, ...]]
+    quotas: dict[str, int] = attrs.Factory(dict)  # enabled users with a quota: bytes
 
 
 class AliasTable(Connection):
@@ -106,4 +108,10 @@ class AliasTable(Connection):
             aliases: dict[str, list[str]] = {}
             for source, target in conn.execute("SELECT source, target FROM aliases ORDER BY rowid"):
                 aliases.setdefault(source, []).append(target)
-        return Snapshot(generation, users, {k: tuple(v) for k, v in aliases.items()})
+            quotas = {
+                key: quota_mb * MIB
+                for key, quota_mb in conn.execute(
+                    "SELECT username, quota_mb FROM users WHERE enabled AND quota_mb > 0"
+                )
+            }
+        return Snapshot(generation, users, {k: tuple(v) for k, v in aliases.items()}, quotas)

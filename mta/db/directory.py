@@ -19,6 +19,11 @@ snapshot or the database:
   local targets that are neither user nor alias are dropped (and logged).
 - Anything else in a local domain that is not an enabled user resolves to `()`,
   which the session turns into 550 5.1.1.
+
+`quota_usage` serves the quota check (`mta.policy.quota`) the same way: quotas come
+with the snapshot, so a server where nobody has one answers from memory; the usage
+of a mailbox with a quota is read in the thread pool and kept until the refresh tick
+sees the file change (deliveries commit on another connection, so it does).
 """
 
 from __future__ import annotations
@@ -158,6 +163,8 @@ class UserDirectory(service.Service):
         # Answers computed from the current snapshot (dropped with it): the same few
         # recipients arrive again and again, and expanding costs microseconds each.
         self._answers: dict[Address, tuple[Address, ...]] = {}
+        # used_bytes of mailboxes with a quota, as of `_data_version` (dropped with it).
+        self._usage: dict[str, int] = {}
         self._data_version: int | None = None
         self._loop: task.LoopingCall | None = None
         self._starting: defer.Deferred | None = None
@@ -296,6 +303,7 @@ class UserDirectory(service.Service):
 
     def _apply(self, version: int, snapshot: Snapshot | None) -> None:
         self._data_version = version
+        self._usage = {}  # the file changed: any usage may have
         if snapshot is not None:
             if self._snapshot is not None:
                 log.info(
@@ -340,3 +348,43 @@ class UserDirectory(service.Service):
             local_domains=self._local_domains,
             postmaster=self._postmaster,
         )
+
+    # -- quotas --------------------------------------------------------------
+
+    def quota_usage(self, mailboxes) -> dict | defer.Deferred:
+        """`{mailbox: (quota, used)}` in bytes for those of `mailboxes` with a quota:
+        a dict when memory answers, else a Deferred firing with it.  The usage may
+        be up to `refresh_interval` old; delivery enforces the quota exactly."""
+        snapshot = self._snapshot
+        if snapshot is None:
+            if self._starting is None:
+                return defer.fail(RuntimeError("user directory is not started"))
+            return self.start().addCallback(lambda _: self.quota_usage(mailboxes))
+        quotas = snapshot.quotas
+        if not quotas:
+            return {}
+        limited = {}
+        for mailbox in mailboxes:
+            key = address_key(mailbox)
+            quota = quotas.get(key)
+            if quota is not None:
+                limited[mailbox] = (key, quota)
+        if not limited:
+            return {}
+        usage = self._usage
+        missing = [key for key, _ in limited.values() if key not in usage]
+        if not missing or self._db is None:
+            return {m: (quota, usage.get(key, 0)) for m, (key, quota) in limited.items()}
+
+        known = {key: usage[key] for key, _ in limited.values() if key in usage}
+
+        def read(found: dict[str, tuple[int | None, int]]) -> dict:
+            fresh = {key: found.get(key, (None, 0))[1] for key in missing}
+            if self._usage is usage:  # not invalidated while we read
+                if len(usage) >= _MAX_ANSWERS:
+                    usage.clear()
+                usage.update(fresh)
+            known.update(fresh)
+            return {m: (quota, known[key]) for m, (key, quota) in limited.items()}
+
+        return self._run(self._db.quota_usage, missing).addCallback(read)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
 import attrs
@@ -12,7 +12,19 @@ from mta.db.connection import Connection
 from mta.db.errors import NoSuchUser, UserExists
 from mta.db.lockouts import delete_account_failures
 
-_COLUMNS = "username, email, password_hash, created_at, last_login, quota_mb, used_mb, enabled"
+_COLUMNS = (
+    "username, email, password_hash, created_at, last_login, quota_mb, used_mb, enabled, used_bytes"
+)
+MIB = 1 << 20  # quota_mb and used_mb count MiB
+_IN_CHUNK = 500  # keys per "IN (...)": well under every SQLite's variable limit
+# used_bytes + delta, never below 0, and used_mb rounded up from it, in one statement
+# (a SET expression sees the row as it was before the UPDATE).
+_ADD_USAGE = (
+    "UPDATE users SET"
+    " used_bytes = CASE WHEN used_bytes + ? > 0 THEN used_bytes + ? ELSE 0 END,"
+    " used_mb = (CASE WHEN used_bytes + ? > 0 THEN used_bytes + ? ELSE 0 END + 1048575) / 1048576"
+    " WHERE username = ?"
+)
 
 
 @attrs.frozen
@@ -25,10 +37,21 @@ class User:
     quota_mb: int | None
     used_mb: int
     enabled: bool
+    used_bytes: int = 0
 
     @property
     def can_login(self) -> bool:
         return self.enabled and self.password_hash is not None
+
+    @property
+    def quota_bytes(self) -> int | None:
+        """The quota in bytes; None for no quota."""
+        return quota_bytes(self.quota_mb)
+
+
+def quota_bytes(quota_mb: int | None) -> int | None:
+    """`quota_mb` in bytes; None (no quota) for NULL and for 0."""
+    return quota_mb * MIB if quota_mb else None
 
 
 class UserTable(Connection):
@@ -102,7 +125,42 @@ class UserTable(Connection):
         self._update_user(email, "enabled = ?", (bool(enabled),))
 
     def set_quota(self, email: str, quota_mb: int | None) -> None:
-        self._update_user(email, "quota_mb = ?", (quota_mb,))
+        """`quota_mb` MiB; None or 0 removes the quota (stored as NULL)."""
+        if quota_mb is not None and quota_mb < 0:
+            raise ValueError(f"a quota cannot be negative: {quota_mb}")
+        self._update_user(email, "quota_mb = ?", (quota_mb or None,))
+
+    # -- usage (mta.storage.quota keeps it; these are its only writes) -------------
+
+    def quota_usage(self, keys: Iterable[str]) -> dict[str, tuple[int | None, int]]:
+        """`address_key` -> (quota in bytes or None, used_bytes) for each of `keys`
+        that is a user.  Called inside `transaction()` to decide and charge at once."""
+        wanted = list(dict.fromkeys(keys))
+        out: dict[str, tuple[int | None, int]] = {}
+        with self._read() as conn:
+            for start in range(0, len(wanted), _IN_CHUNK):
+                chunk = wanted[start : start + _IN_CHUNK]
+                marks = ",".join("?" * len(chunk))
+                rows = conn.execute(
+                    f"SELECT username, quota_mb, used_bytes FROM users WHERE username IN ({marks})",
+                    chunk,
+                )
+                for key, quota_mb, used in rows:
+                    out[key] = (quota_bytes(quota_mb), used)
+        return out
+
+    def add_usage(self, deltas: Mapping[str, int]) -> None:
+        """Add each `address_key` -> bytes (negative to give back) to used_bytes, in
+        one transaction; usage never goes below 0, and unknown keys are ignored."""
+        rows = [(d, d, d, d, key) for key, d in deltas.items() if d]
+        if rows:
+            with self.transaction() as conn:
+                conn.executemany(_ADD_USAGE, rows)
+
+    def set_usage(self, email: str, used_bytes: int) -> None:
+        """Replace the usage (a recount from the store)."""
+        used = max(0, int(used_bytes))
+        self._update_user(email, "used_bytes = ?, used_mb = ?", (used, (used + MIB - 1) // MIB))
 
     def record_login(self, email: str) -> None:
         self._update_user(email, "last_login = ?", (self._clock(),))
@@ -146,7 +204,15 @@ class UserTable(Connection):
 
 
 def _user(row: tuple[Any, ...]) -> User:
-    username, email, password_hash, created_at, last_login, quota_mb, used_mb, enabled = row
+    username, email, password_hash, created_at, last_login, quota_mb, used_mb, enabled, used = row
     return User(
-        username, email, password_hash, created_at, last_login, quota_mb, used_mb, bool(enabled)
+        username,
+        email,
+        password_hash,
+        created_at,
+        last_login,
+        quota_mb,
+        used_mb,
+        bool(enabled),
+        used,
     )

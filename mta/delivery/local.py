@@ -14,6 +14,10 @@ unusable mailbox name is a permanent failure.  A bug defers, never bounces.
 For a message recovered after a restart (or retried after a failure) the store is
 asked first whether the copy is already there, so a crash between the mailbox
 rename and the queue's status record never delivers twice.
+
+A mailbox over its quota (`mta.storage.quota.MailboxFull`, from the `QuotaStore`
+the composition root wraps the store in) is a permanent failure, 5.2.2: that
+module says why.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from mta.interfaces import IDeliveryAgent
 from mta.observe.logging import Logger
 from mta.process.batch import BatchWorker
 from mta.storage import StoreItem, UnsafeMailboxName
+from mta.storage.quota import MailboxFull
 
 log = Logger()
 
@@ -59,6 +64,9 @@ def result_for(recipient, outcome) -> DeliveryResult:
         )
     if isinstance(outcome, UnsafeMailboxName):
         reply = Reply(550, "5.1.1", "mailbox name not allowed")
+        return DeliveryResult(recipient, RecipientState.FAILED, f"{reply}: {outcome}", reply)
+    if isinstance(outcome, MailboxFull):
+        reply = Reply(552, "5.2.2", "mailbox full")
         return DeliveryResult(recipient, RecipientState.FAILED, f"{reply}: {outcome}", reply)
     if isinstance(outcome, OSError):
         reply = _STORAGE_REPLIES.get(outcome.errno, Reply(451, "4.3.0", "mail storage error"))
@@ -121,7 +129,7 @@ class LocalDelivery:
         results = []
         for item, outcome in zip(items, outcomes):
             if isinstance(outcome, BaseException) and not isinstance(
-                outcome, OSError | UnsafeMailboxName
+                outcome, OSError | UnsafeMailboxName | MailboxFull
             ):
                 log.error(
                     "unexpected local delivery error for {recipient}: {error!r}",

@@ -12,6 +12,11 @@ file, fsync, rename, and one fsync of the directory; the sidecar is renamed last
 a message is listed only once its body is in place.  Writing the same queue id again
 (a retry after a crash) replaces the files with identical content.
 
+With encryption at rest on (``[storage] encrypt`` or ``[queue] encrypt``) the
+message file is sealed like a queued message (`mta.crypto.stream`, bound to the
+quarantine id) and the sidecar records its clear size (``sealed_size``); the sidecar
+itself (envelope and reasons) stays readable, so `quarantine list` needs no key.
+
 The blocking helpers at the bottom (`list_quarantine`, `read_record`, `read_message`,
 `delete_quarantined`) are what `mta-admin` uses.
 """
@@ -26,6 +31,8 @@ import attrs
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
+from mta.crypto import stream
+from mta.crypto.keys import DecryptionError
 from mta.envelope import (
     DeliveryResult,
     Envelope,
@@ -59,11 +66,24 @@ def is_quarantine_id(qid: str) -> bool:
 
 def envelope_record(qid: str, envelope: Envelope, recipients, now: float) -> dict:
     """The sidecar's content: enough to show the message and to release it (the
-    envelope as the queue stores it, for the quarantined `recipients`)."""
+    envelope as the queue stores it, for the quarantined `recipients`, with their
+    original recipients and DSN request, so a release delivers and notifies as the
+    message would have been without the quarantine)."""
     fields = envelope_fields(envelope)
-    fields.pop("dsn", None)  # parallel to every recipient: not to these
     fields.pop("quarantine", None)
+    index = {r: i for i, r in enumerate(envelope.recipients)}
+
+    def for_these(values: list) -> list:
+        # Per-recipient lists, parallel to every recipient: keep these recipients' own.
+        if len(values) != len(envelope.recipients):
+            return []
+        return [values[index[r]] for r in recipients]
+
     fields["recipients"] = [[r.local, r.domain] for r in recipients]
+    fields["original_recipients"] = for_these(fields["original_recipients"])
+    if "dsn" in fields:
+        dsn = fields["dsn"]
+        dsn["notify"], dsn["orcpt"] = for_these(dsn["notify"]), for_these(dsn["orcpt"])
     return {
         "version": FORMAT_VERSION,
         "qid": qid,
@@ -86,11 +106,12 @@ class QuarantineAgent:
     """Keeps quarantined messages under `directory` (``<datadir>/quarantine``),
     writing on `threadpool`; `clock` gives the time recorded in the sidecar."""
 
-    def __init__(self, directory: str, threadpool, reactor, *, fsync=os.fsync):
+    def __init__(self, directory: str, threadpool, reactor, *, fsync=os.fsync, keyring=None):
         self.directory = directory
         self._pool = threadpool
         self._reactor = reactor
         self._fsync = fsync
+        self._keyring = keyring  # seal the message files (encryption at rest)
 
     def deliver(self, job, recipients):
         recipients = list(recipients)
@@ -119,7 +140,11 @@ class QuarantineAgent:
             raise ValueError(f"{job.qid!r} cannot name a quarantined message")
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
         base = os.path.join(self.directory, job.qid)
-        self._write(base + ".eml", job.body.chunks(_CHUNK))
+        chunks = job.body.chunks(_CHUNK)
+        if self._keyring is not None:
+            chunks = stream.seal_stream(stream.Sealer(self._keyring, job.qid), chunks)
+            record = {**record, "sealed_size": job.body.size}
+        self._write(base + ".eml", chunks)
         data = json.dumps(record, sort_keys=True, ensure_ascii=True).encode("ascii") + b"\n"
         self._write(base + ".json", [data])
         fsync_dir(self.directory, self._fsync)
@@ -169,10 +194,20 @@ def read_record(directory: str, qid: str) -> dict:
         raise NotQuarantined(qid) from None
 
 
-def read_message(directory: str, qid: str) -> bytes:
-    """The quarantined message as it would have been delivered."""
+def read_message(directory: str, qid: str, keyring=None) -> bytes:
+    """The quarantined message as it would have been delivered (a sealed one is
+    decrypted with `keyring`; DecryptionError without the right one)."""
+    path = _path(directory, qid, ".eml")
     try:
-        with open(_path(directory, qid, ".eml"), "rb") as f:
+        sealed_size = read_record(directory, qid).get("sealed_size")
+        if sealed_size is not None:
+            if keyring is None:
+                raise DecryptionError(
+                    f"quarantined message {qid} is encrypted and encryption at rest is off"
+                    " in this configuration"
+                )
+            return stream.read_sealed_file(keyring, path, qid, int(sealed_size))
+        with open(path, "rb") as f:
             return f.read()
     except FileNotFoundError:
         raise NotQuarantined(qid) from None

@@ -11,7 +11,8 @@ with the stdlib `email` package and every part is looked at, however deeply nest
 - for a zip archive (by name, type or magic bytes), the names of its members, and of
   the members of zips inside it, a bounded number of levels, entries and bytes.
 
-Parsing blocks, so it runs on a thread (`run_blocking`, `deferToThread` by default);
+Parsing blocks, so it runs on a thread (`run_blocking`: the composition root gives it
+the bounded pool of check work; `deferToThread` by default);
 at most `max_bytes` of the message are read, so a huge message costs bounded memory
 (an attachment beyond that point is not seen).  The answer is
 ``554 5.7.1 Message refused: attachment <name> is not allowed``, or a QUARANTINE

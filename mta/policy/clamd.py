@@ -100,13 +100,14 @@ class _Stream(ReplyCollector):
 
 
 class ClamdClient:
-    """Talks to one clamd through a client `endpoint`; reads bodies on `reactor`'s
-    thread pool."""
+    """Talks to one clamd through a client `endpoint`; reads bodies on `pool` (the
+    composition root's bounded pool for check work; `reactor`'s own when None)."""
 
-    def __init__(self, endpoint, reactor, chunk_size: int = CHUNK_SIZE):
+    def __init__(self, endpoint, reactor, chunk_size: int = CHUNK_SIZE, pool=None):
         self._endpoint = endpoint
         self._reactor = reactor
         self._chunk_size = chunk_size
+        self._pool = pool
 
     def scan(self, body) -> defer.Deferred:
         """Deferred `ScanResult` for `body` (an `IMessageBody`); cancellable."""
@@ -115,7 +116,7 @@ class ClamdClient:
     async def _scan(self, body) -> ScanResult:
         stream = _Stream()
         await connect(self._endpoint, stream)
-        pool = self._reactor.getThreadPool()
+        pool = self._pool if self._pool is not None else self._reactor.getThreadPool()
         chunks = body.chunks(self._chunk_size)
         try:
             stream.transport.write(b"zINSTREAM\0")

@@ -3,7 +3,9 @@
 `SpamdClient.symbols(message)` sends `SYMBOLS SPAMC/1.5` with the message and reads
 spamd's answer (spamd says `SPAMD/1.1` whatever we speak): a `Spam: True ; S / T`
 header with the score and spamd's own required score, and a body listing the names
-of the rules that hit.  One connection per message, as spamd wants.
+of the rules that hit.  One connection per message, as spamd wants.  `tell` (and
+`tell_blocking`, for mta-admin, which runs no reactor) teaches spamd's Bayes database
+with `TELL` (`Message-class: spam|ham`, `Set: local`; spamd needs --allow-tell).
 
 `SpamCheck` (the `spamd` check, `Phase.DATA`) reads the message on a thread (it is at
 most `spam_max_size` bytes: bigger ones are not sent, only tagged as not scanned),
@@ -17,6 +19,8 @@ nonsense makes the check fail; the pipeline turns that into 451 or skips it
 
 from __future__ import annotations
 
+import socket
+
 import attrs
 from twisted.internet import defer, threads
 from zope.interface import implementer
@@ -24,7 +28,7 @@ from zope.interface import implementer
 from mta.envelope import Reply
 from mta.interfaces import IPolicyCheck
 from mta.observe.logging import Logger
-from mta.policy.daemons import DaemonError, ReplyCollector, connect
+from mta.policy.daemons import DaemonError, ReplyCollector, connect, parse_address
 from mta.policy.verdict import Phase, PolicyContext, Verdict
 
 log = Logger()
@@ -73,6 +77,54 @@ def parse_reply(data: bytes) -> SpamResult:
     raise DaemonError("spamd answer without a Spam header")
 
 
+def spamc_request(command: bytes, message: bytes, user: str, extra: bytes = b"") -> bytes:
+    """One SPAMC/1.5 request: `command`, its headers (`extra` ends in CRLF), the message."""
+    return (
+        command
+        + b" SPAMC/1.5\r\nContent-length: %d\r\nUser: " % len(message)
+        + user.encode("ascii", "replace")
+        + b"\r\n"
+        + extra
+        + b"\r\n"
+        + message
+    )
+
+
+@attrs.frozen
+class TellResult:
+    """spamd's answer to TELL: `learned` is False when its Bayes database already
+    held the message in that class (nothing changed)."""
+
+    status: str
+    learned: bool
+
+
+def tell_request(message: bytes, spam: bool, user: str = "mta") -> bytes:
+    """TELL with `Message-class: spam|ham` and `Set: local` (spamd's own Bayes
+    database, not a remote reporting service)."""
+    extra = b"Message-class: " + (b"spam" if spam else b"ham") + b"\r\nSet: local\r\n"
+    return spamc_request(b"TELL", message, user, extra)
+
+
+def parse_tell_reply(data: bytes) -> TellResult:
+    """A `TellResult` from spamd's whole answer to TELL; DaemonError for a refusal
+    (spamd without --allow-tell answers `69 Service Unavailable`) or junk."""
+    head = data.partition(b"\r\n\r\n")[0].decode("latin-1")
+    lines = head.split("\r\n")
+    status = lines[0]
+    parts = status.split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith("SPAMD/"):
+        raise DaemonError(f"not a spamd answer: {status[:80]!r}")
+    if parts[1] != "0":
+        raise DaemonError(f"spamd refused TELL: {' '.join(parts[1:])[:200]}")
+    did_set = set()
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        if name.strip().lower() == "didset":
+            did_set.update(v.strip().lower() for v in value.split(","))
+    return TellResult(status, "local" in did_set)
+
+
 class SpamdClient:
     """Talks SPAMC/1.5 to one spamd through a client `endpoint`."""
 
@@ -86,21 +138,11 @@ class SpamdClient:
 
     def tell(self, message: bytes, spam: bool) -> defer.Deferred:
         """Teach spamd's Bayes database that `message` is spam (or ham); Deferred
-        firing with spamd's answer line.  spamd must run with --allow-tell."""
-        kind = b"spam" if spam else b"ham"
-        extra = b"Message-class: " + kind + b"\r\nSet: local\r\n"
-        return defer.Deferred.fromCoroutine(self._tell(message, extra))
+        `TellResult`.  spamd must run with --allow-tell."""
+        return defer.Deferred.fromCoroutine(self._tell(message, spam))
 
     def _request(self, command: bytes, message: bytes, extra: bytes = b"") -> bytes:
-        return (
-            command
-            + b" SPAMC/1.5\r\nContent-length: %d\r\nUser: " % len(message)
-            + self._user.encode("ascii", "replace")
-            + b"\r\n"
-            + extra
-            + b"\r\n"
-            + message
-        )
+        return spamc_request(command, message, self._user, extra)
 
     async def _exchange(self, request: bytes) -> bytes:
         protocol = ReplyCollector()
@@ -112,13 +154,8 @@ class SpamdClient:
     async def _ask(self, command: bytes, message: bytes) -> SpamResult:
         return parse_reply(await self._exchange(self._request(command, message)))
 
-    async def _tell(self, message: bytes, extra: bytes) -> str:
-        data = await self._exchange(self._request(b"TELL", message, extra))
-        status = data.split(b"\r\n", 1)[0].decode("latin-1")
-        parts = status.split(None, 2)
-        if len(parts) < 2 or parts[1] != "0":
-            raise DaemonError(f"spamd refused TELL: {status[:200]}")
-        return status
+    async def _tell(self, message: bytes, spam: bool) -> TellResult:
+        return parse_tell_reply(await self._exchange(tell_request(message, spam, self._user)))
 
 
 @implementer(IPolicyCheck)
@@ -133,6 +170,7 @@ class SpamCheck:
     max_size: int = DEFAULT_MAX_SIZE
     name: str = "spamd"
     phases: tuple = (Phase.DATA,)
+    pool: object = None  # where the message is read (the reactor's own pool when None)
 
     def __attrs_post_init__(self) -> None:
         if self.action not in ACTIONS:
@@ -170,7 +208,7 @@ class SpamCheck:
 
     async def _scan(self, context: PolicyContext) -> Verdict:
         started = self.reactor.seconds()
-        pool = self.reactor.getThreadPool()
+        pool = self.pool if self.pool is not None else self.reactor.getThreadPool()
         message = await threads.deferToThreadPool(
             self.reactor, pool, _read_all, context.body, self.max_size
         )
@@ -241,3 +279,58 @@ def _read_all(body, limit: int) -> bytes:
         if close is not None:
             close()
     return b"".join(parts)[:limit]
+
+
+# -- blocking helpers for mta-admin ------------------------------------------------
+
+_OUR_HEADERS = (b"x-spam-status:", b"x-spam-score:", b"x-spam-flag:")
+
+
+def strip_spam_headers(message: bytes) -> bytes:
+    """`message` without the X-Spam-Status/-Score/-Flag headers our check added (with
+    their folded lines): Bayes should learn the message, not our earlier verdict.
+    CRLF or LF lines (an mbox gives LF); a message without a header end is kept."""
+    kept, dropping, pos = [], False, 0
+    while True:
+        newline = message.find(b"\n", pos)
+        if newline < 0:
+            return message
+        line, pos = message[pos : newline + 1], newline + 1
+        if line in (b"\r\n", b"\n"):
+            return b"".join(kept) + line + message[pos:]
+        if line[:1] not in (b" ", b"\t"):
+            dropping = line.lower().startswith(_OUR_HEADERS)
+        if not dropping:
+            kept.append(line)
+
+
+def tell_blocking(
+    address: str, message: bytes, spam: bool, *, user: str = "mta", timeout: float = 60.0
+) -> TellResult:
+    """TELL spamd at `address` (host:port or a unix socket path) over a plain blocking
+    socket, for mta-admin, which runs no reactor.  DaemonError says what went wrong."""
+    parsed = parse_address(address)
+    try:
+        if isinstance(parsed, str):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(timeout)
+            try:
+                sock.connect(parsed)
+            except BaseException:
+                sock.close()
+                raise
+        else:
+            sock = socket.create_connection(parsed, timeout=timeout)
+        with sock:
+            sock.sendall(tell_request(message, spam, user))
+            data = b""
+            while len(data) < 65536:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+    except TimeoutError:
+        raise DaemonError(f"spamd at {address} did not answer within {timeout:g} s") from None
+    except OSError as e:
+        raise DaemonError(f"cannot reach spamd at {address}: {e.strerror or e}") from None
+    return parse_tell_reply(data)

@@ -127,7 +127,7 @@ class PolicyContext(NamedTuple):
     phase); `recipients` the mailboxes accepted so far in this transaction.  At
     DATA, `body` is the sealed `IMessageBody` of the message as received (no trace
     headers yet; its methods block, so read it in a thread) and `size` its size; at
-    MAIL `size` is the client's SIZE= declaration or 0.
+    MAIL and RCPT `size` is the client's SIZE= declaration or 0.
     """
 
     client_address: str

@@ -29,7 +29,19 @@ def open_queue_store(config, reactor, threadpool, *, worker: int = 0, **options)
     from mta.queue.filestore import FileQueueStore
     from mta.queue.layout import spool_dir
 
+    if config.queue.encrypt:
+        options.setdefault("keyring", queue_keyring(config))
     return FileQueueStore(spool_dir(config.path("queue"), worker), reactor, threadpool, **options)
+
+
+def queue_keyring(config):
+    """The keyring that seals queued messages (``[queue] encrypt``), or None.  The
+    spool shares the stores' master keys (``[storage] master_key_file``)."""
+    if not config.queue.encrypt:
+        return None
+    from mta.crypto.keys import open_keyring
+
+    return open_keyring(config)
 
 
 def open_queue_control(config):
@@ -37,7 +49,7 @@ def open_queue_control(config):
     _check(config)
     from mta.queue.control import FileQueueControl
 
-    return FileQueueControl(config.path("queue"))
+    return FileQueueControl(config.path("queue"), keyring=queue_keyring(config))
 
 
 def hold_message(config, envelope, message: bytes, trace_headers: bytes = b"") -> str:
@@ -46,7 +58,7 @@ def hold_message(config, envelope, message: bytes, trace_headers: bytes = b"") -
     _check(config)
     from mta.queue.inject import hold_message as hold
 
-    return hold(config.path("queue"), envelope, message, trace_headers)
+    return hold(config.path("queue"), envelope, message, trace_headers, queue_keyring(config))
 
 
 def adopt_orphaned_queues(config) -> int:
@@ -55,3 +67,12 @@ def adopt_orphaned_queues(config) -> int:
     from mta.queue.recovery import adopt_orphaned_spools
 
     return adopt_orphaned_spools(config.path("queue"), config.workers)
+
+
+def rekey_queue(config, keyring, key_id: str, *, dry_run: bool = False) -> tuple[int, int]:
+    """For `mta-admin key retire`: re-wrap the queue's resting sealed entries under
+    the current key; (how many, how many active ones still use `key_id`)."""
+    _check(config)
+    from mta.queue.rekey import rekey_queue as rekey
+
+    return rekey(config.path("queue"), keyring, key_id, dry_run=dry_run)

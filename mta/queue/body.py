@@ -6,6 +6,11 @@ still in memory, and reading it back from the file would cost a thread hop's wor
 system calls per copy: the body then also holds the chunks, and the queue drops them
 (`forget_memory`) once the first attempt is over.  Nothing outside `mta.queue` knows
 any of this: delivery, bounces and DKIM read through the interface.
+
+With ``[queue] encrypt`` the file holds the body sealed segment by segment
+(`mta.crypto.stream`): the body then has an `opener` and every read decrypts (and
+authenticates) one segment at a time, so memory stays bounded and no clear copy is
+ever written; the fast kernel copy is for clear files only.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ class ShortMessage(OSError):
 class FileBody:
     """`prefix` (trace headers) then bytes [0, length) of `path`, or of `memory`."""
 
-    __slots__ = ("prefix", "_path", "length", "_memory")
+    __slots__ = ("prefix", "_path", "length", "_memory", "_opener")
 
     def __init__(
         self,
@@ -43,11 +48,13 @@ class FileBody:
         path: str | None,
         length: int,
         memory: Sequence[bytes] | None = None,
+        opener=None,
     ):
         self.prefix = prefix
         self._path = path
         self.length = length
         self._memory = memory
+        self._opener = opener  # mta.crypto.stream.Opener of a sealed file
 
     @property
     def size(self) -> int:
@@ -70,6 +77,8 @@ class FileBody:
             want = min(self.length, limit - len(head))
             if self._memory is not None:
                 data = b"".join(self._memory)[:want]
+            elif self._opener is not None:
+                data = b"".join(self._sealed(want))[:want]
             else:
                 fd = os.open(self._path, _O_RDONLY)
                 try:
@@ -91,6 +100,9 @@ class FileBody:
         if self._memory is not None:
             yield from (c for c in self._memory if c)
             return
+        if self._opener is not None:
+            yield from self._sealed()
+            return
         left = self.length
         if not left:
             return
@@ -108,12 +120,29 @@ class FileBody:
             if written != len(prefix) + self.size:
                 raise ShortMessage("message held in memory")
             return written
+        if self._opener is not None:
+            write_all(fd, [prefix, self.prefix])
+            for clear in self._sealed():
+                write_all(fd, [clear])
+            return len(prefix) + self.size
         src = os.open(self._path, _O_RDONLY)
         try:
             _copy(fd, src, prefix + self.prefix, self.length, self._path)
         finally:
             os.close(src)
         return len(prefix) + self.size
+
+    def _sealed(self, limit: int | None = None) -> Iterator[bytes]:
+        """The clear body of a sealed file, a segment at a time."""
+        src = os.open(self._path, _O_RDONLY)
+        try:
+            for clear in self._opener.segments(
+                lambda offset, size: os.pread(src, size, offset), self.length, limit
+            ):
+                if clear:
+                    yield clear
+        finally:
+            os.close(src)
 
 
 def _copy(dst: int, src: int, prefix: bytes, length: int, where: str) -> None:

@@ -39,6 +39,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from zope.interface import implementer
 
+from mta.crypto.keys import DecryptionError
 from mta.interfaces import IQueueControl
 from mta.observe.logging import Logger
 from mta.queue import entry as fmt
@@ -136,13 +137,14 @@ def run_offline(root: str, action: str, qid: str | None, now: float) -> str:
 # -- the client side (mta-admin) ---------------------------------------------------
 
 
-def describe(queue_root: str, qid: str) -> str:
-    """``queue show``: envelope, per-recipient states and the message headers."""
+def describe(queue_root: str, qid: str, keyring=None) -> str:
+    """``queue show``: envelope, per-recipient states and the message headers (of a
+    sealed entry: decrypted with `keyring`)."""
     root, place = locate(queue_root, qid)
     path = os.path.join(root, place, qid)
     try:
-        entry = fmt.read_entry(path)
-    except fmt.CorruptEntry as e:
+        entry = fmt.read_entry(path, keyring=keyring)
+    except (fmt.CorruptEntry, DecryptionError) as e:
         raise ControlError(str(e)) from None
     env = entry.envelope
     status = fmt.read_status(path + STATUS_SUFFIX) or {}
@@ -171,7 +173,10 @@ def describe(queue_root: str, qid: str) -> str:
         detail = f": {entry.details[i]}" if entry.details[i] else ""
         lines.append(f"  {rcpt.path}{orig} [{state.value}]{detail}")
     lines.append("Headers:")
-    headers = entry.body.header_block().decode("utf-8", "replace")
+    try:
+        headers = entry.body.header_block().decode("utf-8", "replace")
+    except DecryptionError as e:
+        raise ControlError(f"{qid}: {e}") from None
     lines += ["  " + line for line in headers.replace("\r\n", "\n").rstrip("\n").split("\n")]
     return "\n".join(lines) + "\n"
 
@@ -260,9 +265,10 @@ class FileQueueControl:
     go through each spool's running owner when there is one, and are carried out
     directly (under the owner's lock) when the server is not running."""
 
-    def __init__(self, queue_root: str, *, timeout: float = 30.0):
+    def __init__(self, queue_root: str, *, timeout: float = 30.0, keyring=None):
         self.queue_root = queue_root
         self.timeout = timeout
+        self.keyring = keyring  # ``[queue] encrypt``: to show sealed messages' headers
 
     def list(self, dead: bool | None = None) -> list:
         from mta.queue.inspect import list_entries
@@ -273,7 +279,7 @@ class FileQueueControl:
         return sorted(entries, key=lambda s: (s.created, s.qid))
 
     def show(self, qid: str) -> str:
-        return describe(self.queue_root, qid)
+        return describe(self.queue_root, qid, self.keyring)
 
     def act(self, action: str, qid: str | None = None) -> str:
         if action not in ACTIONS:

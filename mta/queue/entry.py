@@ -25,12 +25,15 @@ status, which holds the reason) to ``queue/dead/``.  Never pickle.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 
 import attrs
 
+from mta.crypto import stream
+from mta.crypto.keys import DecryptionError
 from mta.envelope import (
     Address,
     DeliveryJob,
@@ -78,6 +81,9 @@ class QueueEntry:
     last_error: str = ""
     recovered: bool = False
     has_status: bool = False  # a .status file exists next to the queue file
+    # ``[queue] encrypt``: the metadata's "sealed" table (stored length, sealed trace
+    # headers); None for a clear file.  See mta.crypto.stream.
+    sealed: dict | None = None
     # Size of the queue file (body + trailer) when known, else 0: lets the spool reuse
     # the file for another message without a truncate when that one is as long.
     file_size: int = 0
@@ -95,6 +101,11 @@ class QueueEntry:
             self.details = [""] * n
         if self.body is None:
             self.body = FileBody(self.trace_headers, self.path, self.body_length)
+
+    @property
+    def stored_length(self) -> int:
+        """Bytes of the body region in the file (more than body_length when sealed)."""
+        return self.body_length if self.sealed is None else int(self.sealed["stored_length"])
 
     @property
     def size(self) -> int:
@@ -169,18 +180,32 @@ _COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
 def encode_metadata(
-    qid: str, envelope: Envelope, trace_headers: bytes, body_length: int, created: float
+    qid: str,
+    envelope: Envelope,
+    trace_headers: bytes,
+    body_length: int,
+    created: float,
+    sealed: dict | None = None,
 ) -> bytes:
-    """The JSON metadata that follows the body in the queue file."""
+    """The JSON metadata that follows the body in the queue file.  A sealed file
+    (`sealed`: see `seal_fields`) keeps its trace headers there, not in clear."""
     meta = {
         "version": FORMAT_VERSION,
         "qid": qid,
         **envelope_fields(envelope),
         "created": created,
         "body_length": body_length,
-        "trace_headers": trace_headers.decode("utf-8", "surrogateescape"),
+        "trace_headers": "" if sealed else trace_headers.decode("utf-8", "surrogateescape"),
     }
+    if sealed:
+        meta["sealed"] = sealed
     return _COMPACT.encode(meta).encode("ascii")
+
+
+def seal_fields(sealer, body_length: int, trace_headers: bytes) -> dict:
+    """The metadata's "sealed" table for a body sealed by `sealer`."""
+    trace = base64.b64encode(sealer.seal_extra(trace_headers)).decode("ascii")
+    return {"stored_length": stream.stored_length(body_length), "trace": trace}
 
 
 def encode_trailer(meta: bytes, body_length: int) -> bytes:
@@ -200,15 +225,29 @@ def decode_metadata(meta: dict, path: str) -> QueueEntry:
             body_length=int(meta["body_length"]),
             trace_headers=meta.get("trace_headers", "").encode("utf-8", "surrogateescape"),
             created=float(meta.get("created", envelope.received_at)),
+            sealed=_sealed_fields(meta.get("sealed"), int(meta["body_length"])),
         )
     except (KeyError, TypeError, ValueError, IndexError) as e:
         raise CorruptEntry(f"{path}: bad metadata: {e}") from None
 
 
-def read_entry(path: str, status_path: str | None = None) -> QueueEntry:
+def _sealed_fields(sealed, body_length: int) -> dict | None:
+    if sealed is None:
+        return None
+    stored = int(sealed["stored_length"])
+    if stored != stream.stored_length(body_length) or not isinstance(sealed["trace"], str):
+        raise ValueError("sealed lengths do not add up")
+    return {"stored_length": stored, "trace": sealed["trace"]}
+
+
+def read_entry(path: str, status_path: str | None = None, keyring=None) -> QueueEntry:
     """Load a committed queue file (blocking) and apply its latest status snapshot.
 
-    Raises FileNotFoundError when it is gone, CorruptEntry when it cannot be trusted.
+    A sealed file (``[queue] encrypt``) needs `keyring` for its body and trace
+    headers; without one (`mta-admin queue list`) its envelope still reads, and
+    reading its body raises DecryptionError saying so.  Raises FileNotFoundError
+    when it is gone, CorruptEntry when it cannot be trusted, DecryptionError when
+    it cannot be decrypted.
     """
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -222,6 +261,7 @@ def read_entry(path: str, status_path: str | None = None) -> QueueEntry:
         if body_length + meta_length + FOOTER_LENGTH != size:
             raise CorruptEntry(f"{path}: length mismatch")
         raw = os.pread(fd, meta_length, body_length)
+        head = os.pread(fd, stream.HEADER_SIZE, 0) if b'"sealed"' in raw else b""
     finally:
         os.close(fd)
     try:
@@ -229,13 +269,40 @@ def read_entry(path: str, status_path: str | None = None) -> QueueEntry:
     except ValueError as e:
         raise CorruptEntry(f"{path}: bad metadata JSON: {e}") from None
     entry = decode_metadata(meta, path)
-    if entry.body_length != body_length:
+    if entry.stored_length != body_length:
         raise CorruptEntry(f"{path}: body length mismatch")
+    if entry.sealed is not None:
+        _open_sealed(entry, head, keyring)
     entry.file_size = size
     status = read_status(status_path if status_path is not None else path + STATUS_SUFFIX)
     if status is not None:
         apply_status(entry, status)
     return entry
+
+
+def _open_sealed(entry: QueueEntry, head: bytes, keyring) -> None:
+    if keyring is None:
+        entry.body = FileBody(b"", entry.path, entry.body_length, opener=_NoKeyring(entry.qid))
+        return
+    opener = stream.Opener.open_header(keyring, head, entry.qid)
+    try:
+        sealed_trace = base64.b64decode(entry.sealed["trace"], validate=True)
+    except ValueError:
+        raise CorruptEntry(f"{entry.path}: bad sealed trace headers") from None
+    entry.trace_headers = opener.open_extra(sealed_trace)
+    entry.body = FileBody(entry.trace_headers, entry.path, entry.body_length, opener=opener)
+
+
+class _NoKeyring:
+    """The opener of a sealed entry read without the keys (listing only)."""
+
+    def __init__(self, qid: str):
+        self.qid = qid
+
+    def segments(self, read, clear_length: int, limit=None):
+        raise DecryptionError(
+            f"queue file {self.qid} is encrypted ([queue] encrypt) and no keys were given"
+        )
 
 
 # -- status snapshots ----------------------------------------------------------

@@ -107,11 +107,14 @@ def requeue_entry(root: str, qid: str, now: float) -> bool:
     except FileNotFoundError:
         return False
     # Rewrite the trailer in place with the new creation time (the body stays).
-    meta = fmt.encode_metadata(qid, entry.envelope, entry.trace_headers, entry.body_length, now)
+    meta = fmt.encode_metadata(
+        qid, entry.envelope, entry.trace_headers, entry.body_length, now, entry.sealed
+    )
+    stored = entry.stored_length  # (a sealed entry's trace headers stay sealed in `sealed`)
     fd = os.open(path, os.O_WRONLY)
     try:
-        os.ftruncate(fd, entry.body_length)
-        os.pwrite(fd, fmt.encode_trailer(meta, entry.body_length), entry.body_length)
+        os.ftruncate(fd, stored)
+        os.pwrite(fd, fmt.encode_trailer(meta, stored), stored)
         os.fsync(fd)
     finally:
         os.close(fd)

@@ -22,7 +22,8 @@ NOTIFY=SUCCESS are reported right after it; a recipient still deferred once the
 entry is `delay_warning` seconds old and that asked for NOTIFY=DELAY explicitly
 gets one delay notice; failures are reported when the entry is finished, unless
 every failed recipient declined (NOTIFY=NEVER, or a list without FAILURE): then
-the entry simply leaves the queue.  Nothing is ever sent for a null sender.
+the entry simply leaves the queue.  Nothing is ever sent for a null sender, nor
+for a quarantined message (its sender may be forged).
 """
 
 from __future__ import annotations
@@ -253,8 +254,14 @@ class QueueRunner(Service):
             log.info("{qid} completed", qid=qid, attempts=entry.attempts, event="done")
 
     def _sends_dsn(self, entry: QueueEntry) -> bool:
-        """A null sender never gets a DSN (no loops): its failures become dead letters."""
-        return self.bouncer is not None and not entry.envelope.sender.is_null
+        """A null sender never gets a DSN (no loops): its failures become dead letters.
+        Nor does the sender of a quarantined message: it may be forged (no backscatter)
+        and must not learn that the message was held.  A release queues the message
+        again, unquarantined, with its DSN request."""
+        envelope = entry.envelope
+        return (
+            self.bouncer is not None and not envelope.sender.is_null and envelope.quarantine is None
+        )
 
     def _delays(self, entry: QueueEntry, now: float, expires: float) -> list:
         """The delay notice due now, if any: once per entry, past `delay_warning`."""

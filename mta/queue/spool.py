@@ -11,7 +11,11 @@ Status updates, deletions and dead-lettering join the same batches (after the
 commits in them), so finishing a delivered message costs no thread hop of its own.
 
 Bodies stay in memory up to 256 KB, then spill to ``queue/tmp/<qid>``, to which the
-trailer is appended at commit (no copy).  The reactor thread never fsyncs.
+trailer is appended at commit (no copy).  The reactor thread never fsyncs.  With a
+`keyring` (``[queue] encrypt``) every byte of a message that reaches the disk is
+sealed (`mta.crypto.stream`): a spilled body segment by segment as it arrives, a
+small one whole at commit, the trace headers inside the metadata; nothing in clear
+is written, not even to ``tmp/``.
 
 The spool announces each committed entry through ``spool.on_commit(entry)`` (set by
 `mta.queue.filestore.FileQueueStore`, which owns the spool and schedules its
@@ -33,8 +37,10 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mta.crypto.keys import Keyring, KeyringError
+from mta.crypto.stream import Sealer
 from mta.fileio import fsync_dir, write_all
-from mta.interfaces import ISpool, ISpoolFile
+from mta.interfaces import ISpool
 from mta.observe.logging import Logger
 from mta.process.batch import BatchWorker
 from mta.queue import entry as fmt
@@ -44,133 +50,13 @@ from mta.queue.entry import QueueEntry
 from mta.queue.files import append_status, move_entry, reason_line, unlink_quietly
 from mta.queue.ids import new_queue_id
 from mta.queue.layout import ACTIVE, DEAD, FREE, HOLD, STATUS_SUFFIX, TMP
+from mta.queue.spoolfile import OPEN_FLAGS, CommitJob, SpoolFile
 
 log = Logger()
 
 MEMORY_LIMIT = 256 * 1024
-_SPILL_FLUSH = 64 * 1024
 _RECYCLE_MAX_FILES = 1024
 _RECYCLE_MAX_SIZE = 1024 * 1024
-_OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
-
-
-class _CommitJob:
-    __slots__ = (
-        "qid",
-        "tmp_path",
-        "fd",
-        "chunks",
-        "envelope",
-        "trace_headers",
-        "length",
-        "created",
-        "in_memory",
-        "file_size",
-    )
-
-    def __init__(self, qid, tmp_path, fd, chunks, envelope, trace_headers, length, created):
-        self.qid = qid
-        self.tmp_path = tmp_path
-        self.fd = fd
-        self.chunks = chunks
-        self.envelope = envelope
-        self.trace_headers = trace_headers
-        self.length = length
-        self.created = created
-        self.in_memory = fd is None  # `chunks` is the whole body (never spilled)
-        self.file_size = 0
-
-
-@implementer(ISpoolFile)
-class SpoolFile:
-    """One message being received.  `buffered` is the body bytes held in memory."""
-
-    def __init__(self, spool: Spool, qid: str):
-        self.qid = qid
-        self.size = 0
-        self.buffered = 0
-        self._spool = spool
-        self._chunks: list[bytes] = []
-        self._fd: int | None = None
-        self._closed = False
-
-    @property
-    def spilled(self) -> bool:
-        return self._fd is not None
-
-    def write(self, data: bytes) -> None:
-        if self._closed:
-            raise ValueError(f"spool file {self.qid} already committed or aborted")
-        if not isinstance(data, bytes):
-            data = bytes(data)
-        if not data:
-            return
-        self.size += len(data)
-        if self._fd is None:
-            if self.buffered + len(data) <= self._spool.memory_limit:
-                self._chunks.append(data)
-                self.buffered += len(data)
-                return
-            self._fd = os.open(self._spool.tmp_path(self.qid), _OPEN_FLAGS, 0o600)
-        elif self.buffered + len(data) <= _SPILL_FLUSH:
-            self._chunks.append(data)
-            self.buffered += len(data)
-            return
-        self._chunks.append(data)
-        chunks, self._chunks, self.buffered = self._chunks, [], 0
-        try:
-            write_all(self._fd, chunks)
-        except OSError:
-            self.abort()
-            raise
-
-    def body(self) -> FileBody:
-        """The bytes written so far, for end-of-message checks (see ISpoolFile)."""
-        if self._closed:
-            raise ValueError(f"spool file {self.qid} already committed or aborted")
-        if self._fd is None:
-            return FileBody(b"", None, self.size, list(self._chunks))
-        if self._chunks:
-            chunks, self._chunks, self.buffered = self._chunks, [], 0
-            try:
-                write_all(self._fd, chunks)
-            except OSError:
-                self.abort()
-                raise
-        return FileBody(b"", self._spool.tmp_path(self.qid), self.size)
-
-    def commit(self, envelope, trace_headers: bytes = b"") -> Deferred:
-        if self._closed:
-            raise ValueError(f"spool file {self.qid} already committed or aborted")
-        self._closed = True
-        chunks, self._chunks, self.buffered = self._chunks, [], 0
-        fd, self._fd = self._fd, None
-        return self._spool._commit(
-            _CommitJob(
-                self.qid,
-                self._spool.tmp_path(self.qid),
-                fd,
-                chunks,
-                envelope,
-                bytes(trace_headers),
-                self.size,
-                envelope.received_at or self._spool.reactor.seconds(),
-            )
-        )
-
-    def abort(self) -> None:
-        if self._closed and self._fd is None:
-            return
-        self._closed = True
-        self._spool._live.discard(self.qid)
-        self._chunks, self.buffered = [], 0
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-            try:
-                os.unlink(self._spool.tmp_path(self.qid))
-            except FileNotFoundError:
-                pass
 
 
 @implementer(ISpool)
@@ -186,10 +72,12 @@ class Spool:
         fsync: Callable[[int], None] = os.fsync,
         memory_limit: int = MEMORY_LIMIT,
         lanes: int = 2,
+        keyring: Keyring | None = None,
     ):
         self.queue_dir = queue_dir
         self.reactor = reactor
         self.memory_limit = memory_limit
+        self.keyring = keyring  # seal what is written (see the module docstring)
         self.on_commit: Callable[[QueueEntry], None] | None = None
         self.tmp_dir = os.path.join(queue_dir, TMP)
         self.active_dir = os.path.join(queue_dir, ACTIVE)
@@ -247,14 +135,14 @@ class Spool:
 
     # -- commit -------------------------------------------------------------------
 
-    def _commit(self, job: _CommitJob) -> Deferred:
+    def _commit(self, job: CommitJob) -> Deferred:
         d = self._writer.submit(("commit", job))
         d.addCallbacks(
             self._committed, self._commit_failed, callbackArgs=(job,), errbackArgs=(job,)
         )
         return d
 
-    def _commit_failed(self, f: Failure, job: _CommitJob) -> Failure:
+    def _commit_failed(self, f: Failure, job: CommitJob) -> Failure:
         self._live.discard(job.qid)
         log.error(
             "commit of {qid} failed: {error}",
@@ -264,7 +152,7 @@ class Spool:
         )
         return f
 
-    def _committed(self, _, job: _CommitJob) -> str:
+    def _committed(self, _, job: CommitJob) -> str:
         self._live.discard(job.qid)
         self._backlog += 1
         if self.on_commit is None:
@@ -279,11 +167,13 @@ class Spool:
             trace_headers=job.trace_headers,
             created=job.created,
             file_size=job.file_size,
+            sealed=job.sealed,
             body=FileBody(
                 job.trace_headers,
                 self.active_path(job.qid),
                 job.length,
                 job.chunks if job.in_memory else None,
+                job.opener,
             ),
         )
         job.chunks = []
@@ -322,26 +212,29 @@ class Spool:
                     results[i] = result
         return results
 
-    def _commit_batch(self, jobs: list[_CommitJob]) -> list:
+    def _commit_batch(self, jobs: list[CommitJob]) -> list:
         """Thread: write + fsync each file, rename all, fsync the directory once."""
         results: list = []
         renamed: list[str] = []
+        if self.keyring is not None:
+            self._refresh_keys()
         for job in jobs:
             try:
+                pieces, stored = self._body_pieces(job)
                 meta = fmt.encode_metadata(
-                    job.qid, job.envelope, job.trace_headers, job.length, job.created
+                    job.qid, job.envelope, job.trace_headers, job.length, job.created, job.sealed
                 )
-                trailer = fmt.encode_trailer(meta, job.length)
+                trailer = fmt.encode_trailer(meta, stored)
                 fd = job.fd
                 reused = None if fd is not None else self._reuse(job.tmp_path)
                 if reused is not None:
                     fd, old_size = reused
                 elif fd is None:
-                    fd = os.open(job.tmp_path, _OPEN_FLAGS, 0o600)
+                    fd = os.open(job.tmp_path, OPEN_FLAGS, 0o600)
                 job.fd = None
                 try:
-                    write_all(fd, [*job.chunks, trailer])
-                    size = job.length + len(trailer)
+                    write_all(fd, [*pieces, trailer])
+                    size = stored + len(trailer)
                     if reused is not None and (old_size == 0 or old_size > size):
                         # A reused file longer than this message (or of unknown size).
                         os.ftruncate(fd, size)
@@ -367,6 +260,31 @@ class Spool:
                     _unlink_quietly(path)
                 results = [(False, e)] * len(jobs)
         return results
+
+    def _body_pieces(self, job: CommitJob) -> tuple[list[bytes], int]:
+        """Thread: what is left to write of `job`'s body, and the body region's size.
+        Sealing makes the entry's metadata and opener too."""
+        if self.keyring is None:
+            return job.chunks, job.length
+        sealer = job.sealer
+        if job.in_memory:
+            sealer = Sealer(self.keyring, job.qid)
+            pieces = sealer.seal_all(job.chunks)
+        elif job.chunks or not sealer.closed:
+            pieces = [*sealer.feed(job.chunks), sealer.close()]
+        else:
+            pieces = []  # body() sealed the end already
+        job.sealed = fmt.seal_fields(sealer, job.length, job.trace_headers)
+        job.opener = sealer.opener()
+        job.sealer = None
+        return pieces, job.sealed["stored_length"]
+
+    def _refresh_keys(self) -> None:
+        """Follow `mta-admin key rotate`; broken key files leave the loaded keys in use."""
+        try:
+            self.keyring.refresh()
+        except KeyringError as e:
+            log.warn("cannot re-read the queue's keys: {error}", error=str(e))
 
     def _reuse(self, tmp_path: str) -> tuple[int, int] | None:
         """Thread: (fd, size) for `tmp_path` made from a recycled file of that size (0
@@ -493,7 +411,7 @@ class Spool:
         for qid in qids:
             path = self.active_path(qid)
             try:
-                results.append((True, fmt.read_entry(path)))
+                results.append((True, fmt.read_entry(path, keyring=self.keyring)))
             except FileNotFoundError:
                 results.append((True, None))
             except fmt.CorruptEntry as e:

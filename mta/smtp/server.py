@@ -22,6 +22,7 @@ from mta.config import ListenerConfig
 from mta.observe.logging import Logger
 from mta.process.balance import BalancingFactory
 from mta.smtp import replies as R
+from mta.smtp.proxy import ProxyHeaderFactory
 from mta.smtp.session import SessionContext, SMTPSession
 
 log = Logger()
@@ -106,6 +107,10 @@ class ListenerService(service.Service):
     may not bind (a privileged port after the parent dropped root) adopts the
     listening socket it inherited from the parent instead.  A single process binds
     without SO_REUSEPORT, so a second server on the same port fails loudly.
+
+    A `proxy_protocol` listener reads the PROXY header first, before any TLS
+    handshake, and only from `proxy_networks` (mta.smtp.proxy); a connection handed
+    over between workers has not been read from, so its header travels with it.
     """
 
     def __init__(
@@ -117,6 +122,8 @@ class ListenerService(service.Service):
         inherited_fd: int | None = None,
         shared: bool = False,
         balancer=None,
+        proxy_networks: tuple = (),
+        proxy_timeout: float = 10.0,
     ):
         self.listener = listener
         self.setName(f"listener-{listener.name}")
@@ -128,6 +135,10 @@ class ListenerService(service.Service):
             if tls_context is None:
                 raise ValueError(f"listener {listener.name}: implicit TLS needs a certificate")
             factory = TLSMemoryBIOFactory(tls_context, False, factory)
+        if listener.proxy_protocol:
+            factory = ProxyHeaderFactory(
+                factory, proxy_networks, reactor, timeout=proxy_timeout, listener=listener.name
+            )
         if balancer is not None:
             index = balancer.register(factory, self._family())
             factory = BalancingFactory(factory, balancer, index)

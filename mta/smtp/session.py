@@ -300,7 +300,8 @@ class SMTPSession(OrderedSession):
             return R.TOO_MANY_RECIPIENTS
         if not self._rcpt_checks:
             return self._rcpt_checked(Verdict.ACCEPT, rcpt, notify, orcpt)
-        context = self._context(tx.sender, rcpt, tuple(tx.recipients), tx.params)
+        params = tx.params
+        context = self._context(tx.sender, rcpt, tuple(tx.recipients), params, None, params.size)
         verdict = self._pipeline.run(Phase.RCPT, context)
         if isinstance(verdict, defer.Deferred):
             return verdict.addCallback(self._rcpt_checked, rcpt, notify, orcpt)

@@ -42,14 +42,11 @@ def open_store(config, *, fsync=None):
 
 
 def open_keyring(config, keyring_class=None):
-    """The `mta.storage.crypto.FileKeyring` of ``[storage]``'s key source; raises
-    `mta.storage.crypto.KeyringError` saying which file is missing or bad."""
-    if keyring_class is None:
-        from mta.storage.crypto import FileKeyring as keyring_class
-    return keyring_class(
-        key_file=config.storage.master_key_file,
-        passphrase_file=config.storage.master_key_passphrase_file,
-    )
+    """The `mta.crypto.keys.FileKeyring` of ``[storage]``'s key source; raises
+    `mta.crypto.keys.KeyringError` saying which file is missing or bad."""
+    from mta.crypto.keys import open_keyring as open_ring
+
+    return open_ring(config, keyring_class)
 
 
 def _open_routed(config, fsync):

@@ -189,3 +189,16 @@ def test_twistd_refuses_to_start_on_a_schema_behind(config_file):
         options.parseOptions(["--config", config_file])
     assert admin(config_file, "db", "migrate").returncode == 0
     options.parseOptions(["--config", config_file])  # now it may start
+
+
+def test_a_version_3_database_keeps_its_usage_when_migrated(postgres_dsn):
+    migrations = load_pg_migrations()
+    with Database(postgres_dsn, migrations=[m for m in migrations if m.version <= 3]) as old:
+        with old.transaction() as conn:
+            conn.execute(
+                "INSERT INTO users (username, email, created_at, used_mb)"
+                " VALUES ('bob@example.test', 'bob@example.test', 0, 3000)"
+            )
+    with Database(postgres_dsn) as db:
+        user = db.require_user("bob@example.test")
+    assert (user.used_bytes, user.used_mb) == (3000 * 1048576, 3000)  # over 2**31: BIGINT

@@ -1,7 +1,8 @@
 """Real scanning daemons for the spamd and clamd tests, one of each per test session.
 
 - `spamd_server`: SpamAssassin's spamd with `--local` (no network tests) on a free
-  loopback port, its rules as Debian ships them (GTUBE scores 1000).
+  loopback port, its rules as Debian ships them (GTUBE scores 1000), TELL allowed and
+  its Bayes database in its own directory (`Daemon.bayes`, `bayes_counts`).
 - `clamd_server`: clamd with its own config and a tiny signature database this
   fixture writes (the EICAR test file as an MD5 signature, and a marker string as a
   body signature); no freshclam, no official databases.
@@ -15,9 +16,11 @@ from __future__ import annotations
 import hashlib
 import os
 import pwd
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +41,7 @@ class Daemon:
     port: int
     process: subprocess.Popen
     log: Path
+    bayes: Path | None = None  # spamd: the directory of its Bayes database
 
 
 def _ping(port: int, request: bytes, answer: bytes) -> bool:
@@ -92,17 +96,44 @@ def spamd_server(tmp_path_factory):
         f"--syslog={log}",
         "--allow-tell",
     ]
+    # Its own Bayes database (TELL writes it), not the one in the spamd user's home.
+    # Under /tmp itself: the children must reach it, and pytest's base directory is
+    # private to us.
+    bayes = Path(tempfile.mkdtemp(prefix="mta-test-bayes-"))
+    args.append(f"--cf=bayes_path {bayes / 'bayes'}")
     if os.geteuid() == 0:
         # spamd refuses to run children as root: give them the Debian user.
         user = "debian-spamd" if _user_exists("debian-spamd") else "nobody"
-        os.chown(home, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
+        for path in (home, bayes):
+            os.chown(path, pwd.getpwnam(user).pw_uid, pwd.getpwnam(user).pw_gid)
         args += [f"--username={user}", f"--groupname={_group_of(user)}"]
     out = open(home / "stdout.log", "wb")  # noqa: SIM115 (closed at teardown)
     process = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=home)
     _wait(process, port, b"PING SPAMC/1.5\r\n\r\n", b"PONG", home / "stdout.log")
-    yield Daemon(f"127.0.0.1:{port}", port, process, log)
+    yield Daemon(f"127.0.0.1:{port}", port, process, log, bayes)
     _stop(process)
     out.close()
+    shutil.rmtree(bayes, ignore_errors=True)
+
+
+def bayes_counts(daemon: Daemon) -> tuple[int, int]:
+    """(nspam, nham) of `spamd_server`'s Bayes database, as `sa-learn --dump magic`
+    reads it (0, 0 before anything was learned)."""
+    if not (daemon.bayes / "bayes_toks").exists():
+        return 0, 0
+    out = subprocess.run(
+        [require_tool("sa-learn"), "--dump", "magic", f"--dbpath={daemon.bayes}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    counts = {}
+    for line in out.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[-1] in ("nspam", "nham"):
+            counts[fields[-1]] = int(fields[2])
+    return counts["nspam"], counts["nham"]
 
 
 def _user_exists(name: str) -> bool:

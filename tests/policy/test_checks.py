@@ -7,10 +7,10 @@ import ipaddress
 from twisted.internet import defer, task
 from zope.interface.verify import verifyObject
 
-from mta.app import policy_pipeline
 from mta.config import build_config
 from mta.envelope import Address
 from mta.interfaces import IPolicyCheck
+from mta.policy.compose import policy_pipeline
 from mta.policy.pipeline import CHECK_TIMEOUT
 from mta.policy.ratelimit import RATE_LIMITED, RateLimitCheck, RateLimiter
 from mta.policy.relay import RELAY_DENIED, USER_UNKNOWN, RelayCheck
@@ -108,7 +108,7 @@ def test_composition_root_pipeline_keeps_the_relay_rule_fail_closed():
     clock = task.Clock()
     directory = FakeDirectory({}, deferred=True)
     pipeline = policy_pipeline(config, clock, directory, FakeSenderPolicy({}))
-    assert [c.name for c in pipeline.checks] == ["rate-ip", "sender", "relay"]
+    assert [c.name for c in pipeline.checks] == ["rate-ip", "sender", "relay", "quota"]
     assert pipeline.timeout == 5.0
     d = pipeline.run(Phase.RCPT, ctx(recipient=ALICE))
     clock.advance(5)
@@ -130,7 +130,7 @@ def test_composition_root_adds_dnsbl_and_attachment_checks_when_configured():
         }
     )
     pipeline = policy_pipeline(config, task.Clock(), FakeDirectory({}), FakeSenderPolicy({}))
-    assert [c.name for c in pipeline.checks] == ["dnsbl", "sender", "relay", "attachments"]
+    assert [c.name for c in pipeline.checks] == ["dnsbl", "sender", "relay", "quota", "attachments"]
     dnsbl, attachments = pipeline.checks[0], pipeline.checks[-1]
     assert (dnsbl.zones, dnsbl.action) == (("bl.test",), "reject")
     assert attachments.action == "quarantine"

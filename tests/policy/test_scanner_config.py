@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from twisted.internet import task
 
-from mta.app import policy_pipeline
 from mta.config import ConfigError, build_config
 from mta.policy.clamd import VirusCheck
+from mta.policy.compose import policy_pipeline
 from mta.policy.spamd import SpamCheck
 from mta.policy.verdict import Phase
 from mta.testing import FakeDirectory, FakeSenderPolicy
@@ -71,8 +71,8 @@ def pipeline(checks: dict):
     return policy_pipeline(config, task.Clock(), FakeDirectory({}), FakeSenderPolicy({}))
 
 
-def test_pipeline_without_scanners_has_no_data_checks():
-    assert Phase.DATA not in pipeline({}).phases
+def test_pipeline_without_scanners_has_only_the_quota_check_at_data():
+    assert [c.name for c in pipeline({}).checks_for(Phase.DATA)] == ["quota"]
 
 
 def test_pipeline_builds_clamd_then_spamd_and_clamd_fails_closed():
@@ -86,7 +86,7 @@ def test_pipeline_builds_clamd_then_spamd_and_clamd_fails_closed():
             "spam_max_size": 2048,
         }
     )
-    virus, spam = p.checks_for(Phase.DATA)
+    _quota, virus, spam = p.checks_for(Phase.DATA)
     assert isinstance(virus, VirusCheck) and virus.action == "reject"
     assert isinstance(spam, SpamCheck)
     assert (spam.action, spam.threshold, spam.max_size) == ("reject", 4.5, 2048)

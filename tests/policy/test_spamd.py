@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import uuid
 
 import pytest
 import pytest_twisted
@@ -18,11 +19,15 @@ from mta.policy.spamd import (
     SpamdClient,
     SpamResult,
     parse_reply,
+    parse_tell_reply,
     spam_headers,
+    strip_spam_headers,
+    tell_blocking,
+    tell_request,
 )
 from mta.policy.verdict import Action, Phase, PolicyContext, Verdict
 from mta.testing import MemoryBody
-from tests.policy.conftest import GTUBE
+from tests.policy.conftest import GTUBE, bayes_counts
 
 HEAD = (
     b"From: sender@example.test\r\nTo: rcpt@example.test\r\nSubject: test\r\n"
@@ -39,6 +44,13 @@ def context(message: bytes, **fields) -> PolicyContext:
 
 def spam_check(reactor, address: str, **kw) -> SpamCheck:
     return SpamCheck(SpamdClient(daemon_endpoint(reactor, address)), reactor, **kw)
+
+
+def unique(message: bytes) -> bytes:
+    """`message` as one spamd's Bayes has not seen (scans auto-learn, and Bayes knows a
+    message by its Message-ID and by its Date and body)."""
+    tag = uuid.uuid4().hex.encode()
+    return message.replace(b"<t-1@", b"<%s@" % tag) + b"ref " + tag + b"\r\n"
 
 
 def headers_of(verdict: Verdict) -> bytes:
@@ -188,8 +200,70 @@ async def test_tell_learns(spamd_server):
     from twisted.internet import reactor
 
     client = SpamdClient(daemon_endpoint(reactor, spamd_server.address))
-    status = await client.tell(HAM, spam=False)
-    assert status.startswith("SPAMD/1.1 0")
+    message = unique(HAM)
+    spam, ham = bayes_counts(spamd_server)
+    result = await client.tell(message, spam=False)
+    assert result.learned and result.status.startswith("SPAMD/1.1 0")
+    assert bayes_counts(spamd_server) == (spam, ham + 1)
+    again = await client.tell(message, spam=False)  # Bayes already holds it as ham
+    assert not again.learned
+    assert bayes_counts(spamd_server) == (spam, ham + 1)
+
+
+def test_tell_blocking_reaches_the_same_database(spamd_server):
+    message = unique(SPAM)
+    spam, ham = bayes_counts(spamd_server)
+    assert tell_blocking(spamd_server.address, message, True).learned
+    assert bayes_counts(spamd_server) == (spam + 1, ham)
+
+
+def test_tell_blocking_errors_say_what_happened():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    with pytest.raises(DaemonError, match=f"cannot reach spamd at {address}: "):
+        tell_blocking(address, HAM, True)
+    with socket.socket() as server:  # accepts (in the kernel) and never answers
+        server.bind(("127.0.0.1", 0))
+        server.listen(5)
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        with pytest.raises(DaemonError, match="did not answer within 0.2 s"):
+            tell_blocking(address, HAM, True, timeout=0.2)
+
+
+def test_tell_request_and_replies():
+    request = tell_request(b"Subject: x\r\n\r\nhi\r\n", spam=True, user="mta")
+    assert request == (
+        b"TELL SPAMC/1.5\r\nContent-length: 18\r\nUser: mta\r\n"
+        b"Message-class: spam\r\nSet: local\r\n\r\nSubject: x\r\n\r\nhi\r\n"
+    )
+    assert b"Message-class: ham\r\n" in tell_request(b"", spam=False)
+    learned = parse_tell_reply(b"SPAMD/1.1 0 EX_OK\r\nDidSet: local\r\n\r\n\r\n")
+    assert learned.learned and learned.status == "SPAMD/1.1 0 EX_OK"
+    assert not parse_tell_reply(b"SPAMD/1.1 0 EX_OK\r\n\r\n\r\n").learned
+    # What spamd 4.0 without --allow-tell answers:
+    refused = (
+        b"SPAMD/1.0 69 Service Unavailable: TELL commands are not enabled,"
+        b" set the --allow-tell switch.\r\n"
+    )
+    with pytest.raises(DaemonError, match="spamd refused TELL: 69 .*--allow-tell"):
+        parse_tell_reply(refused)
+    with pytest.raises(DaemonError, match="not a spamd answer"):
+        parse_tell_reply(b"")
+
+
+def test_strip_spam_headers_removes_our_tags_only():
+    tests = [f"RULE_NUMBER_{i}" for i in range(12)]
+    tags = b"".join(spam_headers(7.25, 5.0, tests, True))
+    message = b"Received: from x\r\n" + tags + b"X-Spammy: keep\r\n" + HAM
+    assert strip_spam_headers(message) == b"Received: from x\r\nX-Spammy: keep\r\n" + HAM
+    body_only = b"X-Spam-Flag: YES in the body\r\n"
+    assert strip_spam_headers(HEAD + body_only) == HEAD + body_only
+    assert strip_spam_headers(b"no header end") == b"no header end"
+    lf = message.replace(b"\r\n", b"\n")
+    assert strip_spam_headers(lf) == b"Received: from x\nX-Spammy: keep\n" + HAM.replace(
+        b"\r\n", b"\n"
+    )
 
 
 def test_deferred_is_cancellable():
