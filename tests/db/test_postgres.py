@@ -16,6 +16,7 @@ import json
 import smtplib
 import ssl
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -194,3 +195,34 @@ def test_the_daemon_answers_451_while_the_database_is_gone_and_recovers(
 
 def test_psycopg_is_what_tests_and_mta_share():
     assert psycopg.__version__ >= "3.1"
+
+
+def test_mail_through_the_daemon_into_the_sql_store_on_postgresql(mta_server_factory, postgres_dsn):
+    """The whole path on PostgreSQL: RCPT resolved from it, the message stored in
+    its `messages` table (quota usage charged), found by `mta-admin search`."""
+    server = mta_server_factory(
+        {"database": {"dsn": postgres_dsn}, "storage": {"backend": "sql"}}, start=False
+    )
+    assert server.admin("user", "add", "--no-password", "bob@example.test").returncode == 0
+    assert server.admin("user", "quota", "bob@example.test", "10").returncode == 0
+    server.start()
+    body = "From: Alice <alice@remote.test>\r\nSubject: Quarterly numbers\r\n\r\nsee attached\r\n"
+    with smtplib.SMTP(server.host, server.smtp_port, timeout=30) as smtp:
+        smtp.sendmail("alice@remote.test", ["bob@example.test"], body)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = server.admin("search", "quarterly", "--user", "bob@example.test")
+        if "Quarterly numbers" in found.stdout:
+            break
+        time.sleep(0.2)
+    assert "Quarterly numbers" in found.stdout, (found.stdout, found.stderr, server.log())
+    listed = server.admin("mail", "list", "bob@example.test")
+    assert listed.returncode == 0 and len(listed.stdout.strip().splitlines()) == 2
+    with psycopg.connect(postgres_dsn) as conn:
+        (used,) = conn.execute(
+            "SELECT used_bytes FROM users WHERE username = 'bob@example.test'"
+        ).fetchone()
+        (size,) = conn.execute(
+            'SELECT size FROM messages WHERE "user" = %s', ("bob@example.test",)
+        ).fetchone()
+    assert used == size > len(body)
