@@ -1,6 +1,10 @@
 """Time `mta-admin search` over 100,000 messages in the SQL store (issue #13).
 
     .venv/bin/python bench/search_bench.py [--messages 100000] [--keep DIR]
+    .venv/bin/python bench/search_bench.py --dsn postgresql://postgres@127.0.0.1/bench
+
+With ``--dsn`` the store is PostgreSQL (tsvector + GIN) in that database, which must
+exist; messages are generated only when it holds none yet.
 
 Generates the messages through `SQLStore.deliver_batch` (1,000 per transaction,
 20 mailboxes, dates over the last year, words drawn from a Zipf-like vocabulary so
@@ -55,6 +59,26 @@ def make_message(rng: random.Random, n: int, now: float) -> bytes:
     ).encode()
 
 
+def stored(path: str) -> int:
+    """Messages already in the store at `path` (0 for a new SQLite file)."""
+    if not path.startswith("postgresql://") and not os.path.exists(path):
+        return 0
+    from mta.db import Database
+
+    with Database(path) as db, db._read() as conn:
+        return conn.execute("SELECT count(*) FROM messages").fetchone()[0]
+
+
+def size(path: str) -> float:
+    if not path.startswith("postgresql://"):
+        return os.path.getsize(path) / 1e6
+    from mta.db import Database
+
+    with Database(path) as db, db._read() as conn:
+        conn.execute("VACUUM ANALYZE messages")
+        return conn.execute("SELECT pg_database_size(current_database())").fetchone()[0] / 1e6
+
+
 def generate(path: str, count: int) -> None:
     rng = random.Random(13)
     now = time.time()
@@ -96,10 +120,12 @@ def time_queries(path: str) -> None:
     store.close()
 
 
-def time_cli(datadir: str) -> None:
+def time_cli(datadir: str, dsn: str | None) -> None:
     config = os.path.join(datadir, "mta.toml")
     with open(config, "w") as f:
         f.write(f'datadir = "{datadir}"\n[storage]\nbackend = "sql"\n')
+        if dsn:
+            f.write(f'[database]\ndsn = "{dsn}"\n')
     argv = [sys.executable, "-m", "mta.admin", "--config", config, "search", "w10 w20"]
     start = time.perf_counter()
     out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
@@ -114,16 +140,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--messages", type=int, default=100_000)
     parser.add_argument("--keep", metavar="DIR", help="use (and keep) this data directory")
+    parser.add_argument("--dsn", help="a postgresql:// database instead of SQLite")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="search-bench-") as tmp:
         datadir = os.path.abspath(args.keep or tmp)
         os.makedirs(datadir, exist_ok=True)
-        path = os.path.join(datadir, "mta.db")
-        if not os.path.exists(path):
+        path = args.dsn or os.path.join(datadir, "mta.db")
+        if not stored(path):
             generate(path, args.messages)
-        print(f"database: {os.path.getsize(path) / 1e6:.0f} MB")
+        print(f"database ({'PostgreSQL' if args.dsn else 'SQLite'}): {size(path):.0f} MB")
         time_queries(path)
-        time_cli(datadir)
+        time_cli(datadir, args.dsn)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from twisted.python.components import Componentized
 from twisted.python.threadpool import ThreadPool
 
 from mta.config import Config, ConfigError, load_config
-from mta.db import DatabaseHandle
+from mta.db import DatabaseHandle, auto_migrate, database_location, is_postgres
 from mta.db.directory import UserDirectory
 from mta.delivery.dkim import DKIMSigner
 from mta.delivery.local import LocalDelivery
@@ -68,6 +68,7 @@ class MTAService(service.MultiService):
         self.directory = None
         self.tracker = None
         self.tls = None
+        self.database = None  # the DatabaseHandle (users, aliases, lockouts, audit)
 
     def setServiceParent(self, parent):
         # twistd builds the Application around the service makeService returns and
@@ -416,10 +417,12 @@ def build_service(
         adopt_orphaned_queues(config)
     pools = _thread_pools(root, config)
     db_pool, auth_pool = pools["db"], pools["auth"]
-    database = DatabaseHandle(config.path("mta.db"))
+    location = database_location(config)
+    database = DatabaseHandle(location, migrate=auto_migrate(config))
     _Closing(database.close).setServiceParent(root)  # stops after every user of it
+    root.database = database
 
-    directory = UserDirectory(config, config.path("mta.db"), reactor, db_pool)
+    directory = UserDirectory(config, location, reactor, db_pool)
     directory.setServiceParent(root)
     spool, runner = _queue_and_delivery(root, config, reactor, pools, worker_index, database)
 
@@ -464,14 +467,13 @@ def add_operations(root: MTAService, config: Config, reactor, registry=None) -> 
     root.metrics = metrics.metrics
     root.http = root.manhole = None
 
+    location = database_location(config)
     if config.http.address:
         host, _, port = config.http.address.rpartition(":")
-        health = Health(
-            reactor,
-            pool,
-            probes=service_probes(root, database=config.path("mta.db")),
-            checks=service_checks(root),
-        )
+        probes = service_probes(root, database=location)
+        if is_postgres(location) and getattr(root, "database", None) is not None:
+            probes["database"] = lambda: root.database().ping()  # a query on PostgreSQL
+        health = Health(reactor, pool, probes=probes, checks=service_checks(root))
         root.http = HTTPService(
             host.strip("[]") or "0.0.0.0", int(port), make_site(registry, health), reactor, health
         )
@@ -484,7 +486,7 @@ def add_operations(root: MTAService, config: Config, reactor, registry=None) -> 
 
         def record_login(username: str, client: str, fingerprint: str):
             def write() -> None:
-                with Database(config.path("mta.db")) as db:
+                with Database(location, migrate=auto_migrate(config)) as db:
                     db.record_audit(
                         "manhole.login",
                         username,

@@ -33,6 +33,21 @@ class Options(usage.Options):
                 open_keyring(config)
             except KeyringError as e:
                 raise usage.UsageError(f"{section}: {e}") from None
+        _prepare_database(self["loaded_config"])
+
+
+def _prepare_database(config) -> None:
+    """Before anything listens: PostgreSQL reachable and migrated (`[database]
+    migrate = "auto"`, one node at a time), or, with "manual", a schema that is not
+    behind.  SQLite with "auto" is migrated when first opened, as before."""
+    if not config.database.dsn and config.database.migrate == "auto":
+        return
+    from mta.db import Database, SchemaError, auto_migrate, database_errors, database_location
+
+    try:
+        Database(database_location(config), migrate=auto_migrate(config)).close()
+    except (SchemaError, *database_errors()) as e:
+        raise usage.UsageError(f"[database]: {e}") from None
 
 
 def makeService(options):

@@ -344,6 +344,24 @@ def mta_server_factory(tmp_path, request) -> Iterator[Callable[..., MtaServer]]:
 
 
 @pytest.fixture
+def postgres_dsn() -> Iterator[str]:
+    """A fresh, empty PostgreSQL database for this test (tests/pg.py)."""
+    from tests.pg import fresh_database
+
+    with fresh_database() as dsn:
+        yield dsn
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_location(request, tmp_path) -> str:
+    """Where `mta.db` keeps its tables, once per engine: an SQLite file under
+    tmp_path, then a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "data" / "mta.db")
+    return request.getfixturevalue("postgres_dsn")
+
+
+@pytest.fixture
 def mta_server(mta_server_factory) -> MtaServer:
     """A running `twistd -n mta` on free loopback ports, data in tmp_path."""
     return mta_server_factory()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sqlite3
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -41,7 +40,7 @@ from mta.admin.common import (  # noqa: F401 (re-exported for callers of mta.adm
     when,
 )
 from mta.config import ConfigError, build_config, load_config
-from mta.db import DirectoryError, SchemaError
+from mta.db import DirectoryError, SchemaError, database_errors
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -58,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (DirectoryError, ConfigError, SchemaError) as e:
         error(str(e))
         return 1
-    except sqlite3.Error as e:
+    except database_errors() as e:
         error(f"database error: {e}")
         return 1
     except OSError as e:
@@ -92,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     # Imported here: each of them imports the helpers below.
-    from mta.admin import keys, lockouts, mail, queue, search, spam, users
+    from mta.admin import db, keys, lockouts, mail, queue, search, spam, users
     from mta.admin import quarantine as quarantine_commands
 
     users.add_user_commands(commands, leaf)
@@ -127,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     mail.add_commands(commands, leaf)
     search.add_commands(commands, leaf)
     keys.add_commands(commands, leaf)
+    db.add_commands(commands, leaf)
     spam.add_commands(commands, leaf)
     return parser
 

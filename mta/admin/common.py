@@ -8,14 +8,13 @@ import datetime
 import getpass
 import os
 import re
-import sqlite3
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from mta.config import Config, load_config
-from mta.db import Database, SchemaError
+from mta.db import Database, SchemaError, auto_migrate, database_errors, database_location
 
 DEFAULT_CONFIG = "/etc/mta/mta.toml"
 USER_AGENT = "mta-admin"
@@ -71,8 +70,12 @@ def config_of(args: argparse.Namespace) -> Config:
     return load_config(config_path(args), datadir=getattr(args, "datadir", None))
 
 
-def open_database(config: Config) -> Database:
-    return Database(config.path("mta.db"))
+def open_database(config: Config, *, migrate: bool | None = None) -> Database:
+    """The configured database; migrated when `[database] migrate` is "auto"
+    (or `migrate` says so), else refused while its schema is behind."""
+    return Database(
+        database_location(config), migrate=auto_migrate(config) if migrate is None else migrate
+    )
 
 
 def _operator() -> str:
@@ -97,7 +100,7 @@ def audit_refusal(config: Config, action: str, username: str, error: Exception) 
                 user_agent=USER_AGENT,
                 details={"by": _operator(), "error": str(error)},
             )
-    except (sqlite3.Error, SchemaError, OSError):
+    except (*database_errors(), SchemaError, OSError):
         pass  # the original error is the one to report
 
 

@@ -15,14 +15,13 @@ import argparse
 import email.parser
 import email.policy
 import os
-import sqlite3
 import sys
 from typing import Any
 
 from zope.interface import implementer
 
 from mta.admin.common import CLIError, config_of, open_database, table, when
-from mta.db import mailbox_address
+from mta.db import database_errors, mailbox_address
 from mta.interfaces import IMessageBody
 from mta.storage import StoreItem, UnknownBackend, UnsafeMailboxName, open_store
 from mta.storage.crypto import DecryptionError, KeyringError
@@ -130,7 +129,7 @@ def cmd_mail_delete(args: argparse.Namespace) -> int:
             raise CLIError(f"{args.email}: no message {args.message_id}") from None
         except UnsafeMailboxName as e:
             raise CLIError(f"{args.email}: {e}") from None
-        except sqlite3.Error as e:  # the message is gone; its size was not given back
+        except database_errors() as e:  # the message is gone; its size was not given back
             raise CLIError(
                 f"deleted {args.message_id}, but the usage of {args.email} was not updated"
                 f" ({e}): run mta-admin user quota {args.email} --recount"

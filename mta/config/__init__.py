@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import re
 import socket
 import tomllib
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -21,6 +20,8 @@ from typing import Any
 
 import attrs
 
+from mta.config.checks import arc_seal, checks_section, dkim_section, host_port
+from mta.config.database import database_section
 from mta.config.encryption import queue_encryption, storage_encryption
 from mta.config.model import (  # noqa: F401 (the sections are part of mta.config's API)
     _CHOICES,
@@ -35,6 +36,7 @@ from mta.config.model import (  # noqa: F401 (the sections are part of mta.confi
     AuthConfig,
     ChecksConfig,
     Config,
+    DatabaseConfig,
     DKIMConfig,
     DNSConfig,
     HTTPConfig,
@@ -218,14 +220,15 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
     with collect():
         queue_encryption(sections["queue"], sections["storage"], err)
     with collect():
-        sections["dkim"] = _dkim(sections["dkim"], err, collect)
+        sections["dkim"] = dkim_section(sections["dkim"], err, collect)
     with collect():
-        _arc_seal(sections["checks"], sections["dkim"], err)
+        arc_seal(sections["checks"], sections["dkim"], err)
+        sections["database"] = database_section(sections["database"], err)
     sections["limits"] = proxy_limits(sections["limits"], listeners, err, collect)
     http_addr = sections["http"].address
     if http_addr:
         with collect():
-            _host_port(http_addr, "http.address", err)
+            host_port(http_addr, "http.address", err)
     with collect():
         sections["manhole"] = _manhole(sections["manhole"], source, err)
 
@@ -292,7 +295,7 @@ def _manhole(section: ManholeConfig, source: str, err) -> ManholeConfig:
     """Loopback only; `authorized_keys` required with an address (relative to the file)."""
     if not section.address:
         return ManholeConfig()
-    host, _ = _host_port(section.address, "manhole.address", err)
+    host, _ = host_port(section.address, "manhole.address", err)
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
@@ -314,73 +317,6 @@ def _string(data: Mapping[str, Any], key: str, err) -> str | None:
     if value is not None and not isinstance(value, str):
         raise err(key, "must be a string")
     return value
-
-
-def _host_port(value: str, key: str, err) -> tuple[str, int]:
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise err(key, f"expected host:port, got {value!r}")
-    return host.strip("[]") or "0.0.0.0", int(port)
-
-
-_SELECTOR_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\Z")
-
-
-def _arc_seal(checks: ChecksConfig, dkim: DKIMConfig, err) -> None:
-    """ARC sealing needs a key (`[dkim] domains`) and results to seal."""
-    if not checks.arc_seal:
-        return
-    if not dkim.domains:
-        raise err("checks.arc_seal", "needs [dkim] domains: the seal is made with the DKIM key")
-    if (checks.spf, checks.dkim, checks.dmarc) == ("off", "off", "off"):
-        raise err("checks.arc_seal", "needs spf, dkim or dmarc on: it seals their results")
-
-
-def _dkim(section: DKIMConfig, err, collect=contextlib.nullcontext) -> DKIMConfig:
-    with collect():
-        if not _SELECTOR_RE.match(section.selector):
-            raise err("dkim.selector", f"not a DNS label: {section.selector!r}")
-    domains = []
-    for i, domain in enumerate(section.domains):
-        domain = domain.lower().rstrip(".")
-        with collect():
-            try:
-                parse_mailbox(f"x@{domain}")
-            except AddressError:
-                raise err(f"dkim.domains[{i}]", f"not a domain name: {domain!r}") from None
-            domains.append(domain)
-    return attrs.evolve(section, domains=tuple(dict.fromkeys(domains)))
-
-
-_ATTACHMENT_RE = re.compile(r"[a-z0-9][a-z0-9_.+-]*(?:/[a-z0-9][a-z0-9.+_-]*)?\Z")
-
-
-def _checks_lists(section: ChecksConfig, err, collect=contextlib.nullcontext) -> ChecksConfig:
-    """Extensions lower-cased without their dot; MIME types lower-cased; DNS list
-    zones valid domain names."""
-    blocked = []
-    for i, value in enumerate(section.blocked_attachments):
-        value = value.strip().lower().lstrip(".")
-        with collect():
-            if not _ATTACHMENT_RE.match(value):
-                raise err(
-                    f"checks.blocked_attachments[{i}]",
-                    f"not a file-name extension or MIME type: {value!r}",
-                )
-            blocked.append(value)
-    zones: dict[str, tuple[str, ...]] = {}
-    for key in ("dnsbl", "dnswl"):
-        names = []
-        for i, zone in enumerate(getattr(section, key)):
-            zone = zone.strip().lower().rstrip(".")
-            with collect():
-                try:
-                    parse_mailbox(f"x@{zone}")
-                except AddressError:
-                    raise err(f"checks.{key}[{i}]", f"not a DNS zone: {zone!r}") from None
-                names.append(zone)
-        zones[key] = tuple(dict.fromkeys(names))
-    return attrs.evolve(section, blocked_attachments=tuple(dict.fromkeys(blocked)), **zones)
 
 
 def _listeners(raw: Any, err, collect=contextlib.nullcontext) -> tuple[ListenerConfig, ...]:
@@ -413,7 +349,7 @@ def _listeners(raw: Any, err, collect=contextlib.nullcontext) -> tuple[ListenerC
             address = item.get("address")
             if not isinstance(address, str):
                 raise err(f"{key}.address", "required host:port string")
-            host, port = _host_port(address, f"{key}.address", err)
+            host, port = host_port(address, f"{key}.address", err)
         default_tls = {"smtps": "implicit", "submission": "required"}.get(name, "starttls")
         tls = item.get("tls", default_tls)
         with collect():
@@ -502,35 +438,13 @@ def _section(raw: Any, name: str, cls: type, err, collect=contextlib.nullcontext
                     f"{value!r} is not available in this version (use {', '.join(_NOT_YET[key])})",
                 )
     if name == "checks":
-        section = _checks(section, err, collect)
+        section = checks_section(section, err, collect)
     for field in fields:
         value = getattr(section, field)
         if isinstance(value, int | float) and not isinstance(value, bool) and value < 0:
             with collect():
                 raise err(f"{name}.{field}", "must not be negative")
     return section
-
-
-def _checks(section: ChecksConfig, err, collect) -> ChecksConfig:
-    """`[checks]`: positive timeout and size; where spamd and clamd listen ("" is off);
-    the attachment and DNS-list entries (`_checks_lists`)."""
-    with collect():
-        if section.timeout <= 0:
-            raise err("checks.timeout", "must be a positive number of seconds")
-    with collect():
-        if section.spam_max_size <= 0:
-            raise err("checks.spam_max_size", "must be a positive number of bytes")
-    daemons = {}
-    for key in ("spamd", "clamd"):
-        address = getattr(section, key) or None
-        daemons[key] = address
-        if address is None or address.startswith("/"):
-            continue
-        with collect():
-            host, _ = _host_port(address, f"checks.{key}", err)
-            if not address.rpartition(":")[0].strip("[]"):
-                raise err(f"checks.{key}", f"expected host:port or a socket path, got {address!r}")
-    return _checks_lists(attrs.evolve(section, **daemons), err, collect)
 
 
 def _coerce(value: Any, default: Any, key: str, err) -> Any:

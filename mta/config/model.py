@@ -105,6 +105,18 @@ class QueueConfig:
 
 
 @attrs.frozen
+class DatabaseConfig:
+    """`[database]`: where users, aliases, lockouts, the audit log and the SQL mail
+    store's messages live.  `dsn` "" is the SQLite file `<datadir>/mta.db`; a
+    `postgresql://user@host:port/dbname` URI is PostgreSQL.  `migrate`: "auto"
+    brings the schema up to date at start; "manual" refuses to start on a schema
+    that is behind (`mta-admin db migrate` applies it)."""
+
+    dsn: str = ""
+    migrate: str = "auto"
+
+
+@attrs.frozen
 class RelayConfig:
     smarthost: str | None = None
     helo: str | None = None
@@ -213,6 +225,7 @@ class Config:
     auth: AuthConfig = AuthConfig()
     storage: StorageConfig = StorageConfig()
     queue: QueueConfig = QueueConfig()
+    database: DatabaseConfig = DatabaseConfig()
     relay: RelayConfig = RelayConfig()
     dns: DNSConfig = DNSConfig()
     dkim: DKIMConfig = DKIMConfig()
@@ -246,6 +259,7 @@ _SECTIONS: dict[str, type] = {
     "auth": AuthConfig,
     "storage": StorageConfig,
     "queue": QueueConfig,
+    "database": DatabaseConfig,
     "relay": RelayConfig,
     "dns": DNSConfig,
     "dkim": DKIMConfig,
@@ -257,6 +271,7 @@ _SECTIONS: dict[str, type] = {
 _CHOICES = {
     "storage.backend": ("maildir", "mbox", "sql", "sqlite", "timeseries", "s3"),
     "queue.backend": ("local", "postgresql"),
+    "database.migrate": ("auto", "manual"),
     "relay.tls": ("opportunistic", "required", "none"),
     "checks.fail": ("open", "closed"),
     "checks.spam_action": ("tag", "quarantine", "reject"),

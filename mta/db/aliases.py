@@ -3,7 +3,6 @@ consistent snapshot of users and aliases that recipient resolution reads."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Collection, Iterable
 
 import attrs
@@ -41,13 +40,13 @@ class AliasTable(Connection):
         now = self._clock()
         with self.transaction() as conn:
             for target in stored:
-                try:
-                    conn.execute(
-                        "INSERT INTO aliases (source, target, created_at) VALUES (?, ?, ?)",
-                        (key, target, now),
-                    )
-                except sqlite3.IntegrityError:
-                    raise AliasExists(f"alias {key} -> {target} already exists") from None
+                cursor = conn.execute(
+                    "INSERT INTO aliases (source, target, created_at) VALUES (?, ?, ?)"
+                    " ON CONFLICT DO NOTHING",
+                    (key, target, now),
+                )
+                if cursor.rowcount != 1:
+                    raise AliasExists(f"alias {key} -> {target} already exists")
         return stored
 
     def delete_alias(self, source: str, targets: Iterable[str] = ()) -> list[str]:

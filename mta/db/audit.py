@@ -44,7 +44,7 @@ class AuditTable(Connection):
                     action,
                     ip_address,
                     user_agent,
-                    int(success),
+                    bool(success),
                     json.dumps(details or {}, sort_keys=True),
                 ),
             )

@@ -1,85 +1,110 @@
-"""One connection to `mta.db`: the file, its transactions, and its change counters.
+"""One connection to the database: the engine, its transactions, its change counters.
 
-`Connection` is the base every table mixin of `mta.db.Database` builds on: it opens
-(and creates, privately) the SQLite file in WAL mode, migrates it, and hands out
-`transaction()` for writes and `_read()` / `_consistent_read()` for reads.  Every
-method blocks; one connection is shared between threads, serialised by a lock.
+`Connection` is the base every table mixin of `mta.db.Database` builds on.  Its
+location (`mta.db.location`) picks the engine: the SQLite file (`mta.db.sqlite`,
+the default, `<datadir>/mta.db`) or PostgreSQL (`mta.db.postgres`, a
+`postgresql://` dsn).  Both hand out `transaction()` for writes and `_read()` /
+`_consistent_read()` for reads, whose `conn.execute(sql, params)` takes SQLite's
+`?` placeholders, and both are brought to the current schema on open (or, with
+`migrate=False`, refuse to work on a schema that is behind).  Every method blocks.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import sqlite3
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from typing import Self
+from collections.abc import Callable, Sequence
+from typing import Any, Self
 
-from mta.db.schema import Migration, load_migrations, migrate
+from mta.db.errors import SchemaError
+from mta.db.location import describe, is_postgres
+from mta.db.schema import Migration, load_migrations
+from mta.db.sqlite import SQLiteEngine, match_owner
+
+__all__ = [
+    "Connection",
+    "default_migrations",
+    "match_owner",
+    "migrate_engine",
+    "open_engine",
+    "schema_version_of",
+]
 
 
-def match_owner(path: str, reference: str) -> None:
-    """When running as root, give `path` the owner of `reference` (else nothing)."""
-    if hasattr(os, "geteuid") and os.geteuid() == 0:
-        st = os.stat(reference)
-        os.chown(path, st.st_uid, st.st_gid)
+def open_engine(location: str, *, timeout: float = 10.0) -> Any:
+    """The engine for `location`: a `postgresql://` dsn or an SQLite file path."""
+    if is_postgres(location):
+        from mta.db.postgres import PostgresEngine
+
+        return PostgresEngine(location, timeout=timeout)
+    return SQLiteEngine(location, timeout=timeout)
 
 
-def _create_private(path: str) -> None:
-    """Create the database file readable only by its owner: it holds password hashes.
+def migrate_engine(engine: Any, migrations: Sequence[Migration], *, apply: bool) -> list[Migration]:
+    """Apply the `migrations` that `engine`'s database lacks (none with `apply`
+    False); returns them.  Raises `SchemaError` for a schema newer than this mta."""
+    if engine.dialect == "postgresql":
+        from mta.db.pgschema import migrate
 
-    SQLite gives the -wal and -shm files the same mode.  When root (mta-admin run by
-    the operator) creates it, it goes to the owner of the data directory so the
-    daemon, running as its own user, can still open it.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o750, exist_ok=True)
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    os.close(fd)
-    match_owner(path, directory)
+        return migrate(engine, migrations, apply=apply)
+    return engine.migrate(migrations, apply=apply)
+
+
+def schema_version_of(engine: Any) -> int:
+    """The last migration applied (PostgreSQL: the highest number recorded)."""
+    if engine.dialect == "postgresql":
+        from mta.db.pgschema import applied_versions
+
+        return max(applied_versions(engine), default=0)
+    return engine.schema_version()
+
+
+def default_migrations(location: str) -> list[Migration]:
+    """The schema files this mta ships for the engine of `location`."""
+    if is_postgres(location):
+        from mta.db.pgschema import load_pg_migrations
+
+        return load_pg_migrations()
+    return load_migrations()
 
 
 class Connection:
-    """A connection to `mta.db`, migrated to the current schema on open.
+    """A connection to the database at `location`, migrated to the current schema
+    on open (`migrate=True`), or checked against it (`migrate=False`: a schema
+    that is behind raises `SchemaError` naming `mta-admin db migrate`).
 
     `clock` supplies timestamps, so tests control them.
     """
 
     def __init__(
         self,
-        path: str,
+        location: str,
         *,
         clock: Callable[[], float] = time.time,
         migrations: Sequence[Migration] | None = None,
         timeout: float = 10.0,
+        migrate: bool = True,
     ):
-        self.path = path
+        self.path = location
         self._clock = clock
-        self._lock = threading.RLock()
-        if path != ":memory:":
-            _create_private(path)
-        self._conn = sqlite3.connect(
-            path, timeout=timeout, isolation_level=None, check_same_thread=False
-        )
+        self._engine = open_engine(location, timeout=timeout)
+        self.dialect: str = self._engine.dialect
         try:
-            self._conn.execute("PRAGMA journal_mode=WAL")
-            migrate(
-                path,
-                self._read,
-                self.transaction,
-                load_migrations() if migrations is None else migrations,
-            )
+            if migrations is None:
+                migrations = default_migrations(location)
+            pending = migrate_engine(self._engine, migrations, apply=migrate)
+            if pending and not migrate:
+                raise SchemaError(
+                    f"{describe(location)}: the database schema is behind this mta "
+                    f"(missing {', '.join(m.name for m in pending)}); run `mta-admin db migrate` "
+                    '(or set [database] migrate = "auto")'
+                )
         except BaseException:
-            self._conn.close()
+            self._engine.close()
             raise
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        self._engine.close()
 
     def __enter__(self) -> Self:
         return self
@@ -87,46 +112,29 @@ class Connection:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self, *, exclusive: bool = True) -> contextlib.AbstractContextManager[Any]:
         """A write transaction; nested uses join the outermost one.
 
         The CLI wraps a change and its audit row in one, so neither exists alone.
         """
-        with self._lock:
-            if self._conn.in_transaction:
-                yield self._conn
-                return
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+        return self._engine.transaction(exclusive=exclusive)
 
-    @contextlib.contextmanager
-    def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            yield self._conn
+    def _read(self) -> contextlib.AbstractContextManager[Any]:
+        return self._engine.read()
 
-    @contextlib.contextmanager
-    def _consistent_read(self) -> Iterator[sqlite3.Connection]:
-        """Several SELECTs that see one state of the file (a deferred transaction
-        takes no write lock, so mta-admin is never blocked by it)."""
-        with self._lock:
-            self._conn.execute("BEGIN")
-            try:
-                yield self._conn
-            finally:
-                self._conn.execute("ROLLBACK")
+    def _consistent_read(self) -> contextlib.AbstractContextManager[Any]:
+        """Several SELECTs that see one state of the database."""
+        return self._engine.consistent_read()
 
     @property
     def schema_version(self) -> int:
-        with self._read() as conn:
-            return conn.execute("PRAGMA user_version").fetchone()[0]
+        return schema_version_of(self._engine)
 
     def data_version(self) -> int:
-        """Changes whenever another connection commits (PRAGMA data_version)."""
-        with self._read() as conn:
-            return conn.execute("PRAGMA data_version").fetchone()[0]
+        """Changes whenever another connection commits a change the directory
+        cares about (SQLite: any commit; PostgreSQL: users and aliases)."""
+        return self._engine.data_version()
+
+    def ping(self) -> str:
+        """A query answered ("reachable"), or the error saying why not."""
+        return self._engine.ping()

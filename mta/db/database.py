@@ -1,4 +1,4 @@
-"""`Database`: one connection to `mta.db` with every table's methods, and
+"""`Database`: one connection to the database with every table's methods, and
 `DatabaseHandle`, which opens it on first use in a pool thread."""
 
 from __future__ import annotations
@@ -12,10 +12,11 @@ from mta.db.users import UserTable
 
 
 class Database(UserTable, AliasTable, LockoutTable, AuditTable):
-    """A connection to `mta.db`, migrated to the current schema on open.
+    """A connection to the database (the SQLite file, or PostgreSQL for a
+    `postgresql://` location), migrated to the current schema on open.
 
-    Every method blocks; the object may be shared between threads (one connection,
-    serialised by a lock).  `clock` supplies timestamps, so tests control them.
+    Every method blocks; the object may be shared between threads (SQLite: one
+    connection, serialised by a lock; PostgreSQL: one connection per thread).  `clock` supplies timestamps, so tests control them.
     The methods come from one mixin per table (`mta.db.users`, `.aliases`,
     `.lockouts`, `.audit`) over `mta.db.connection.Connection`.
     """
@@ -29,8 +30,9 @@ class DatabaseHandle:
     connection serves them all.  `close()` belongs to the service tree's shutdown.
     """
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, *, migrate: bool = True):
         self.path = path
+        self._migrate = migrate
         self._db: Database | None = None
         self._lock = threading.Lock()
 
@@ -39,7 +41,7 @@ class DatabaseHandle:
         if db is None:
             with self._lock:
                 if self._db is None:
-                    self._db = Database(self.path)
+                    self._db = Database(self.path, migrate=self._migrate)
                 db = self._db
         return db
 

@@ -36,7 +36,7 @@ from twisted.internet import defer, task, threads
 from zope.interface import implementer
 
 from mta.config import Config
-from mta.db import Database, Snapshot, address_key, fold, mailbox_address
+from mta.db import Database, Snapshot, address_key, auto_migrate, fold, mailbox_address
 from mta.envelope import Address, AddressError, parse_mailbox
 from mta.interfaces import IUserDirectory
 from mta.observe.logging import Logger
@@ -145,7 +145,8 @@ class UserDirectory(service.Service):
         refresh_interval: float = 1.0,
         run_in_thread: Callable[..., defer.Deferred] | None = None,
     ):
-        self._db_path = db_path
+        self._db_path = db_path  # an SQLite path or a postgresql:// dsn (mta.db.location)
+        self._migrate = auto_migrate(config)
         self._reactor = reactor
         self._threadpool = threadpool
         self._local_domains = frozenset(config.local_domains)
@@ -193,7 +194,7 @@ class UserDirectory(service.Service):
 
     def _open(self) -> tuple[Database, int, Snapshot]:
         """In the thread pool: open (and migrate) the file, ensure the postmaster."""
-        db = Database(self._db_path)
+        db = Database(self._db_path, migrate=self._migrate)
         try:
             postmaster = address_key(self._postmaster)
             with db.transaction():

@@ -9,8 +9,8 @@ meet).  `mta-admin lockout list|clear` and `user unlock` read and delete them he
 from __future__ import annotations
 
 import ipaddress
-import sqlite3
 from collections.abc import Iterable
+from typing import Any
 
 import attrs
 
@@ -61,7 +61,7 @@ class AuthFailure:
         return self.locked_until is not None and now < self.locked_until
 
 
-def delete_account_failures(conn: sqlite3.Connection, key: str) -> int:
+def delete_account_failures(conn: Any, key: str) -> int:
     """Delete the records of account `key` and its `key|...` qualifiers; how many."""
     cursor = conn.execute(
         "DELETE FROM auth_failures WHERE key = ? OR substr(key, 1, ?) = ?",
@@ -119,8 +119,9 @@ class LockoutTable(Connection):
     def put_auth_failure(self, record: AuthFailure) -> None:
         with self.transaction() as conn:
             conn.execute(
-                "INSERT OR REPLACE INTO auth_failures (key, failures, first_failure,"
-                " locked_until) VALUES (?, ?, ?, ?)",
+                "INSERT INTO auth_failures (key, failures, first_failure, locked_until)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET failures = excluded.failures,"
+                " first_failure = excluded.first_failure, locked_until = excluded.locked_until",
                 (record.key, record.failures, record.first_failure, record.locked_until),
             )
 

@@ -67,10 +67,11 @@ def migrate(
     read: Callable[[], AbstractContextManager[sqlite3.Connection]],
     transaction: Callable[[], AbstractContextManager[sqlite3.Connection]],
     migrations: Sequence[Migration],
-) -> None:
+) -> list[Migration]:
     """Bring the file at `path` to the last of `migrations`; `read()` and
     `transaction()` are the database's own context managers.  Refuses a file whose
-    version is newer than this mta knows."""
+    version is newer than this mta knows.  Returns the migrations applied here."""
+    done = []
     for migration in migrations:
         with read() as conn:
             if migration.version <= schema_version(conn):
@@ -85,6 +86,7 @@ def migrate(
             for statement in split_sql(migration.sql):
                 conn.execute(statement)
             conn.execute(f"PRAGMA user_version = {int(migration.version)}")
+            done.append(migration)
     latest = migrations[-1].version if migrations else 0
     with read() as conn:
         version = schema_version(conn)
@@ -93,3 +95,4 @@ def migrate(
             f"{path}: schema version {version} is newer than this "
             f"mta understands ({latest}); upgrade mta"
         )
+    return done

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
@@ -70,14 +69,14 @@ class UserTable(Connection):
         """Create a user; `local_domains`, when given, is enforced for the domain."""
         key = address_key(mailbox_address(email, local_domains))
         with self.transaction() as conn:
-            try:
-                conn.execute(
-                    "INSERT INTO users (username, email, password_hash, created_at, quota_mb,"
-                    " used_mb, enabled) VALUES (?, ?, ?, ?, ?, 0, ?)",
-                    (key, key, password_hash, self._clock(), quota_mb, int(enabled)),
-                )
-            except sqlite3.IntegrityError:
-                raise UserExists(f"user {key} already exists") from None
+            created = conn.execute(
+                "INSERT INTO users (username, email, password_hash, created_at, quota_mb,"
+                " used_mb, enabled) VALUES (?, ?, ?, ?, ?, 0, ?)"
+                " ON CONFLICT DO NOTHING RETURNING username",
+                (key, key, password_hash, self._clock(), quota_mb, bool(enabled)),
+            ).fetchall()
+            if not created:
+                raise UserExists(f"user {key} already exists")
             return self._get_user(conn, key)
 
     def ensure_user(self, email: str) -> bool:
@@ -85,9 +84,9 @@ class UserTable(Connection):
         key = address_key(mailbox_address(email))
         with self.transaction() as conn:
             cursor = conn.execute(
-                "INSERT OR IGNORE INTO users (username, email, password_hash, created_at,"
-                " used_mb, enabled) VALUES (?, ?, NULL, ?, 0, 1)",
-                (key, key, self._clock()),
+                "INSERT INTO users (username, email, password_hash, created_at,"
+                " used_mb, enabled) VALUES (?, ?, NULL, ?, 0, ?) ON CONFLICT DO NOTHING",
+                (key, key, self._clock(), True),
             )
             return cursor.rowcount == 1
 
@@ -101,7 +100,7 @@ class UserTable(Connection):
             raise NoSuchUser(f"no such user: {email}")
         return user
 
-    def _get_user(self, conn: sqlite3.Connection, key: str) -> User | None:
+    def _get_user(self, conn: Any, key: str) -> User | None:
         row = conn.execute(f"SELECT {_COLUMNS} FROM users WHERE username = ?", (key,)).fetchone()
         return None if row is None else _user(row)
 
@@ -123,7 +122,7 @@ class UserTable(Connection):
         self._update_user(email, "password_hash = ?", (password_hash,))
 
     def set_enabled(self, email: str, enabled: bool) -> None:
-        self._update_user(email, "enabled = ?", (int(enabled),))
+        self._update_user(email, "enabled = ?", (bool(enabled),))
 
     def set_quota(self, email: str, quota_mb: int | None) -> None:
         """`quota_mb` MiB; None or 0 removes the quota (stored as NULL)."""
@@ -167,7 +166,7 @@ class UserTable(Connection):
         self._update_user(email, "last_login = ?", (self._clock(),))
 
     def set_send_as_any(self, email: str, allowed: bool) -> None:
-        self._update_user(email, "send_as_any = ?", (int(allowed),))
+        self._update_user(email, "send_as_any = ?", (bool(allowed),))
 
     def _update_user(self, email: str, assignment: str, values: tuple[Any, ...]) -> None:
         with self.transaction() as conn:

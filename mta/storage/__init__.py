@@ -96,9 +96,10 @@ def _open_backend(config, backend: str, fsync):
         kwargs = {} if fsync is None else {"fsync": fsync}
         return ArchiveStore(config.path("archive"), lookback_days=days, **kwargs)
     if backend in ("sql", "sqlite"):  # "sqlite": the spelling of earlier configs
+        from mta.db.location import auto_migrate, database_location
         from mta.storage.sql import SQLStore
 
-        return SQLStore(config.path("mta.db"))
+        return SQLStore(database_location(config), migrate=auto_migrate(config))
     raise UnknownBackend(
         f"[storage] backend = {backend!r} is not available (choose one of {', '.join(BACKENDS)})"
     )

@@ -1,18 +1,21 @@
 """The SQL mail store (``[storage] backend = "sql"``): messages as rows of `mta.db`.
 
-Each message is one row of ``messages`` in ``<datadir>/mta.db`` (the users'
-database, schema in ``mta/schema/003_messages.sql``): the whole message, byte-exact
+Each message is one row of ``messages`` in the users' database (``<datadir>/mta.db``,
+schema in ``mta/schema/003_messages.sql``; or PostgreSQL with ``[database] dsn``,
+``mta/schema/postgresql/003_messages.sql``): the whole message, byte-exact
 (the store's prefix, then the queued body read with `IMessageBody.chunks`), with
 what the index needs parsed out of it (the stdlib ``email`` parser, tolerant:
 RFC 2047 subjects and names decoded, a malformed header never stops a delivery).
-``messages_fts`` (FTS5) indexes subject, from, to and the text of the body for
-`SQLStore.search`, which ``mta-admin search`` prints.
+``messages_fts`` (FTS5), or on PostgreSQL the row's ``search_vector`` (GIN), indexes
+subject, from, to and the text of the body for `SQLStore.search`, which ``mta-admin
+search`` prints (`mta.storage.sqlsearch`).
 
-A batch is ONE transaction: its COMMIT, with ``PRAGMA synchronous=FULL`` on this
-connection, is the durability point.  One item that fails (its body cannot be read)
+A batch is ONE transaction: its COMMIT, with ``PRAGMA synchronous=FULL`` on the
+SQLite connection (PostgreSQL: its WAL flush), is the durability point.  One item that fails (its body cannot be read)
 is rolled back to its savepoint and reported; the others still commit.  Every method
-blocks and may be called from any thread of a pool: one connection, opened on first
-use (never on the reactor) and serialised by a lock (SQLite has one writer anyway).
+blocks and may be called from any thread of a pool: the database is opened on first
+use (never on the reactor); SQLite's one connection is serialised by a lock (it has
+one writer anyway), PostgreSQL gives each thread its own.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import errno
 import json
 import re
 import sqlite3
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -34,14 +38,17 @@ from zope.interface import implementer
 
 from mta.db.addresses import address_key, lookup_key
 from mta.db.connection import Connection
+from mta.db.errors import DatabaseUnavailable
 from mta.interfaces import IMailStore
 from mta.storage.items import StoredMessage, StoreItem
+from mta.storage.names import safe_component
+from mta.storage.sqlsearch import fts_query, search_sql, tsvector_text
 
 __all__ = ["SQLStore", "SearchHit", "fts_query"]
 
 _MAX_INDEXED_TEXT = 1 << 20  # characters of body text indexed per message
 _TAG_RE = re.compile(r"<[^>]*>")  # HTML tags, dropped from indexed text
-_TOKEN_RE = re.compile(r"[^\s\x00-\x1f\x7f]+")  # FTS5 stops reading at a NUL
+_MESSAGE_TAG_RE = re.compile(r"[A-Za-z0-9_-]+\Z")  # as every file store accepts them
 
 
 @attrs.frozen
@@ -56,24 +63,15 @@ class SearchHit:
     subject: str
 
 
-def fts_query(text: str) -> str:
-    """An FTS5 query matching messages that contain every word of `text`.
-
-    Each word (separated by white space or control characters) becomes a quoted
-    phrase, quotes doubled, so no input is FTS5 syntax: ``AND``, ``*``, ``:``,
-    ``(`` and unbalanced quotes are searched for as text, never parsed.  Punctuation inside a word splits it into a
-    phrase (``foo.bar`` finds "foo" followed by "bar").
-    """
-    return " ".join('"' + word.replace('"', '""') + '"' for word in _TOKEN_RE.findall(text))
-
-
 class _MessageDB(Connection):
-    """The store's own connection to `mta.db`: migrated on open, WAL, fsync on commit."""
+    """The store's own connection to the database: migrated on open (or checked,
+    with `migrate=False`); SQLite: WAL, fsync on commit."""
 
-    def __init__(self, path: str, *, clock: Callable[[], float]):
-        super().__init__(path, clock=clock)
-        with self._read() as conn:
-            conn.execute("PRAGMA synchronous=FULL")
+    def __init__(self, path: str, *, clock: Callable[[], float], migrate: bool = True):
+        super().__init__(path, clock=clock, migrate=migrate)
+        if self.dialect == "sqlite":
+            with self._read() as conn:
+                conn.execute("PRAGMA synchronous=FULL")
 
     @property
     def now(self) -> float:
@@ -85,13 +83,15 @@ class _MessageDB(Connection):
 
 @implementer(IMailStore)
 class SQLStore:
-    """Messages in the SQLite file at `path` (created and migrated on first use)."""
+    """Messages in the database at `path`: an SQLite file, or a `postgresql://`
+    dsn (created and migrated on first use, unless `migrate` is False)."""
 
     name = "sql"
 
-    def __init__(self, path: str, *, clock: Callable[[], float] = time.time):
+    def __init__(self, path: str, *, clock: Callable[[], float] = time.time, migrate: bool = True):
         self.path = path
         self._clock = clock
+        self._migrate = migrate
         self._db: _MessageDB | None = None
         self._open_lock = threading.Lock()
 
@@ -100,7 +100,7 @@ class SQLStore:
         if db is None:
             with self._open_lock:
                 if self._db is None:
-                    self._db = _MessageDB(self.path, clock=self._clock)
+                    self._db = _MessageDB(self.path, clock=self._clock, migrate=self._migrate)
                 db = self._db
         return db
 
@@ -119,11 +119,11 @@ class SQLStore:
         results: list = [None] * len(items)
         try:
             db = self._conn()
-            with db.transaction() as conn:
+            with db.transaction(exclusive=False) as conn:
                 now = db.now
                 for i, item in enumerate(items):
                     try:
-                        results[i] = self._deliver_one(conn, item, now)
+                        results[i] = self._deliver_one(conn, db.dialect, item, now)
                     except Exception as e:
                         results[i] = storage_error(e)
         except Exception as e:  # open, BEGIN or COMMIT: nothing of the batch is stored
@@ -133,11 +133,13 @@ class SQLStore:
                     results[i] = e
         return results
 
-    def _deliver_one(self, conn, item: StoreItem, now: float) -> str:
-        user = address_key(item.mailbox)
+    def _deliver_one(self, conn, dialect: str, item: StoreItem, now: float) -> str:
+        user = _user(item.mailbox)
+        if not _MESSAGE_TAG_RE.match(item.message_tag):
+            raise ValueError(f"bad message tag {item.message_tag!r}")
         if item.check_existing:
             row = conn.execute(
-                "SELECT id FROM messages WHERE user = ? AND tag = ? LIMIT 1",
+                'SELECT id FROM messages WHERE "user" = ? AND tag = ? LIMIT 1',
                 (user, item.message_tag),
             ).fetchone()
             if row is not None:
@@ -152,31 +154,37 @@ class SQLStore:
         if len(data) != item.size:
             raise OSError("message body is not as long as recorded")
         fields = parse_message(data, now)
+        row = [
+            _text(fields.message_id),
+            user,
+            item.message_tag,
+            _text(fields.from_addr),
+            json.dumps(fields.to_addrs, ensure_ascii=False),
+            _text(fields.subject),
+            fields.date,
+            now,
+            len(data),
+            json.dumps(fields.headers, ensure_ascii=False),
+            data,
+        ]
+        columns = 'message_id, "user", tag, from_addr, to_addrs, subject, date, received, size,'
+        columns += " headers, body"
+        values = "?,?,?,?,?,?,?,?,?,?,?"
+        if dialect == "postgresql":  # the search words go into the row itself
+            columns += ", search_vector"
+            values += ", to_tsvector('simple', ?)"
+            row.append(tsvector_text(fields.subject, fields.from_addr, fields.to_text, fields.text))
         conn.execute("SAVEPOINT item")
         try:
-            cursor = conn.execute(
-                "INSERT INTO messages (message_id, user, tag, from_addr, to_addrs, subject,"
-                " date, received, size, headers, body) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    fields.message_id,
-                    user,
-                    item.message_tag,
-                    fields.from_addr,
-                    json.dumps(fields.to_addrs, ensure_ascii=False),
-                    fields.subject,
-                    fields.date,
-                    now,
-                    len(data),
-                    json.dumps(fields.headers, ensure_ascii=False),
-                    data,
-                ),
-            )
-            rowid = cursor.lastrowid
-            conn.execute(
-                "INSERT INTO messages_fts (rowid, subject, from_addr, to_addrs, body)"
-                " VALUES (?,?,?,?,?)",
-                (rowid, fields.subject, fields.from_addr, fields.to_text, fields.text),
-            )
+            rowid = conn.execute(
+                f"INSERT INTO messages ({columns}) VALUES ({values}) RETURNING id", row
+            ).fetchone()[0]
+            if dialect == "sqlite":
+                conn.execute(
+                    "INSERT INTO messages_fts (rowid, subject, from_addr, to_addrs, body)"
+                    " VALUES (?,?,?,?,?)",
+                    (rowid, fields.subject, fields.from_addr, fields.to_text, fields.text),
+                )
         except BaseException:
             conn.execute("ROLLBACK TO item")
             conn.execute("RELEASE item")
@@ -187,35 +195,36 @@ class SQLStore:
     def has_delivered(self, mailbox, message_tag: str) -> bool:
         with self._conn().read() as conn:
             row = conn.execute(
-                "SELECT 1 FROM messages WHERE user = ? AND tag = ? LIMIT 1",
-                (address_key(mailbox), message_tag),
+                'SELECT 1 FROM messages WHERE "user" = ? AND tag = ? LIMIT 1',
+                (_user(mailbox), message_tag),
             ).fetchone()
         return row is not None
 
     def create_mailbox(self, mailbox) -> None:
         """Nothing to make: a mailbox is the rows that name it."""
-        address_key(mailbox)
+        _user(mailbox)
         return None
 
     def remove_mailbox(self, mailbox) -> bool:
         """Delete every message of `mailbox` (and its index rows); False when it had
         none."""
-        with self._conn().transaction() as conn:
-            cursor = conn.execute("DELETE FROM messages WHERE user = ?", (address_key(mailbox),))
+        with self._conn().transaction(exclusive=False) as conn:
+            cursor = conn.execute('DELETE FROM messages WHERE "user" = ?', (_user(mailbox),))
             return cursor.rowcount > 0
 
     def probe(self) -> str:
         """A write transaction (a row inserted, then rolled back): the file takes
-        writes now.  Raises sqlite3.Error saying why not."""
+        writes now.  Raises the driver's error saying why not."""
 
         class _Rollback(Exception):
             pass
 
         try:
-            with self._conn().transaction() as conn:
+            with self._conn().transaction(exclusive=False) as conn:
                 conn.execute(
-                    "INSERT INTO messages (user, tag, date, received, size, body)"
-                    " VALUES ('', 'probe', 0, 0, 0, x'')"
+                    'INSERT INTO messages ("user", tag, date, received, size, body)'
+                    " VALUES ('', 'probe', 0, 0, 0, ?)",
+                    (b"",),
                 )
                 raise _Rollback
         except _Rollback:
@@ -225,28 +234,29 @@ class SQLStore:
     def list_messages(self, mailbox) -> list[StoredMessage]:
         with self._conn().read() as conn:
             rows = conn.execute(
-                "SELECT id, size, received, folder FROM messages WHERE user = ?"
+                'SELECT id, size, received, folder FROM messages WHERE "user" = ?'
                 " ORDER BY received, id",
-                (address_key(mailbox),),
+                (_user(mailbox),),
             ).fetchall()
         return [StoredMessage(str(i), size, received, folder) for i, size, received, folder in rows]
 
     def read_message(self, mailbox, message_id: str) -> bytes:
         with self._conn().read() as conn:
             row = conn.execute(
-                "SELECT body FROM messages WHERE id = ? AND user = ?",
-                (_row_id(message_id), address_key(mailbox)),
+                'SELECT body FROM messages WHERE id = ? AND "user" = ?',
+                (_row_id(message_id), _user(mailbox)),
             ).fetchone()
         if row is None:
             raise KeyError(message_id)
         return bytes(row[0])
 
     def delete_message(self, mailbox, message_id: str) -> None:
-        """Delete one message; the trigger removes it from the search index too."""
-        with self._conn().transaction() as conn:
+        """Delete one message (and its search index entry: SQLite's trigger, or the
+        row's own column)."""
+        with self._conn().transaction(exclusive=False) as conn:
             cursor = conn.execute(
-                "DELETE FROM messages WHERE id = ? AND user = ?",
-                (_row_id(message_id), address_key(mailbox)),
+                'DELETE FROM messages WHERE id = ? AND "user" = ?',
+                (_row_id(message_id), _user(mailbox)),
             )
             if cursor.rowcount == 0:
                 raise KeyError(message_id)
@@ -264,28 +274,18 @@ class SQLStore:
         """Messages containing every word of `query` (in subject, from, to or body
         text), newest first (by Date:, then the latest delivered).  `user` is a
         ``local@domain`` (folded here); `since` a Unix time."""
-        match = fts_query(query)
-        if not match:
-            return []
-        # The matches are sorted and cut to `limit` through the small index first;
-        # only those rows are then read (FTS5's own rank would score every match).
-        where = ""
-        params: list = [match]
-        if user is not None:
-            where += " AND m.user = ?"
-            params.append(lookup_key(user))
-        if since is not None:
-            where += " AND m.date >= ?"
-            params.append(since)
-        params.append(max(0, limit))
-        sql = (
-            "SELECT id, user, folder, date, from_addr, subject FROM messages WHERE id IN ("
-            " SELECT m.id FROM messages_fts"
-            " JOIN messages AS m INDEXED BY messages_for_search ON m.id = messages_fts.rowid"
-            f" WHERE messages_fts MATCH ?{where} ORDER BY m.date DESC, m.id DESC LIMIT ?"
-            ") ORDER BY date DESC, id DESC"
+        db = self._conn()
+        found = search_sql(
+            db.dialect,
+            query,
+            user=None if user is None else lookup_key(user),
+            since=since,
+            limit=limit,
         )
-        with self._conn().read() as conn:
+        if found is None:
+            return []
+        sql, params = found
+        with db.read() as conn:
             rows = conn.execute(sql, params).fetchall()
         return [
             SearchHit(str(i), u, folder, date, from_addr or "", subject or "")
@@ -305,13 +305,39 @@ _ERRNO_OF = {
 
 def storage_error(error: Exception) -> Exception:
     """A database error as the OSError a mail store reports (a temporary failure:
-    the message stays queued); any other exception unchanged."""
-    if not isinstance(error, sqlite3.Error):
+    the message stays queued); any other exception unchanged.  PostgreSQL out of
+    reach is an I/O error; its disk full (SQLSTATE 53100) is ENOSPC."""
+    if isinstance(error, sqlite3.Error):
+        code = getattr(error, "sqlite_errorcode", 0) & 0xFF
+        number = _ERRNO_OF.get(code, 0)
+    elif isinstance(error, DatabaseUnavailable):
+        number = errno.EIO
+    elif _is_psycopg_error(error):
+        number = errno.ENOSPC if getattr(error, "sqlstate", None) == "53100" else errno.EIO
+    else:
         return error
-    code = getattr(error, "sqlite_errorcode", 0) & 0xFF
-    found = OSError(_ERRNO_OF.get(code, 0), f"mail database: {error}")
+    found = OSError(number, f"mail database: {error}")
     found.__cause__ = error
     return found
+
+
+def _is_psycopg_error(error: Exception) -> bool:
+    psycopg = sys.modules.get("psycopg")  # loaded only when a dsn names PostgreSQL
+    return psycopg is not None and isinstance(error, psycopg.Error)
+
+
+def _text(value: str | None) -> str | None:
+    """A header value PostgreSQL's text type takes (it refuses NUL characters)."""
+    return value if value is None or "\x00" not in value else value.replace("\x00", "\ufffd")
+
+
+def _user(mailbox) -> str:
+    """The mailbox's key in the rows.  Names no file-based store could hold are
+    refused here too (`UnsafeMailboxName`, permanent), as the `IMailStore` contract
+    says, so a mailbox can always move to another backend."""
+    safe_component(mailbox.domain, "domain")
+    safe_component(mailbox.local, "local part")
+    return address_key(mailbox)
 
 
 def _row_id(message_id: str) -> int:

@@ -12,7 +12,8 @@ import sys
 import pytest
 
 from mta.admin import cli, common
-from mta.db import Database
+from mta.config import load_config
+from mta.db import Database, database_location, is_postgres
 
 CONFIG = """\
 hostname = "mx.example.test"
@@ -62,7 +63,19 @@ def run(config_file, capsys):
 
 
 @pytest.fixture
-def db(datadir, run):
+def db(config_file, run):
+    """The database the config file names (SQLite in datadir unless it sets
+    [database] dsn: see `on_each_engine`)."""
     run("user", "list")  # creates the database
-    with Database(str(datadir / "mta.db")) as database:
+    with Database(database_location(load_config(config_file))) as database:
         yield database
+
+
+@pytest.fixture
+def on_each_engine(config_file, db_location):
+    """The config file, with `[database] dsn` for the PostgreSQL run of a test
+    parametrized by `db_location`.  A module uses it as its `config_file`."""
+    if is_postgres(db_location):
+        with open(config_file, "a") as f:
+            f.write(f'\n[database]\ndsn = "{db_location}"\n')
+    return config_file

@@ -8,12 +8,20 @@ import time
 
 import pytest
 
+from mta.config import load_config
+from mta.db import database_location
 from mta.envelope import Address
 from mta.storage import StoreItem
 from mta.storage.sql import SQLStore
 from mta.testing import MemoryBody
 
 SQL = '\n[storage]\nbackend = "sql"\n'
+
+
+@pytest.fixture
+def config_file(on_each_engine):
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return on_each_engine
 
 
 def message(subject, date, to="bob@example.test", body="see you"):
@@ -24,11 +32,11 @@ def message(subject, date, to="bob@example.test", body="see you"):
 
 
 @pytest.fixture
-def mail(config_file, datadir):
+def mail(config_file):
     with open(config_file, "a") as f:
         f.write(SQL)
     now = time.time()
-    store = SQLStore(str(datadir / "mta.db"))
+    store = SQLStore(database_location(load_config(config_file)))
     bob, carol = Address("bob", "example.test"), Address("carol", "example.test")
     items = [
         StoreItem(bob, "t1", b"", MemoryBody(message("Lunch plans", now - 30 * 86400))),

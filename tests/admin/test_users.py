@@ -14,6 +14,12 @@ from mta.smtp.auth import Argon2idChecker
 from mta.storage import UnsafeMailboxName
 
 
+@pytest.fixture
+def config_file(on_each_engine):
+    """Every test here runs on SQLite and on PostgreSQL."""
+    return on_each_engine
+
+
 def assert_one_line_error(err: str, *fragments: str) -> None:
     assert err.startswith("mta-admin: ")
     assert "Traceback" not in err

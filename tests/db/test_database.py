@@ -1,4 +1,8 @@
-"""Tests for mta.db: schema migrations, users, aliases, lockouts and the audit log."""
+"""Tests for mta.db: schema migrations, users, aliases, lockouts and the audit log.
+
+The `db` tests run twice, on SQLite and on a fresh PostgreSQL database
+(`db_location` in tests/conftest.py); the schema tests here are SQLite's
+(PostgreSQL's migrations: tests/db/test_postgres_schema.py)."""
 
 from __future__ import annotations
 
@@ -50,7 +54,13 @@ def db_path(tmp_path):
 
 
 @pytest.fixture
-def db(db_path, clock):
+def db(db_location, clock):
+    with Database(db_location, clock=clock) as database:
+        yield database
+
+
+@pytest.fixture
+def sqlite_db(db_path, clock):
     with Database(db_path, clock=clock) as database:
         yield database
 
@@ -58,7 +68,8 @@ def db(db_path, clock):
 # -- schema ------------------------------------------------------------------
 
 
-def test_new_database_is_migrated_to_latest_in_wal_mode(db, db_path):
+def test_new_database_is_migrated_to_latest_in_wal_mode(sqlite_db, db_path):
+    db = sqlite_db
     assert db.schema_version == load_migrations()[-1].version >= 1
     conn = sqlite3.connect(db_path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
@@ -67,7 +78,7 @@ def test_new_database_is_migrated_to_latest_in_wal_mode(db, db_path):
     conn.close()
 
 
-def test_database_file_is_private(db, db_path):
+def test_database_file_is_private(sqlite_db, db_path):
     assert stat.S_IMODE(os.stat(db_path).st_mode) == 0o600
 
 
@@ -394,9 +405,9 @@ def test_generation_moves_only_for_directory_changes(db):
     assert db.directory_generation() > before_alias
 
 
-def test_data_version_sees_commits_of_other_connections(db, db_path):
+def test_data_version_sees_commits_of_other_connections(db, db_location):
     before = db.data_version()
-    with Database(db_path) as other:
+    with Database(db_location) as other:
         other.add_user("alice@example.test")
     assert db.data_version() != before
 

@@ -2,7 +2,8 @@
 
 Most tests run the "thread pool" synchronously through the injected
 `run_in_thread` and drive the refresh loop with `task.Clock`; one test uses a real
-ThreadPool on the real reactor to cover the default path.
+ThreadPool on the real reactor to cover the default path.  Every test runs on
+SQLite and on PostgreSQL (`db_location`, tests/conftest.py).
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ def config(tmp_path):
 
 
 @pytest.fixture
-def db_path(config):
-    return config.path("mta.db")
+def db_path(db_location):
+    return db_location
 
 
 @pytest.fixture

@@ -1,5 +1,5 @@
 """The usage columns of `users` (schema 004) and the methods that read and write
-them, on real SQLite files."""
+them, on real SQLite files and (the `db` tests) on PostgreSQL too."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from mta.db import MIB, Database, NoSuchUser, load_migrations
 
 
 @pytest.fixture
-def db(tmp_path):
-    with Database(str(tmp_path / "mta.db")) as database:
+def db(db_location):
+    with Database(db_location) as database:
         database.add_user("bob@example.test")
         database.add_user("carol@example.test", quota_mb=2)
         yield database

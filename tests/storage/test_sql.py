@@ -1,5 +1,7 @@
 """The SQL mail store: byte-exact delivery into mta.db, duplicates by tag, and the
-FTS5 index behind `mta-admin search`."""
+full-text index behind `mta-admin search`.  Tests taking `store` run on SQLite
+(FTS5) and on a fresh PostgreSQL database (tsvector), `db_location` in
+tests/conftest.py; `sqlite_store` tests are SQLite's own (locking, error codes)."""
 
 from __future__ import annotations
 
@@ -44,10 +46,23 @@ def clock():
 
 
 @pytest.fixture
-def store(tmp_path, clock):
+def store(db_location, clock):
+    store = SQLStore(db_location, clock=clock)
+    yield store
+    store.close()
+
+
+@pytest.fixture
+def sqlite_store(tmp_path, clock):
     store = SQLStore(str(tmp_path / "mta.db"), clock=clock)
     yield store
     store.close()
+
+
+def query(store, sql, params=()):
+    """Rows of `sql` (with `?` placeholders), read through a second connection."""
+    with Database(store.path) as db, db._read() as conn:
+        return conn.execute(sql, params).fetchall()
 
 
 def deliver(store, box, data, tag="q1-0", prefix=b"Delivered-To: bob@example.test\r\n", **kw):
@@ -94,13 +109,12 @@ def test_deliver_list_read_byte_exact(store, clock):
     assert store.read_message(BOB, where) == prefix + data
 
 
-def test_rows_hold_the_parsed_headers(store, tmp_path):
+def test_rows_hold_the_parsed_headers(store):
     subject = "=?utf-8?b?SGVsbG8gd8O2cmxk?="
     deliver(store, BOB, message(subject=subject, Cc="Carol <carol@example.test>"))
-    with sqlite3.connect(str(tmp_path / "mta.db")) as conn:
-        row = conn.execute(
-            "SELECT user, folder, tag, subject, from_addr, to_addrs, date FROM messages"
-        ).fetchone()
+    [row] = query(
+        store, 'SELECT "user", folder, tag, subject, from_addr, to_addrs, date FROM messages'
+    )
     assert row == (
         "bob@example.test",
         "INBOX",
@@ -158,11 +172,13 @@ def test_one_bad_item_does_not_stop_the_batch(store):
     assert store.search("broken") == []
 
 
-def test_a_failed_commit_fails_every_item(store, tmp_path):
+def test_a_failed_commit_fails_every_item(sqlite_store, tmp_path):
+    store = sqlite_store
     deliver(store, BOB, message(), tag="first")  # opens the store
     other = sqlite3.connect(str(tmp_path / "mta.db"), timeout=0, isolation_level=None)
     other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
-    store._conn()._conn.execute("PRAGMA busy_timeout = 0")
+    with store._conn().read() as conn:
+        conn.execute("PRAGMA busy_timeout = 0")
     try:
         outcomes = store.deliver_batch(
             [StoreItem(BOB, t, b"", MemoryBody(message())) for t in ("x", "y")]
@@ -286,16 +302,15 @@ def test_remove_mailbox(store):
     assert [h.user for h in store.search("lunch")] == ["carol@example.test"]
 
 
-def test_probe_leaves_nothing(store, tmp_path):
+def test_probe_leaves_nothing(store):
     assert store.probe() == "writable"
     assert store.probe() == "writable"
-    with sqlite3.connect(str(tmp_path / "mta.db")) as conn:
-        assert conn.execute("SELECT count(*) FROM messages").fetchone() == (0,)
+    assert query(store, "SELECT count(*) FROM messages") == [(0,)]
 
 
-def test_shares_the_users_database(store, tmp_path):
+def test_shares_the_users_database(store):
     deliver(store, BOB, message())
-    with Database(str(tmp_path / "mta.db")) as db:
+    with Database(store.path) as db:
         db.add_user("dave@example.test", None)
         assert db.schema_version >= 3
     assert len(store.list_messages(BOB)) == 1
