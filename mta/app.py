@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+from functools import partial
 
 from twisted.application import service
 from twisted.internet import defer, task, threads
@@ -35,6 +36,7 @@ from mta.observe.logging import Logger, make_observer
 from mta.policy.compose import policy_pipeline
 from mta.policy.lockout import LockoutRules, LockoutTracker
 from mta.policy.pipeline import PolicyPipeline
+from mta.policy.ratelimit import RateBuckets
 from mta.policy.sender import SenderPolicy
 from mta.process.balance import Balancer
 from mta.process.threads import ThreadPoolService, WorkThreads
@@ -432,8 +434,13 @@ def build_service(
             config.tls.certificate, config.tls.key, config.datadir, config.hostname
         )
     authenticator, sender_policy = _submission(config, reactor, root, database, db_pool, auth_pool)
+    buckets = None
+    if is_postgres(location):  # several nodes: the rate limits count in the database
+        run_db = partial(threads.deferToThreadPool, reactor, db_pool)
+        buckets = RateBuckets(database, run_db, reactor)
+        buckets.setServiceParent(root)
     pipeline = policy_pipeline(
-        config, reactor, directory, sender_policy, pools["checks"], pools["sender-auth"]
+        config, reactor, directory, sender_policy, pools["checks"], pools["sender-auth"], buckets
     )
     tracker, listeners = _listeners(
         root, config, reactor, spool, pipeline, authenticator, tls, worker_index, inherited

@@ -8,17 +8,18 @@ import threading
 from mta.db.aliases import AliasTable
 from mta.db.audit import AuditTable
 from mta.db.lockouts import LockoutTable
+from mta.db.ratelimits import RateBucketTable
 from mta.db.users import UserTable
 
 
-class Database(UserTable, AliasTable, LockoutTable, AuditTable):
+class Database(UserTable, AliasTable, LockoutTable, AuditTable, RateBucketTable):
     """A connection to the database (the SQLite file, or PostgreSQL for a
     `postgresql://` location), migrated to the current schema on open.
 
     Every method blocks; the object may be shared between threads (SQLite: one
     connection, serialised by a lock; PostgreSQL: one connection per thread).  `clock` supplies timestamps, so tests control them.
     The methods come from one mixin per table (`mta.db.users`, `.aliases`,
-    `.lockouts`, `.audit`) over `mta.db.connection.Connection`.
+    `.lockouts`, `.audit`, `.ratelimits`) over `mta.db.connection.Connection`.
     """
 
 

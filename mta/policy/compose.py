@@ -19,7 +19,7 @@ from mta.policy.daemons import daemon_endpoint
 from mta.policy.dnsbl import DNSBLCheck
 from mta.policy.pipeline import PolicyPipeline
 from mta.policy.quota import QuotaCheck
-from mta.policy.ratelimit import RateLimitCheck, RateLimiter
+from mta.policy.ratelimit import RateLimitCheck, RateLimiter, SharedRateLimiter
 from mta.policy.relay import RelayCheck
 from mta.policy.sender import SenderCheck
 from mta.policy.senderauth import sender_auth_check
@@ -30,7 +30,7 @@ _ALWAYS_FAIL_CLOSED = ("relay", "sender", "rate-ip", "rate-user", "clamd")
 
 
 def policy_pipeline(
-    config, clock, directory, sender_policy, pool=None, auth_pool=None
+    config, clock, directory, sender_policy, pool=None, auth_pool=None, rate_buckets=None
 ) -> PolicyPipeline:
     """The policy checks, in order: DNS block lists at CONNECT, rate limits and the
     sender rule at MAIL, then the relay rule (recipient resolution) and quotas at
@@ -40,7 +40,9 @@ def policy_pipeline(
     bounded and their own, so a flood of big attachments queues there and not in
     front of everything else on the reactor's default pool.  SPF, DKIM, ARC and
     DMARC (`[checks] spf/dkim/dmarc`, at MAIL and DATA) block on DNS: they get
-    `auth_pool`, so a slow DNS does not hold up the scanners' reads."""
+    `auth_pool`, so a slow DNS does not hold up the scanners' reads.  With
+    `rate_buckets` (`RateBuckets`: the database is shared by several nodes) the rate
+    limits count in the database instead of in this process."""
     checks = []
     if config.checks.dnsbl:
         checks.append(
@@ -53,11 +55,16 @@ def policy_pipeline(
             )
         )
     limits = config.limits
-    if limits.messages_per_ip_per_minute:
-        checks.append(RateLimitCheck(RateLimiter(clock, limits.messages_per_ip_per_minute), "ip"))
-    if limits.messages_per_user_per_minute:
-        limiter = RateLimiter(clock, limits.messages_per_user_per_minute)
-        checks.append(RateLimitCheck(limiter, "user"))
+    for per, limit in (
+        ("ip", limits.messages_per_ip_per_minute),
+        ("user", limits.messages_per_user_per_minute),
+    ):
+        if limit:
+            if rate_buckets is None:
+                limiter = RateLimiter(clock, limit)
+            else:
+                limiter = SharedRateLimiter(rate_buckets, limit, per)
+            checks.append(RateLimitCheck(limiter, per))
     checks.append(SenderCheck(sender_policy))
     checks.append(RelayCheck(config.local_domains, config.relay_networks, directory))
     checks.append(QuotaCheck(directory))
