@@ -21,7 +21,10 @@ import logging
 import attrs
 import dkim
 
+from mta.policy import dkimrsa
 from mta.policy.authdns import AuthDNS, DNSTemporaryError
+
+dkimrsa.install()  # RSA through OpenSSL: see mta.policy.dkimrsa
 
 # dkimpy logs every failed signature at error level; its result is ours to log.
 _quiet = logging.getLogger("mta.dkimpy")

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import threading
 
-import pytest
 import pytest_twisted
 from twisted.internet import defer, task, threads
 
