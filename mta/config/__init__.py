@@ -215,6 +215,8 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
             _host_port(http_addr, "http.address", err)
     with collect():
         sections["manhole"] = _manhole(sections["manhole"], source, err)
+    with collect():
+        _queue_database(sections["queue"], sections["database"], err)
 
     errors.raise_any()
     return Config(
@@ -229,6 +231,19 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
         storage_domains=storage_domains,
         **sections,
     )
+
+
+def _queue_database(queue, database, err) -> None:
+    """`[queue] backend = "postgresql"` needs `[database] dsn` naming PostgreSQL."""
+    if queue.backend != "postgresql":
+        return
+    if not database.dsn.startswith(("postgresql://", "postgres://")):
+        raise err(
+            "database.dsn",
+            'must be "postgresql://user@host:port/dbname" when [queue] backend = "postgresql"',
+        )
+    if queue.lease < 5:
+        raise err("queue.lease", "must be at least 5 seconds (leases are renewed every lease/3)")
 
 
 # What a host name lookup gives when the machine has no real name for itself.

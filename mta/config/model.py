@@ -77,6 +77,17 @@ class QueueConfig:
     delivery_concurrency: int = 20
     delay_warning: float = 4 * 3600.0
     io_lanes: int = 1
+    # backend = "postgresql": seconds a node holds a claimed entry (renewed while it
+    # delivers); a node that dies loses its entries to the others when they expire.
+    lease: float = 60.0
+
+
+@attrs.frozen
+class DatabaseConfig:
+    """`[database]`: dsn = "postgresql://..." (the queue's, with [queue] backend =
+    "postgresql"); empty: none."""
+
+    dsn: str = ""
 
 
 @attrs.frozen
@@ -179,6 +190,7 @@ class Config:
     auth: AuthConfig = AuthConfig()
     storage: StorageConfig = StorageConfig()
     queue: QueueConfig = QueueConfig()
+    database: DatabaseConfig = DatabaseConfig()
     relay: RelayConfig = RelayConfig()
     dns: DNSConfig = DNSConfig()
     dkim: DKIMConfig = DKIMConfig()
@@ -211,6 +223,7 @@ _SECTIONS: dict[str, type] = {
     "auth": AuthConfig,
     "storage": StorageConfig,
     "queue": QueueConfig,
+    "database": DatabaseConfig,
     "relay": RelayConfig,
     "dns": DNSConfig,
     "dkim": DKIMConfig,
@@ -238,7 +251,7 @@ _OPTIONAL_NUMBERS = frozenset(("checks.spam_threshold",))
 # refusing them at start is better than silently running something else.
 _NOT_YET = {
     "storage.backend": ("maildir", "mbox", "timeseries", "sql", "sqlite"),
-    "queue.backend": ("local",),
+    "queue.backend": ("local", "postgresql"),
 }
 # Sections of the operator contract implemented by later stages: accepted so that one
 # config file serves every version, validated only as tables.

@@ -7,7 +7,7 @@ outside this package knows which backend it is or how it keeps its files.
 
 from __future__ import annotations
 
-BACKENDS = ("local",)
+BACKENDS = ("local", "postgresql")
 
 
 class UnknownQueueBackend(ValueError):
@@ -24,8 +24,12 @@ def _check(config) -> None:
 
 def open_queue_store(config, reactor, threadpool, *, worker: int = 0, **options):
     """The `IQueueStore` of worker process `worker` (the file spool ``queue/`` for the
-    first, ``queue/w<k>/`` for the others)."""
+    first, ``queue/w<k>/`` for the others; or the cluster's PostgreSQL queue)."""
     _check(config)
+    if config.queue.backend == "postgresql":
+        from mta.queue.pgstore import open_pg_store
+
+        return open_pg_store(config, reactor, threadpool, **options)
     from mta.queue.filestore import FileQueueStore
     from mta.queue.layout import spool_dir
 
@@ -35,6 +39,10 @@ def open_queue_store(config, reactor, threadpool, *, worker: int = 0, **options)
 def open_queue_control(config):
     """The `IQueueControl` for `mta-admin queue ...` and the manhole."""
     _check(config)
+    if config.queue.backend == "postgresql":
+        from mta.queue.pgcontrol import PGQueueControl
+
+        return PGQueueControl(config.database.dsn)
     from mta.queue.control import FileQueueControl
 
     return FileQueueControl(config.path("queue"))
@@ -52,6 +60,8 @@ def hold_message(config, envelope, message: bytes, trace_headers: bytes = b"") -
 def adopt_orphaned_queues(config) -> int:
     """Before any worker starts: take over what workers that no longer exist left."""
     _check(config)
+    if config.queue.backend == "postgresql":
+        return 0  # shared: nothing is left behind that another node cannot claim
     from mta.queue.recovery import adopt_orphaned_spools
 
     return adopt_orphaned_spools(config.path("queue"), config.workers)
