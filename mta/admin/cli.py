@@ -92,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     # Imported here: each of them imports the helpers below.
-    from mta.admin import keys, lockouts, mail, queue, search, users
+    from mta.admin import cluster, keys, lockouts, mail, queue, search, users
     from mta.admin import quarantine as quarantine_commands
 
     users.add_user_commands(commands, leaf)
@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     mail.add_commands(commands, leaf)
     search.add_commands(commands, leaf)
     keys.add_commands(commands, leaf)
+    cluster.add_commands(commands, leaf)
     return parser
 
 

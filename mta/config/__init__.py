@@ -237,7 +237,9 @@ def _queue_database(queue, database, err) -> None:
     """`[queue] backend = "postgresql"` needs `[database] dsn` naming PostgreSQL."""
     if queue.backend != "postgresql":
         return
-    if not database.dsn.startswith(("postgresql://", "postgres://")):
+    if queue.dsn and not queue.dsn.startswith(("postgresql://", "postgres://")):
+        raise err("queue.dsn", 'must be "postgresql://user@host:port/dbname" (or empty)')
+    if not (queue.dsn or database.dsn).startswith(("postgresql://", "postgres://")):
         raise err(
             "database.dsn",
             'must be "postgresql://user@host:port/dbname" when [queue] backend = "postgresql"',

@@ -14,6 +14,11 @@ class UnknownQueueBackend(ValueError):
     """`[queue] backend` names a queue this build does not have."""
 
 
+def queue_dsn(config) -> str:
+    """The PostgreSQL queue's DSN: `[queue] dsn`, else `[database] dsn`."""
+    return config.queue.dsn or config.database.dsn
+
+
 def _check(config) -> None:
     if config.queue.backend not in BACKENDS:
         raise UnknownQueueBackend(
@@ -29,7 +34,7 @@ def open_queue_store(config, reactor, threadpool, *, worker: int = 0, **options)
     if config.queue.backend == "postgresql":
         from mta.queue.pgstore import open_pg_store
 
-        return open_pg_store(config, reactor, threadpool, **options)
+        return open_pg_store(config, reactor, threadpool, dsn=queue_dsn(config), **options)
     from mta.queue.filestore import FileQueueStore
     from mta.queue.layout import spool_dir
 
@@ -42,7 +47,7 @@ def open_queue_control(config):
     if config.queue.backend == "postgresql":
         from mta.queue.pgcontrol import PGQueueControl
 
-        return PGQueueControl(config.database.dsn)
+        return PGQueueControl(queue_dsn(config))
     from mta.queue.control import FileQueueControl
 
     return FileQueueControl(config.path("queue"))
@@ -52,6 +57,10 @@ def hold_message(config, envelope, message: bytes, trace_headers: bytes = b"") -
     """Put `message` into the queue on hold (release it with the queue control's
     ``release``); its queue id.  For `mta-admin quarantine release`."""
     _check(config)
+    if config.queue.backend == "postgresql":
+        from mta.queue.pgcontrol import hold_message as hold_in_pg
+
+        return hold_in_pg(queue_dsn(config), envelope, message, trace_headers)
     from mta.queue.inject import hold_message as hold
 
     return hold(config.path("queue"), envelope, message, trace_headers)

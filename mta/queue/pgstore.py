@@ -474,9 +474,11 @@ class PGQueueStore(Service):
         return self._run(pgsql.record_final, qid, results, self.reactor.seconds())
 
 
-def open_pg_store(config, reactor, threadpool, *, lanes: int = 1, **options) -> PGQueueStore:
+def open_pg_store(
+    config, reactor, threadpool, *, dsn: str, lanes: int = 1, **options
+) -> PGQueueStore:
     """The store for `[queue] backend = "postgresql"` (`mta.queue.open_queue_store`)."""
-    connections = Connections(config.database.dsn, size=max(2, lanes + 2))
+    connections = Connections(dsn, size=max(2, lanes + 2))
     try:
         # TEMPORARY (until the migration runner lands): create the tables before any
         # listener accepts.  PostgreSQL down at start is no reason not to start:
