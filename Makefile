@@ -14,7 +14,7 @@ DEBIAN_VENV   ?= .venv-debian
 PYTEST_ARGS   ?=
 PYTEST        := -m pytest -p no:cacheprovider tests
 # The Debian 12 packages the second run uses (installed by .ci/install-debian-deps).
-DEBIAN_MODULES := twisted OpenSSL service_identity argon2 attr zope.interface pytest dns prometheus_client bcrypt pyasn1 dkim
+DEBIAN_MODULES := twisted OpenSSL service_identity argon2 attr zope.interface pytest dns prometheus_client bcrypt pyasn1 dkim psycopg
 
 SHELL := /bin/bash
 comma := ,
