@@ -42,7 +42,9 @@ def _sender(servers, worker: int, acked: list, stop: threading.Event) -> None:
                     tag = f"w{worker}-m{n}"
                     body = (
                         f"Subject: {tag}\r\nMessage-ID: <{tag}@load.test>\r\nX-Tag: {tag}\r\n"
-                        f"\r\n{tag}\r\n".encode() + b"z" * 2000 + b"\r\n"
+                        f"\r\n{tag}\r\n".encode()
+                        + b"z" * 2000
+                        + b"\r\n"
                     )
                     client.sendmail("load@remote.test", ["postmaster@localhost"], body)
                     acked.append(tag)  # only after the 250
@@ -58,7 +60,14 @@ def test_a_node_killed_under_load_loses_nothing_and_duplicates_nothing(
         shared = tmp_path / "shared"
         config = {
             "datadir": str(shared),
-            "queue": {"backend": "postgresql", "lease": 5.0, "retry_schedule": [1.0]},
+            # One delivery at a time: arrivals outrun it, so the killed node holds many
+            # leased messages when it dies.
+            "queue": {
+                "backend": "postgresql",
+                "lease": 5.0,
+                "retry_schedule": [1.0],
+                "delivery_concurrency": 1,
+            },
             "database": {"dsn": dsn},
         }
         a = mta_server_factory(config, name="a")
@@ -106,3 +115,7 @@ def test_a_node_killed_under_load_loses_nothing_and_duplicates_nothing(
             time.sleep(0.5)
         assert "Mail queue is empty" in listing.stdout, listing.stdout + listing.stderr
         b.stop()
+        # The survivor finished work the killed node had accepted.
+        log = b.log()
+        done, queued = log.count('"event":"done"'), log.count('"event":"queued"')
+        assert done > queued, f"the survivor finished {done}, accepted {queued}"
