@@ -21,6 +21,7 @@ from mta.queue.pgbody import PGBodies
 
 CHANNEL = "mta_queue"
 FINAL = ("delivered", "failed")
+NODE_MEMORY = 86400.0
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 
@@ -243,6 +244,8 @@ def heartbeat(conn, node: str, hostname: str, pid: int, version: str, started: f
         " ON CONFLICT (node_id) DO UPDATE SET last_seen = EXCLUDED.last_seen",
         (node, hostname, pid, version, started, now),
     )
+    # Nodes that vanished without a word (kill -9) are listed as gone for a day.
+    conn.execute("DELETE FROM queue_nodes WHERE last_seen < %s", (now - NODE_MEMORY,))
 
 
 def leave(conn, node: str) -> None:

@@ -478,7 +478,9 @@ def open_pg_store(
     config, reactor, threadpool, *, dsn: str, lanes: int = 1, **options
 ) -> PGQueueStore:
     """The store for `[queue] backend = "postgresql"` (`mta.queue.open_queue_store`)."""
-    connections = Connections(dsn, size=max(2, lanes + 2))
+    # Commits, claims and records (spool pool) and body reads (delivery pool) share
+    # these; the LISTEN connection is apart.
+    connections = Connections(dsn, size=2 * lanes + 6)
     try:
         # TEMPORARY (until the migration runner lands): create the tables before any
         # listener accepts.  PostgreSQL down at start is no reason not to start:
