@@ -159,23 +159,33 @@ class PGSpoolFile:
 def commit_batch(conn, bodies, jobs: list[CommitJob], owner: str) -> None:
     """Thread, inside one transaction: insert every job; wake other nodes when some
     are not leased to this one."""
-    unleased = False
-    for job in jobs:
-        pgsql.insert_entry(
-            conn,
-            bodies,
-            qid=job.qid,
-            envelope=job.envelope,
-            trace_headers=job.trace_headers,
-            body_length=job.length,
-            pieces=job.pieces(),
-            created=job.created,
-            lease_owner=owner if job.lease_until is not None else None,
-            lease_until=job.lease_until,
-        )
-        unleased |= job.lease_until is None
+    unleased = any(job.lease_until is None for job in jobs)
+    if any(job.fd is not None for job in jobs):
+        # A spilled body goes a chunk at a time, each sent before the next is read
+        # (a pipeline would buffer them all in libpq).
+        for job in jobs:
+            _insert(conn, bodies, job, owner)
+    else:
+        with conn.pipeline():  # small messages: one round trip for the whole batch
+            for job in jobs:
+                _insert(conn, bodies, job, owner)
     if unleased:
         pgsql.notify(conn, owner)
+
+
+def _insert(conn, bodies, job: CommitJob, owner: str) -> None:
+    pgsql.insert_entry(
+        conn,
+        bodies,
+        qid=job.qid,
+        envelope=job.envelope,
+        trace_headers=job.trace_headers,
+        body_length=job.length,
+        pieces=job.pieces(),
+        created=job.created,
+        lease_owner=owner if job.lease_until is not None else None,
+        lease_until=job.lease_until,
+    )
 
 
 def clean_spill(spill_dir: str) -> int:

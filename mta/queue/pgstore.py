@@ -92,6 +92,9 @@ class PGQueueStore(Service):
         self.on_ready: Callable[[], None] | None = None
         self._salt = os.urandom(2).hex()
         self._writer = BatchWorker(reactor, threadpool, self._commit_batch, lanes)
+        # Results, defers, finishes and dead letters of concurrent attempts share one
+        # transaction (one WAL flush) per batch, like the commits.
+        self._returns = BatchWorker(reactor, threadpool, self._return_batch, lanes)
         self._fresh: deque[QueueEntry] = deque()
         self._taking = 0  # commits in flight that lease their entry to this node
         self._leased: set[str] = set()
@@ -205,6 +208,18 @@ class PGQueueStore(Service):
         for job in jobs:
             job.discard_spill()
         return outcome
+
+    def _return_batch(self, items: list) -> list:
+        """Thread: (statement, args) items in one transaction; all fail together."""
+
+        def work(conn):
+            return [statement(conn, *args) for statement, args in items]
+
+        try:
+            results = self.connections.run(work)
+        except Exception as e:
+            return [(False, e)] * len(items)
+        return [(True, r) for r in results]
 
     def _commit_failed(self, f, job: CommitJob):
         if job.lease_until is not None:
@@ -341,18 +356,18 @@ class PGQueueStore(Service):
 
     def defer(self, entry: QueueEntry, next_attempt: float) -> Deferred:
         entry.body.forget_memory()
-        d = self._run(pgsql.defer, entry, self.node, self.reactor.seconds())
+        d = self._returns.submit((pgsql.defer, (entry, self.node, self.reactor.seconds())))
         self._wait_until(next_attempt)
         return d.addBoth(self._returned, entry.qid, "defer")
 
     def finish(self, entry: QueueEntry) -> Deferred:
         entry.body.forget_memory()
-        d = self._run(pgsql.finish, entry, self.node, self.bodies)
+        d = self._returns.submit((pgsql.finish, (entry, self.node, self.bodies)))
         return d.addBoth(self._returned, entry.qid, "finish")
 
     def bury(self, entry: QueueEntry, reason: str) -> Deferred:
         entry.body.forget_memory()
-        d = self._run(pgsql.bury, entry, self.node, reason, self.reactor.seconds())
+        d = self._returns.submit((pgsql.bury, (entry, self.node, reason, self.reactor.seconds())))
         return d.addBoth(self._returned, entry.qid, "bury")
 
     def _returned(self, result, qid: str, action: str):
@@ -454,7 +469,8 @@ class PGQueueStore(Service):
 
     def wait_idle(self) -> Deferred:
         return gatherResults(
-            [self._writer.wait_idle(), *list(self._inflight)], consumeErrors=True
+            [self._writer.wait_idle(), self._returns.wait_idle(), *list(self._inflight)],
+            consumeErrors=True,
         ).addErrback(lambda _: None)
 
     def probe(self) -> str:
@@ -471,7 +487,7 @@ class PGQueueStore(Service):
         return RecordingAgent(agent, self)
 
     def record_final(self, qid: str, results: list[tuple[int, str, str]]) -> Deferred:
-        return self._run(pgsql.record_final, qid, results, self.reactor.seconds())
+        return self._returns.submit((pgsql.record_final, (qid, results, self.reactor.seconds())))
 
 
 def open_pg_store(
