@@ -20,9 +20,9 @@ class RecordingAgent:
     """An `IDeliveryAgent` around `agent` that commits final results at once.
 
     Recipients go to `agent` grouped by domain (the relay makes one transaction per
-    destination anyway), and each group's delivered/failed results are committed
-    before they are returned, so a slow destination never holds back the record
-    of a fast one."""
+    destination anyway; a quarantined message goes whole, as one copy), and each
+    group's delivered/failed results are committed before they are returned, so a
+    slow destination never holds back the record of a fast one."""
 
     def __init__(self, agent, store):
         self.agent = agent
@@ -30,8 +30,11 @@ class RecordingAgent:
 
     def deliver(self, job, recipients):
         groups: dict[str, list[Address]] = {}
-        for r in recipients:
-            groups.setdefault(r.domain.lower(), []).append(r)
+        if job.envelope.quarantine is not None:
+            groups[""] = list(recipients)  # one quarantined copy, whatever the domains
+        else:
+            for r in recipients:
+                groups.setdefault(r.domain.lower(), []).append(r)
         waits = [self._one(job, group) for group in groups.values()]
         d = gatherResults(waits, consumeErrors=True)
         d.addCallback(lambda lists: [r for results in lists for r in results])

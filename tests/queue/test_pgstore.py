@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 
 import pytest
+from attrs import evolve as attrs_evolve
 from twisted.internet.defer import succeed
 from zope.interface.verify import verifyObject
 
@@ -259,6 +260,45 @@ def test_a_recipient_delivered_is_not_delivered_again_after_the_node_dies(nodes)
     assert taken.states == [RecipientState.DELIVERED, RecipientState.PENDING]
     assert taken.pending_recipients() == [Address("y", "two.test")]
     assert taken.details[0] == "250 ok"
+
+
+def test_results_are_recorded_per_destination_as_each_returns(nodes):
+    from twisted.internet.defer import Deferred
+
+    a = nodes("a", window=0)
+    qid = commit(a, "x@one.test", "y@two.test")
+    [entry] = claimed(a)
+    calls = []
+
+    class SlowAgent:
+        def deliver(self, job, recipients):
+            d = Deferred()
+            calls.append((list(recipients), d))
+            return d
+
+    a.recording_agent(SlowAgent()).deliver(entry.job(), entry.pending_recipients())
+    assert [[str(r) for r in rcpts] for rcpts, _ in calls] == [["x@one.test"], ["y@two.test"]]
+    (one, d_one), (_, d_two) = calls
+    d_one.callback([DeliveryResult.delivered(one[0], "250 ok")])  # two.test still busy
+
+    def states():
+        return a.connections.run(
+            lambda c: c.execute(
+                "SELECT status FROM queue_recipients WHERE entry_id = %s ORDER BY position",
+                (qid,),
+            ).fetchall()
+        )
+
+    assert states() == [("delivered",), ("pending",)]
+    quarantined = entry.job()
+    quarantined = type(quarantined)(
+        quarantined.qid,
+        attrs_evolve(quarantined.envelope, quarantine="spam"),
+        quarantined.body,
+    )
+    calls.clear()
+    a.recording_agent(SlowAgent()).deliver(quarantined, list(quarantined.envelope.recipients))
+    assert len(calls) == 1 and len(calls[0][0]) == 2  # one quarantined copy
 
 
 class NotifyClock(ThreadClock):
