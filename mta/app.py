@@ -327,16 +327,20 @@ def _queue_and_delivery(
         pool=delivery_pool,
     )
     relay.setServiceParent(root)
+    agent = Router(
+        config.local_domains,
+        local,
+        remote_agent=relay,
+        quarantine_agent=QuarantineAgent(
+            config.path("quarantine"), delivery_pool, reactor, keyring=_at_rest_keyring(config)
+        ),
+    )
+    if service.IService.providedBy(store):  # the PostgreSQL queue: started before the runner
+        store.setServiceParent(root)
+        agent = store.recording_agent(agent)  # final results committed at once
     runner = QueueRunner(
         store,
-        Router(
-            config.local_domains,
-            local,
-            remote_agent=relay,
-            quarantine_agent=QuarantineAgent(
-                config.path("quarantine"), delivery_pool, reactor, keyring=_at_rest_keyring(config)
-            ),
-        ),
+        agent,
         reactor,
         retry_schedule=config.queue.retry_schedule,
         max_age=config.queue.max_age,
@@ -344,8 +348,9 @@ def _queue_and_delivery(
         bouncer=Bouncer(store, config.hostname, reactor, spool_pool),
         delay_warning=config.queue.delay_warning,
     )
-    # Takes the spool's owner lock before the runner recovers it (mta.queue.control).
-    QueueControl(store, reactor, spool_pool).setServiceParent(root)
+    if config.queue.backend == "local":
+        # Takes the spool's owner lock before the runner recovers it (mta.queue.control).
+        QueueControl(store, reactor, spool_pool).setServiceParent(root)
     runner.setServiceParent(root)
     root.spool, root.runner = store, runner
     root.queue_control = open_queue_control(config)

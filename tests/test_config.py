@@ -76,14 +76,32 @@ def test_relative_datadir_resolves_against_the_file(tmp_path):
 
 @pytest.mark.parametrize(
     "data,key",
-    [
-        ({"queue": {"backend": "postgresql"}}, "queue.backend"),
-    ],
+    [],
 )
 def test_contract_values_this_version_cannot_serve_are_refused(data, key):
     with pytest.raises(ConfigError) as e:
         build_config(data, source="mta.toml")
     assert e.value.key == key and "not available in this version" in str(e.value)
+
+
+def test_the_postgresql_queue_needs_a_postgresql_dsn_and_a_sane_lease():
+    with pytest.raises(ConfigError) as e:
+        build_config({"queue": {"backend": "postgresql"}}, source="mta.toml")
+    assert e.value.key == "database.dsn" and "postgresql://" in str(e.value)
+    with pytest.raises(ConfigError) as e:
+        build_config(
+            {
+                "queue": {"backend": "postgresql", "lease": 1},
+                "database": {"dsn": "postgresql://h/d"},
+            },
+            source="mta.toml",
+        )
+    assert e.value.key == "queue.lease"
+    config = build_config(
+        {"queue": {"backend": "postgresql", "lease": 30}, "database": {"dsn": "postgresql://h/d"}}
+    )
+    assert config.queue.lease == 30.0 and config.database.dsn == "postgresql://h/d"
+    assert build_config({}).queue.backend == "local" and build_config({}).queue.lease == 60.0
 
 
 # -- every error of the file at once (mta-admin check-config) ---------------------

@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     # Imported here: each of them imports the helpers below.
-    from mta.admin import db, keys, lockouts, mail, queue, search, spam, users
+    from mta.admin import cluster, db, keys, lockouts, mail, queue, search, spam, users
     from mta.admin import quarantine as quarantine_commands
 
     users.add_user_commands(commands, leaf)
@@ -128,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_commands(commands, leaf)
     db.add_commands(commands, leaf)
     spam.add_commands(commands, leaf)
+    cluster.add_commands(commands, leaf)
     return parser
 
 

@@ -231,6 +231,8 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
             host_port(http_addr, "http.address", err)
     with collect():
         sections["manhole"] = _manhole(sections["manhole"], source, err)
+    with collect():
+        _queue_database(sections["queue"], sections["database"], err)
 
     errors.raise_any()
     return Config(
@@ -246,6 +248,21 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
         storage_s3=storage_s3,
         **sections,
     )
+
+
+def _queue_database(queue, database, err) -> None:
+    """`[queue] backend = "postgresql"` needs `[database] dsn` naming PostgreSQL."""
+    if queue.backend != "postgresql":
+        return
+    if queue.dsn and not queue.dsn.startswith(("postgresql://", "postgres://")):
+        raise err("queue.dsn", 'must be "postgresql://user@host:port/dbname" (or empty)')
+    if not (queue.dsn or database.dsn).startswith(("postgresql://", "postgres://")):
+        raise err(
+            "database.dsn",
+            'must be "postgresql://user@host:port/dbname" when [queue] backend = "postgresql"',
+        )
+    if queue.lease < 5:
+        raise err("queue.lease", "must be at least 5 seconds (leases are renewed every lease/3)")
 
 
 # What a host name lookup gives when the machine has no real name for itself.

@@ -102,6 +102,9 @@ class QueueConfig:
     # Seal queued messages on the disk (AES-256-GCM, mta.crypto.stream) with the
     # [storage] master key.
     encrypt: bool = False
+    # backend = "postgresql": seconds a node holds a claimed entry (renewed while it
+    # delivers); a node that dies loses its entries to the others when they expire.
+    lease: float = 60.0
 
 
 @attrs.frozen
@@ -291,7 +294,7 @@ _OPTIONAL_NUMBERS = frozenset(("checks.spam_threshold",))
 # refusing them at start is better than silently running something else.
 _NOT_YET = {
     "storage.backend": ("maildir", "mbox", "timeseries", "sql", "sqlite", "s3"),
-    "queue.backend": ("local",),
+    "queue.backend": ("local", "postgresql"),
 }
 # Sections of the operator contract implemented by later stages: accepted so that one
 # config file serves every version, validated only as tables.

@@ -7,11 +7,16 @@ outside this package knows which backend it is or how it keeps its files.
 
 from __future__ import annotations
 
-BACKENDS = ("local",)
+BACKENDS = ("local", "postgresql")
 
 
 class UnknownQueueBackend(ValueError):
     """`[queue] backend` names a queue this build does not have."""
+
+
+def queue_dsn(config) -> str:
+    """The PostgreSQL queue's DSN: `[queue] dsn`, else `[database] dsn`."""
+    return config.queue.dsn or config.database.dsn
 
 
 def _check(config) -> None:
@@ -24,8 +29,12 @@ def _check(config) -> None:
 
 def open_queue_store(config, reactor, threadpool, *, worker: int = 0, **options):
     """The `IQueueStore` of worker process `worker` (the file spool ``queue/`` for the
-    first, ``queue/w<k>/`` for the others)."""
+    first, ``queue/w<k>/`` for the others; or the cluster's PostgreSQL queue)."""
     _check(config)
+    if config.queue.backend == "postgresql":
+        from mta.queue.pgstore import open_pg_store
+
+        return open_pg_store(config, reactor, threadpool, dsn=queue_dsn(config), **options)
     from mta.queue.filestore import FileQueueStore
     from mta.queue.layout import spool_dir
 
@@ -47,6 +56,10 @@ def queue_keyring(config):
 def open_queue_control(config):
     """The `IQueueControl` for `mta-admin queue ...` and the manhole."""
     _check(config)
+    if config.queue.backend == "postgresql":
+        from mta.queue.pgcontrol import PGQueueControl
+
+        return PGQueueControl(queue_dsn(config))
     from mta.queue.control import FileQueueControl
 
     return FileQueueControl(config.path("queue"), keyring=queue_keyring(config))
@@ -56,6 +69,10 @@ def hold_message(config, envelope, message: bytes, trace_headers: bytes = b"") -
     """Put `message` into the queue on hold (release it with the queue control's
     ``release``); its queue id.  For `mta-admin quarantine release`."""
     _check(config)
+    if config.queue.backend == "postgresql":
+        from mta.queue.pgcontrol import hold_message as hold_in_pg
+
+        return hold_in_pg(queue_dsn(config), envelope, message, trace_headers)
     from mta.queue.inject import hold_message as hold
 
     return hold(config.path("queue"), envelope, message, trace_headers, queue_keyring(config))
@@ -64,6 +81,8 @@ def hold_message(config, envelope, message: bytes, trace_headers: bytes = b"") -
 def adopt_orphaned_queues(config) -> int:
     """Before any worker starts: take over what workers that no longer exist left."""
     _check(config)
+    if config.queue.backend == "postgresql":
+        return 0  # shared: nothing is left behind that another node cannot claim
     from mta.queue.recovery import adopt_orphaned_spools
 
     return adopt_orphaned_spools(config.path("queue"), config.workers)
