@@ -24,7 +24,7 @@ from mta.headers import header_end, remove_fields
 # header section is longer keeps the fields past this point.
 HEAD_LIMIT = 1024 * 1024
 _CHUNK = 256 * 1024
-_NEW_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
+_NEW_FLAGS = os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
 
 
 def edit_chunks(chunks: list[bytes], matches) -> tuple[list[bytes], int, int]:

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mta.fileio import pid_alive, write_all
 from mta.interfaces import ISpoolFile
-from mta.queue import pgsql
+from mta.queue import headedit, pgsql
 from mta.queue.body import FileBody
 from mta.queue.ids import is_queue_id, pid_of
 from mta.queue.pgbody import file_pieces
@@ -82,9 +84,53 @@ class PGSpoolFile:
         self._chunks: list[bytes] = []
         self._fd: int | None = None
         self._closed = False
+        self._editing = False
 
     def _path(self) -> str:
         return os.path.join(self._store.spill_dir, self.qid)
+
+    def remove_headers(self, matches) -> Deferred:
+        """Drop the header fields `matches` name (ISpoolFile; as the file spool does:
+        in memory in place, a spilled body rewritten on the store's thread pool)."""
+        if self._closed or self._editing:
+            raise ValueError(f"spool file {self.qid} already committed, aborted or busy")
+        if self._fd is None:
+            self._chunks, removed, cut = headedit.edit_chunks(self._chunks, matches)
+            self.size -= cut
+            self.buffered -= cut
+            return succeed(removed)
+        body = self.body()
+        fd, self._fd, self._editing = self._fd, None, True
+        path = self._path()
+        d = deferToThreadPool(
+            self._store.reactor,
+            self._store._pool,
+            headedit.edit_file,
+            body,
+            path,
+            self.size,
+            matches,
+            None,
+            self.qid,
+        )
+        return d.addBoth(self._edited, fd, path)
+
+    def _edited(self, result, fd: int, path: str):
+        self._editing = False
+        new_fd = fd
+        if isinstance(result, tuple):
+            new_fd = result[0]
+            os.close(fd)  # its file was replaced
+        if self._closed:  # aborted while the thread worked
+            os.close(new_fd)
+            _unlink(path)
+        else:
+            self._fd = new_fd
+            if isinstance(result, tuple):
+                self.size = result[2]
+        if isinstance(result, Failure):
+            return result
+        return result[1] if isinstance(result, tuple) else 0
 
     def write(self, data: bytes) -> None:
         if self._closed:
@@ -126,8 +172,8 @@ class PGSpoolFile:
         return FileBody(b"", self._path(), self.size)
 
     def commit(self, envelope, trace_headers: bytes = b"") -> Deferred:
-        if self._closed:
-            raise ValueError(f"spool file {self.qid} already committed or aborted")
+        if self._closed or self._editing:
+            raise ValueError(f"spool file {self.qid} already committed, aborted or busy")
         if self._fd is not None and self._chunks:
             self._flush()
         self._closed = True

@@ -127,6 +127,29 @@ def test_a_committed_message_reads_back_from_postgresql(nodes, tmp_path):
     assert chunks == 3  # 1 MiB chunks: never held whole
 
 
+@pytest.mark.parametrize("memory_limit", [1 << 20, 1024])  # held in memory; spilled
+def test_forged_header_fields_are_removed_before_the_commit(nodes, tmp_path, memory_limit):
+    """ISpoolFile.remove_headers on the PostgreSQL spool (a forged Authentication-
+    Results naming us goes before the message is queued), in memory and spilled."""
+    from mta.headers import HeaderMatch
+
+    store = nodes(tmp=tmp_path, memory_limit=memory_limit)
+    body = b"y" * 5000 + b"\r\n"
+    message = b"Authentication-Results: mx.test; spf=pass\r\nSubject: s\r\n\r\n" + body
+    f = store.open(store.new_queue_id())
+    f.write(message)
+    removed = []
+    f.remove_headers((HeaderMatch("Authentication-Results", "mx.test"),)).addBoth(removed.append)
+    assert removed == [1]
+    assert f.size == len(b"Subject: s\r\n\r\n" + body)
+    d = f.commit(envelope("bob@remote.test"), b"Received: x\r\n")
+    qid = []
+    d.addBoth(qid.append)
+    [entry] = claimed(store)
+    assert entry.qid == qid[0]
+    assert b"".join(entry.body.chunks()) == b"Received: x\r\nSubject: s\r\n\r\n" + body
+
+
 class Agent:
     """Defers everything on the first attempt, delivers on the second; fails `bad`."""
 
