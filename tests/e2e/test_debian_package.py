@@ -70,6 +70,10 @@ DEBIAN_PACKAGE_OF = {
     "botocore": "python3-botocore",
     "pyspf": "python3-spf",
     "authheaders": "python3-authheaders",
+    "pynacl": "python3-nacl",
+    "publicsuffix2": "python3-publicsuffix2",
+    "authres": "python3-authres",
+    "psycopg": "python3-psycopg",
 }
 # Depended on whether or not setup.cfg lists them yet (issue #5).
 DEBIAN_DEPENDS = (
