@@ -8,7 +8,10 @@
 #   SCALE=0.1 RUNS=1 bash bench/run_stores.sh             # smoke test
 #
 # Variants: maildir, maildir-enc ([storage] encrypt), mbox, sql, timeseries,
-# timeseries-enc, queue-enc (maildir with [queue] encrypt), and s3 when S3_ENDPOINT,
+# timeseries-enc, queue-enc (maildir with [queue] encrypt), pgqueue (maildir with the
+# queue in PostgreSQL: [queue] backend = "postgresql", a fresh database on
+# PG_ADMIN_DSN, default postgresql://postgres@127.0.0.1:5432/postgres; not in the
+# default list), and s3 when S3_ENDPOINT,
 # S3_BUCKET, S3_KEY_ID and S3_SECRET_FILE name a reachable S3 server (not in the
 # default list). Delivery is counted from each server's /metrics (bench_stores.py),
 # so every backend is timed the same way. One worker process (WORKERS=1): with more,
@@ -32,6 +35,11 @@ storage_toml() {  # variant -> the [storage]/[queue] tables
     timeseries) printf '[storage]\nbackend = "timeseries"\n' ;;
     timeseries-enc) printf '[storage]\nbackend = "timeseries"\nencrypt = true\nmaster_key_file = "keys/master.key"\n' ;;
     queue-enc) printf '[storage]\nbackend = "maildir"\nmaster_key_file = "keys/master.key"\n[queue]\nencrypt = true\n' ;;
+    pgqueue)
+      local admin=${PG_ADMIN_DSN:-postgresql://postgres@127.0.0.1:5432/postgres}
+      psql "$admin" -qc "DROP DATABASE IF EXISTS mta_bench_queue" -qc "CREATE DATABASE mta_bench_queue" >&2
+      printf '[storage]\nbackend = "maildir"\n[queue]\nbackend = "postgresql"\ndsn = "%s"\n' \
+        "${admin%/*}/mta_bench_queue" ;;
     s3)
       : "${S3_ENDPOINT:?s3 needs S3_ENDPOINT, S3_BUCKET, S3_KEY_ID, S3_SECRET_FILE}"
       printf '[storage]\nbackend = "s3"\n[storage.s3]\nendpoint = "%s"\nbucket = "%s"\nregion = "%s"\naccess_key_id = "%s"\nsecret_access_key_file = "%s"\n' \

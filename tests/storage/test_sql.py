@@ -378,3 +378,54 @@ def test_local_delivery_of_a_queued_message(tmp_path, store):
     )
     assert len(store.list_messages(CAROL)) == 1
     assert [h.subject for h in store.search("queued")] == ["queued", "queued"]
+
+
+def _single_and_multipart_messages():
+    from email.message import EmailMessage
+
+    out = []
+    m = EmailMessage()
+    m["From"], m["To"], m["Subject"] = "Ä <a@x.test>", "b@y.test", "Grüße"
+    m.set_content("héllo wörld\n" * 50)
+    out.append(m.as_bytes())
+    for cte in ("base64", "quoted-printable"):
+        m = EmailMessage()
+        m["Subject"] = cte
+        m.set_content("ünïcode " * 200, cte=cte)
+        out.append(m.as_bytes())
+    m = EmailMessage()
+    m["Subject"] = "html"
+    m.set_content("<p>hi <b>there</b></p>", subtype="html")
+    out.append(m.as_bytes())
+    m = EmailMessage()
+    m["Subject"] = "multi"
+    m.set_content("plain part")
+    m.add_alternative("<p>html part</p>", subtype="html")
+    m.add_attachment(b"\x00\x01", maintype="application", subtype="octet-stream", filename="x.bin")
+    out.append(m.as_bytes())
+    out.append(
+        b"Subject: raw\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n"
+        + "naïve café\r\n".encode() * 100
+    )
+    out.append(
+        b"Subject: latin1\r\nContent-Type: text/plain; charset=iso-8859-1\r\n\r\ncaf\xe9\r\n"
+    )
+    out.append(b"Subject: no body\r\n\r\n")
+    out.append(b"no header fields at all, just text\r\n\r\nmore\r\n")
+    return [m.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n") for m in out]
+
+
+@pytest.mark.parametrize("data", _single_and_multipart_messages())
+def test_indexed_fields_are_those_of_the_full_parse(data):
+    """parse_message skips the part-by-part parse of single-part messages: what it
+    indexes must not change for it."""
+    import email
+    import email.policy
+
+    from mta.storage.sql import _body_text, _decoded, parse_message
+
+    fields = parse_message(data, 1.0)
+    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    assert fields.text == _body_text(msg)
+    assert fields.headers == [[name, _decoded(value)] for name, value in msg.items()]
+    assert fields.subject == _decoded(msg.get("Subject", ""))
