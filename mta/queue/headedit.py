@@ -16,6 +16,10 @@ from __future__ import annotations
 import itertools
 import os
 
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.failure import Failure
+
 from mta.crypto.stream import Sealer, seal_stream
 from mta.fileio import write_all
 from mta.headers import header_end, remove_fields
@@ -83,3 +87,56 @@ def _after(body, skip: int):
         close = getattr(chunks, "close", None)
         if close is not None:
             close()
+
+
+class HeaderEditing:
+    """`ISpoolFile.remove_headers` for the spool files of both queues (the file
+    spool's `SpoolFile`, the PostgreSQL queue's `PGSpoolFile`), which share the
+    receiving state it works on: `qid`, `size`, `buffered`, `_chunks`, `_fd`,
+    `_closed`, `_editing`.  A subclass says where its spill is and how to run the
+    rewrite (`_edit_where`: reactor, thread pool, path, keyring or None) and takes
+    the rewritten file's `Sealer` when it seals (`_edit_adopt`)."""
+
+    def remove_headers(self, matches) -> Deferred:
+        if self._closed or self._editing:
+            raise ValueError(f"spool file {self.qid} already committed, aborted or busy")
+        if self._fd is None:
+            self._chunks, removed, cut = edit_chunks(self._chunks, matches)
+            self.size -= cut
+            self.buffered -= cut
+            return succeed(removed)
+        body = self.body()  # flushes (and, sealed, seals the end)
+        reactor, pool, path, keyring = self._edit_where()
+        fd, self._fd, self._editing = self._fd, None, True
+        d = deferToThreadPool(
+            reactor, pool, edit_file, body, path, self.size, matches, keyring, self.qid
+        )
+        return d.addBoth(self._edited, fd, path)
+
+    def _edit_where(self):
+        raise NotImplementedError
+
+    def _edit_adopt(self, sealer) -> None:
+        """The rewritten file is sealed by `sealer`, its end sealed already."""
+
+    def _edited(self, result, fd: int, path: str):
+        self._editing = False
+        new_fd = fd
+        if isinstance(result, tuple):
+            new_fd = result[0]
+            os.close(fd)  # its file was replaced
+        if self._closed:  # aborted while the thread worked
+            os.close(new_fd)
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        else:
+            self._fd = new_fd
+            if isinstance(result, tuple):
+                _, _, self.size, sealer = result
+                if sealer is not None:
+                    self._edit_adopt(sealer)
+        if isinstance(result, Failure):
+            return result
+        return result[1] if isinstance(result, tuple) else 0

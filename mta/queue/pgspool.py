@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.failure import Failure
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from mta.fileio import pid_alive, write_all
@@ -73,7 +71,7 @@ class CommitJob:
 
 
 @implementer(ISpoolFile)
-class PGSpoolFile:
+class PGSpoolFile(headedit.HeaderEditing):
     """One message being received into the PostgreSQL queue."""
 
     def __init__(self, store, qid: str):
@@ -89,48 +87,8 @@ class PGSpoolFile:
     def _path(self) -> str:
         return os.path.join(self._store.spill_dir, self.qid)
 
-    def remove_headers(self, matches) -> Deferred:
-        """Drop the header fields `matches` name (ISpoolFile; as the file spool does:
-        in memory in place, a spilled body rewritten on the store's thread pool)."""
-        if self._closed or self._editing:
-            raise ValueError(f"spool file {self.qid} already committed, aborted or busy")
-        if self._fd is None:
-            self._chunks, removed, cut = headedit.edit_chunks(self._chunks, matches)
-            self.size -= cut
-            self.buffered -= cut
-            return succeed(removed)
-        body = self.body()
-        fd, self._fd, self._editing = self._fd, None, True
-        path = self._path()
-        d = deferToThreadPool(
-            self._store.reactor,
-            self._store._pool,
-            headedit.edit_file,
-            body,
-            path,
-            self.size,
-            matches,
-            None,
-            self.qid,
-        )
-        return d.addBoth(self._edited, fd, path)
-
-    def _edited(self, result, fd: int, path: str):
-        self._editing = False
-        new_fd = fd
-        if isinstance(result, tuple):
-            new_fd = result[0]
-            os.close(fd)  # its file was replaced
-        if self._closed:  # aborted while the thread worked
-            os.close(new_fd)
-            _unlink(path)
-        else:
-            self._fd = new_fd
-            if isinstance(result, tuple):
-                self.size = result[2]
-        if isinstance(result, Failure):
-            return result
-        return result[1] if isinstance(result, tuple) else 0
+    def _edit_where(self):
+        return self._store.reactor, self._store._pool, self._path(), None
 
     def write(self, data: bytes) -> None:
         if self._closed:

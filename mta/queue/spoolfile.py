@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.failure import Failure
+from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from mta.crypto.stream import Sealer
@@ -22,7 +20,6 @@ from mta.fileio import write_all
 from mta.interfaces import ISpoolFile
 from mta.queue import headedit
 from mta.queue.body import FileBody
-from mta.queue.files import unlink_quietly
 
 SPILL_FLUSH = 64 * 1024
 OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
@@ -67,7 +64,7 @@ class CommitJob:
 
 
 @implementer(ISpoolFile)
-class SpoolFile:
+class SpoolFile(headedit.HeaderEditing):
     """One message being received.  `buffered` is the body bytes held in memory."""
 
     def __init__(self, spool, qid: str):  # spool: mta.queue.spool.Spool
@@ -148,50 +145,13 @@ class SpoolFile:
             self._flush()
         return FileBody(b"", self._spool.tmp_path(self.qid), self.size)
 
-    def remove_headers(self, matches) -> Deferred:
-        """Drop the header fields `matches` name (see ISpoolFile and mta.queue.headedit)."""
-        if self._closed or self._editing:
-            raise ValueError(f"spool file {self.qid} already committed, aborted or busy")
-        if self._fd is None:
-            self._chunks, removed, cut = headedit.edit_chunks(self._chunks, matches)
-            self.size -= cut
-            self.buffered -= cut
-            return succeed(removed)
-        body = self.body()  # flushes (and, sealed, seals the end)
+    def _edit_where(self):
         keyring = self._spool.keyring if self._sealer is not None else None
-        fd, self._fd, self._editing = self._fd, None, True
         path = self._spool.tmp_path(self.qid)
-        d = deferToThreadPool(
-            self._spool.reactor,
-            self._spool._pool,
-            headedit.edit_file,
-            body,
-            path,
-            self.size,
-            matches,
-            keyring,
-            self.qid,
-        )
-        return d.addBoth(self._edited, fd, path)
+        return self._spool.reactor, self._spool._pool, path, keyring
 
-    def _edited(self, result, fd: int, path: str):
-        self._editing = False
-        new_fd = fd
-        if isinstance(result, tuple):
-            new_fd = result[0]
-            os.close(fd)  # its file was replaced
-        if self._closed:  # aborted while the thread worked
-            os.close(new_fd)
-            unlink_quietly(path)
-        else:
-            self._fd = new_fd
-            if isinstance(result, tuple):
-                _, removed, self.size, sealer = result
-                if sealer is not None:
-                    self._sealer, self._header_written, self._sealed_end = sealer, True, True
-        if isinstance(result, Failure):
-            return result
-        return result[1] if isinstance(result, tuple) else 0
+    def _edit_adopt(self, sealer) -> None:
+        self._sealer, self._header_written, self._sealed_end = sealer, True, True
 
     def commit(self, envelope, trace_headers: bytes = b"") -> Deferred:
         if self._closed or self._editing:
