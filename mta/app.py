@@ -300,9 +300,12 @@ def _queue_and_delivery(
         worker=worker_index,
         lanes=lanes,
     )
-    root.store = QuotaStore(
-        open_store(config, reactor=reactor), database
-    )  # quotas above every backend
+    # Quotas above every backend.  Usage is charged once per delivery batch on a
+    # connection of its own without an fsync per commit (recomputable by
+    # `user quota --recount`): with the shared one, that fsync cost 15% on 100 KB mail.
+    usage = DatabaseHandle(database.path, migrate=auto_migrate(config), durable=False)
+    _Closing(usage.close).setServiceParent(root)
+    root.store = QuotaStore(open_store(config, reactor=reactor), usage)
     local = LocalDelivery(root.store, config.hostname, delivery_pool, reactor, lanes=lanes)
     relay = RelayDelivery(
         MXResolver(

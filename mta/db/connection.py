@@ -126,6 +126,15 @@ class Connection:
         """Several SELECTs that see one state of the database."""
         return self._engine.consistent_read()
 
+    def relax_durability(self) -> None:
+        """Commits on this connection survive the process being killed but not a
+        power loss (SQLite ``synchronous=NORMAL`` in WAL mode: no fsync per commit).
+        For counters that can be recomputed (`mta.storage.quota`'s usage), never for
+        what an operator or a client was told is stored.  PostgreSQL: unchanged."""
+        if self.dialect == "sqlite":
+            with self._read() as conn:
+                conn.execute("PRAGMA synchronous=NORMAL")
+
     @property
     def schema_version(self) -> int:
         return schema_version_of(self._engine)

@@ -31,9 +31,10 @@ class DatabaseHandle:
     connection serves them all.  `close()` belongs to the service tree's shutdown.
     """
 
-    def __init__(self, path: str, *, migrate: bool = True):
+    def __init__(self, path: str, *, migrate: bool = True, durable: bool = True):
         self.path = path
         self._migrate = migrate
+        self._durable = durable  # False: `Database.relax_durability` once opened
         self._db: Database | None = None
         self._lock = threading.Lock()
 
@@ -42,7 +43,10 @@ class DatabaseHandle:
         if db is None:
             with self._lock:
                 if self._db is None:
-                    self._db = Database(self.path, migrate=self._migrate)
+                    db = Database(self.path, migrate=self._migrate)
+                    if not self._durable:
+                        db.relax_durability()
+                    self._db = db
                 db = self._db
         return db
 

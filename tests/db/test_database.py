@@ -454,3 +454,21 @@ def test_change_and_audit_row_share_a_transaction(db):
             raise RuntimeError("boom")
     assert db.get_user("alice@example.test") is None
     assert db.audit_entries() == []
+
+
+def test_a_relaxed_handle_commits_without_fsync_and_reads_the_same(tmp_path):
+    """`DatabaseHandle(durable=False)` (the quota usage counters): synchronous=NORMAL
+    on its own connection only; the default connection stays FULL."""
+    from mta.db import DatabaseHandle
+
+    path = str(tmp_path / "mta.db")
+    strict, relaxed = DatabaseHandle(path), DatabaseHandle(path, durable=False)
+    try:
+        levels = []
+        for handle in (strict, relaxed):
+            with handle()._read() as conn:
+                levels.append(conn.execute("PRAGMA synchronous").fetchone()[0])
+        assert levels == [2, 1]  # FULL, NORMAL
+    finally:
+        strict.close()
+        relaxed.close()
