@@ -52,10 +52,16 @@ def test_each_thread_gets_its_own_connection_and_close_ends_them_all(postgres_ds
         t.join()
     assert len(set(pids)) == 3
     db.close()
+    # A backend leaves pg_stat_activity a moment after its client hung up: wait for it.
+    deadline = time.monotonic() + 10
     with admin_connection() as admin:
-        alive = admin.execute(
-            "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
-        ).fetchone()[0]
+        while True:
+            alive = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY(%s)", (pids,)
+            ).fetchone()[0]
+            if alive == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
     assert alive == 0
 
 
