@@ -37,6 +37,24 @@ def fsync_dir(path: str, fsync: Callable[[int], None] = os.fsync) -> None:
         os.close(fd)
 
 
+def make_dirs_durably(
+    directory: str, fsync: Callable[[int], None] = os.fsync, subdirs: tuple[str, ...] = ()
+) -> None:
+    """Create `directory` (with its missing parents, and `subdirs` inside it), mode
+    0700, and fsync every directory made and the one each was made in: a message
+    written and fsynced under it must not vanish with its path after a crash."""
+    created = []
+    path = directory
+    while not os.path.isdir(path):
+        created.append(path)
+        path = os.path.dirname(path)
+    for sub in subdirs or ("",):
+        os.makedirs(os.path.join(directory, sub), mode=0o700, exist_ok=True)
+    if created or subdirs:
+        for d in dict.fromkeys([directory, *created, path]):
+            fsync_dir(d, fsync)
+
+
 def pid_alive(pid: int) -> bool:
     """Whether process `pid` exists (a leftover's owner may still be writing it)."""
     try:

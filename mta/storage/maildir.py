@@ -28,10 +28,11 @@ from collections.abc import Callable, Sequence
 
 from zope.interface import implementer
 
-from mta.fileio import fsync_dir, probe_writable
+from mta.fileio import fsync_dir, make_dirs_durably, probe_writable
 from mta.interfaces import IMailStore
 from mta.storage.items import StoredMessage, StoreItem
 from mta.storage.names import UnsafeMailboxName, mailbox_location
+from mta.storage.onefile import OneFilePerMessage
 
 __all__ = ["MaildirStore", "UnsafeMailboxName"]
 
@@ -55,7 +56,7 @@ def _maildir_host(hostname: str) -> str:
 
 
 @implementer(IMailStore)
-class MaildirStore:
+class MaildirStore(OneFilePerMessage):
     """Maildir under `mail_root`.  `fsync` is injectable for tests."""
 
     def __init__(
@@ -90,16 +91,7 @@ class MaildirStore:
         if box in self._known:
             return
         if not os.path.isdir(os.path.join(box, "new")):
-            created = []
-            path = box
-            while not os.path.isdir(path):
-                created.append(path)
-                path = os.path.dirname(path)
-            for sub in ("tmp", "new", "cur"):
-                os.makedirs(os.path.join(box, sub), mode=0o700, exist_ok=True)
-            # Make the new directories durable: fsync each and the parent it was made in.
-            for d in [box, *created, path]:
-                self._fsync_dir(d)
+            make_dirs_durably(box, self._fsync, ("tmp", "new", "cur"))
         self._known.add(box)
 
     def _fsync_dir(self, path: str) -> None:
@@ -150,21 +142,6 @@ class MaildirStore:
         if sub not in ("new", "cur") or not name or "/" in name or name.startswith("."):
             raise KeyError(message_id)
         return f"{self.mailbox_path(mailbox)}/{sub}/{name}"
-
-    def read_message(self, mailbox, message_id: str) -> bytes:
-        try:
-            with open(self._message_path(mailbox, message_id), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            raise KeyError(message_id) from None
-
-    def delete_message(self, mailbox, message_id: str) -> None:
-        path = self._message_path(mailbox, message_id)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            raise KeyError(message_id) from None
-        self._fsync_dir(os.path.dirname(path))
 
     def has_delivered(self, mailbox, message_tag: str) -> bool:
         return self._find(self.mailbox_path(mailbox), message_tag) is not None

@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from zope.interface import implementer
 
-from mta.fileio import fsync_dir, probe_writable, write_all
+from mta.fileio import fsync_dir, make_dirs_durably, probe_writable, write_all
 from mta.interfaces import IMailStore
 from mta.storage.items import StoredMessage, StoreItem
 from mta.storage.locking import MailboxLock
@@ -145,15 +145,7 @@ class MboxStore:
     def _ensure_dir(self, directory: str) -> None:
         if directory in self._known_dirs:
             return
-        created = []
-        path = directory
-        while not os.path.isdir(path):
-            created.append(path)
-            path = os.path.dirname(path)
-        if created:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            for d in [*created, path]:
-                fsync_dir(d, self._fsync)
+        make_dirs_durably(directory, self._fsync)
         self._known_dirs.add(directory)
 
     def _recover(self, path: str, fd: int) -> None:

@@ -25,10 +25,11 @@ from collections.abc import Callable, Sequence
 
 from zope.interface import implementer
 
-from mta.fileio import fsync_dir, probe_writable
+from mta.fileio import fsync_dir, make_dirs_durably, probe_writable
 from mta.interfaces import IMailStore
 from mta.storage.items import StoredMessage, StoreItem
 from mta.storage.names import mailbox_location
+from mta.storage.onefile import OneFilePerMessage
 
 __all__ = ["ArchiveStore"]
 
@@ -39,7 +40,7 @@ _DAY = 86400
 
 
 @implementer(IMailStore)
-class ArchiveStore:
+class ArchiveStore(OneFilePerMessage):
     """Day-filed message files under `archive_root`.  `fsync` and `clock` are
     injectable for tests."""
 
@@ -69,15 +70,7 @@ class ArchiveStore:
         """Make `directory` (and its parents) exist durably."""
         if directory in self._known:
             return
-        created = []
-        path = directory
-        while not os.path.isdir(path):
-            created.append(path)
-            path = os.path.dirname(path)
-        if created:
-            os.makedirs(directory, mode=0o700, exist_ok=True)
-            for d in [*created, path]:
-                fsync_dir(d, self._fsync)
+        make_dirs_durably(directory, self._fsync)
         if len(self._known) > 10000:
             self._known.clear()
         self._known.add(directory)
@@ -127,21 +120,6 @@ class ArchiveStore:
         if not _ID_RE.match(message_id):
             raise KeyError(message_id)
         return f"{self.mailbox_path(mailbox)}/{message_id}"
-
-    def read_message(self, mailbox, message_id: str) -> bytes:
-        try:
-            with open(self._message_path(mailbox, message_id), "rb") as f:
-                return f.read()
-        except FileNotFoundError:
-            raise KeyError(message_id) from None
-
-    def delete_message(self, mailbox, message_id: str) -> None:
-        path = self._message_path(mailbox, message_id)
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            raise KeyError(message_id) from None
-        fsync_dir(os.path.dirname(path), self._fsync)
 
     def has_delivered(self, mailbox, message_tag: str) -> bool:
         return self._find(self.mailbox_path(mailbox), message_tag) is not None
