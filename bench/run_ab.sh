@@ -14,6 +14,7 @@
 # even count gives both builds the same share of that penalty.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+. "$HERE/mta_config.sh"
 : "${A_VENV:?A_VENV: virtualenv of the first build}"
 : "${B_VENV:?B_VENV: virtualenv of the second build}"
 A_NAME=${A_NAME:-base}
@@ -26,32 +27,7 @@ setup() {  # name venv port -> prints the start command; writes config and mailb
   local name=$1 venv=$2 port=$3 datadir=/tmp/mta-bench-$1
   rm -rf "$datadir"
   mkdir -p "$datadir"
-  cat >"$datadir.toml" <<TOML
-hostname = "mta.bench.test"
-datadir = "$datadir"
-local_domains = ["bench.test"]
-relay_networks = ["127.0.0.0/8"]
-postmaster = "postmaster@bench.test"
-workers = ${WORKERS:-0}
-
-[[listener]]
-name = "smtp"
-address = "127.0.0.1:$port"
-tls = "none"
-auth = "none"
-
-[limits]
-max_connections = 4000
-max_connections_per_ip = 4000
-idle_timeout = 600.0
-
-[http]
-address = "127.0.0.1:$((port + 1))"
-
-[log]
-format = "json"
-level = "warn"
-TOML
+  mta_bench_config "$datadir" "$port" "${WORKERS:-0}" >"$datadir.toml"
   head -c 24 /dev/urandom | base64 | "$venv/bin/mta-admin" --config "$datadir.toml" \
     user add --password-stdin to@bench.test >/dev/null
 }

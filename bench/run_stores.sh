@@ -18,6 +18,7 @@
 # only the first process serves /metrics and its count covers that process alone.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+. "$HERE/mta_config.sh"
 REPO=$(dirname "$HERE")
 VENV=${MTA_VENV:-$REPO/.venv}
 RESULTS=${RESULTS:-/tmp/benchresults-stores}
@@ -52,34 +53,7 @@ setup() {  # variant port
   local name=$1 port=$2 datadir=/tmp/mta-bench-store-$1
   rm -rf "$datadir" "$datadir.toml"
   mkdir -p "$datadir"
-  cat >"$datadir.toml" <<TOML
-hostname = "mta.bench.test"
-datadir = "$datadir"
-local_domains = ["bench.test"]
-relay_networks = ["127.0.0.0/8"]
-postmaster = "postmaster@bench.test"
-workers = ${WORKERS:-1}
-
-[[listener]]
-name = "smtp"
-address = "127.0.0.1:$port"
-tls = "none"
-auth = "none"
-
-[limits]
-max_connections = 4000
-max_connections_per_ip = 4000
-idle_timeout = 600.0
-
-[http]
-address = "127.0.0.1:$((port + 1))"
-
-[log]
-format = "json"
-level = "warn"
-
-$(storage_toml "$name")
-TOML
+  { mta_bench_config "$datadir" "$port" "${WORKERS:-1}"; echo; storage_toml "$name"; } >"$datadir.toml"
   if grep -q master_key_file "$datadir.toml"; then
     "$VENV/bin/mta-admin" --config "$datadir.toml" key init >/dev/null
   fi
