@@ -18,13 +18,11 @@ import os
 import sys
 from typing import Any
 
-from zope.interface import implementer
-
 from mta.admin.common import CLIError, config_of, open_database, table, when
 from mta.db import database_errors, mailbox_address
-from mta.interfaces import IMessageBody
 from mta.storage import StoreItem, UnknownBackend, UnsafeMailboxName, open_store
 from mta.storage.crypto import DecryptionError, KeyringError
+from mta.storage.items import BytesBody
 from mta.storage.quota import QuotaStore
 
 EXPORT_FORMATS = ("mbox", "maildir")
@@ -167,31 +165,3 @@ def cmd_mail_export(args: argparse.Namespace) -> int:
         count += 1
     print(f"exported {count} message{'' if count == 1 else 's'} to {where}")
     return 0
-
-
-@implementer(IMessageBody)
-class BytesBody:
-    """One message read back from a store, as an `IMessageBody` for another store."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-        self.size = len(data)
-
-    def header_block(self, limit: int = 65536) -> bytes:
-        head = self.data[:limit]
-        ends = [i for i in (head.find(b"\r\n\r\n"), head.find(b"\n\n")) if i >= 0]
-        if ends:
-            end = min(ends)
-            return head[: end + (2 if head[end : end + 2] == b"\r\n" else 1)]
-        return head[: head.rfind(b"\n") + 1]
-
-    def chunks(self, chunk_size: int = 262144):
-        for i in range(0, len(self.data), chunk_size):
-            yield self.data[i : i + chunk_size]
-
-    def copy_into(self, fd: int, prefix: bytes = b"") -> int:
-        view = memoryview(prefix + self.data)
-        total = len(view)
-        while view:
-            view = view[os.write(fd, view) :]
-        return total

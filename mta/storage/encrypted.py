@@ -14,42 +14,21 @@ in their file names), so two blobs of one mailbox cannot be swapped either.
 
 from __future__ import annotations
 
-import os
-
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mta.interfaces import IMailStore, IMessageBody
+from mta.interfaces import IMailStore
 from mta.storage import crypto
-from mta.storage.items import StoreItem
+from mta.storage.items import BytesBody, StoreItem
 
 _log = Logger()
 
 
-@implementer(IMessageBody)
-class SealedBody:
-    """An `IMessageBody` over bytes in memory (an encrypted blob)."""
-
-    def __init__(self, data: bytes):
-        self.data = data
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
+class SealedBody(BytesBody):
+    """An encrypted blob as an `IMessageBody`: it has no header section."""
 
     def header_block(self, limit: int = 65536) -> bytes:
-        return b""  # a blob has no header section
-
-    def chunks(self, chunk_size: int = 262144):
-        for i in range(0, len(self.data), chunk_size):
-            yield self.data[i : i + chunk_size]
-
-    def copy_into(self, fd: int, prefix: bytes = b"") -> int:
-        view = memoryview(prefix + self.data)
-        total = len(view)
-        while view:
-            view = view[os.write(fd, view) :]
-        return total
+        return b""
 
 
 @implementer(IMailStore)

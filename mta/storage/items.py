@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import attrs
+from zope.interface import implementer
+
+from mta.interfaces import IMessageBody
 
 
 @attrs.frozen
@@ -29,3 +34,32 @@ class StoredMessage:
     size: int
     received: float  # seconds since the epoch
     folder: str = "INBOX"
+
+
+@implementer(IMessageBody)
+class BytesBody:
+    """A message held in memory as an `IMessageBody`: one read back from a store
+    for another (`mta-admin mail export`), or an encrypted blob (`SealedBody`)."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+        self.size = len(data)
+
+    def header_block(self, limit: int = 65536) -> bytes:
+        head = self.data[:limit]
+        ends = [i for i in (head.find(b"\r\n\r\n"), head.find(b"\n\n")) if i >= 0]
+        if ends:
+            end = min(ends)
+            return head[: end + (2 if head[end : end + 2] == b"\r\n" else 1)]
+        return head[: head.rfind(b"\n") + 1]
+
+    def chunks(self, chunk_size: int = 262144):
+        for i in range(0, len(self.data), chunk_size):
+            yield self.data[i : i + chunk_size]
+
+    def copy_into(self, fd: int, prefix: bytes = b"") -> int:
+        view = memoryview(prefix + self.data)
+        total = len(view)
+        while view:
+            view = view[os.write(fd, view) :]
+        return total
