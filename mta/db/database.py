@@ -29,12 +29,15 @@ class DatabaseHandle:
     Components that run their queries in a thread pool take this callable instead
     of an open database, so nothing touches SQLite on the reactor thread and one
     connection serves them all.  `close()` belongs to the service tree's shutdown.
+    `opener(path, migrate=...)` makes the connection (a `Connection` subclass of a
+    store's own, for one that keeps more tables than `Database` knows).
     """
 
-    def __init__(self, path: str, *, migrate: bool = True, durable: bool = True):
+    def __init__(self, path: str, *, migrate: bool = True, durable: bool = True, opener=None):
         self.path = path
         self._migrate = migrate
         self._durable = durable  # False: `Database.relax_durability` once opened
+        self._opener = opener or Database
         self._db: Database | None = None
         self._lock = threading.Lock()
 
@@ -43,7 +46,7 @@ class DatabaseHandle:
         if db is None:
             with self._lock:
                 if self._db is None:
-                    db = Database(self.path, migrate=self._migrate)
+                    db = self._opener(self.path, migrate=self._migrate)
                     if not self._durable:
                         db.relax_durability()
                     self._db = db

@@ -16,13 +16,13 @@ use, WAL, ``synchronous=FULL``: a batch's COMMIT is its durability point.
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Callable, Sequence
 
 import attrs
 
 from mta.db.connection import Connection
+from mta.db.database import DatabaseHandle
 from mta.storage.items import StoredMessage
 
 __all__ = ["IndexRow", "ObjectIndex", "StoredRow"]
@@ -73,23 +73,10 @@ class ObjectIndex:
     def __init__(self, path: str, *, clock: Callable[[], float] = time.time):
         self.path = path
         self._clock = clock
-        self._db: _IndexDB | None = None
-        self._open_lock = threading.Lock()
-
-    def _conn(self) -> _IndexDB:
-        db = self._db
-        if db is None:
-            with self._open_lock:
-                if self._db is None:
-                    self._db = _IndexDB(self.path, clock=self._clock)
-                db = self._db
-        return db
+        self._conn = DatabaseHandle(path, opener=lambda p, migrate: _IndexDB(p, clock=clock))
 
     def close(self) -> None:
-        with self._open_lock:
-            db, self._db = self._db, None
-        if db is not None:
-            db.close()
+        self._conn.close()
 
     def find(self, user: str, tag: str) -> int | None:
         with self._conn().read() as conn:

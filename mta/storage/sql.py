@@ -30,7 +30,6 @@ import json
 import re
 import sqlite3
 import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 
@@ -39,6 +38,7 @@ from zope.interface import implementer
 
 from mta.db.addresses import address_key, lookup_key
 from mta.db.connection import Connection
+from mta.db.database import DatabaseHandle
 from mta.db.errors import DatabaseUnavailable
 from mta.interfaces import IMailStore
 from mta.storage.items import StoredMessage, StoreItem
@@ -93,23 +93,14 @@ class SQLStore:
         self.path = path
         self._clock = clock
         self._migrate = migrate
-        self._db: _MessageDB | None = None
-        self._open_lock = threading.Lock()
-
-    def _conn(self) -> _MessageDB:
-        db = self._db
-        if db is None:
-            with self._open_lock:
-                if self._db is None:
-                    self._db = _MessageDB(self.path, clock=self._clock, migrate=self._migrate)
-                db = self._db
-        return db
+        self._conn = DatabaseHandle(
+            path,
+            migrate=migrate,
+            opener=lambda p, migrate: _MessageDB(p, clock=clock, migrate=migrate),
+        )
 
     def close(self) -> None:
-        with self._open_lock:
-            db, self._db = self._db, None
-        if db is not None:
-            db.close()
+        self._conn.close()
 
     # -- IMailStore -----------------------------------------------------------------
 
