@@ -18,6 +18,7 @@
 # stops mta itself (a fresh process per run and before idle1000), by its own pid.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+. "$HERE/mta_config.sh"
 REPO=$(cd "$HERE/.." && pwd)
 MTA_VENV=${MTA_VENV:-$REPO/.venv}
 export VENV=${VENV:-/tmp/benchvenv}
@@ -47,33 +48,7 @@ fi
 say "config $CFG, data in $DATADIR, Maildir $MAILDIR"
 rm -rf "$DATADIR"
 mkdir -p "$DATADIR"
-cat >"$CFG" <<TOML
-hostname = "mta.bench.test"
-datadir = "$DATADIR"
-local_domains = ["bench.test"]
-relay_networks = ["127.0.0.0/8"]
-postmaster = "postmaster@bench.test"
-# One process per core (SO_REUSEPORT); WORKERS=1 measures a single process.
-workers = ${WORKERS:-0}
-
-[[listener]]
-name = "smtp"
-address = "127.0.0.1:$PORT"
-tls = "none"
-auth = "none"
-
-[limits]
-max_connections = 4000
-max_connections_per_ip = 4000
-idle_timeout = 600.0
-
-[http]
-address = "127.0.0.1:$((PORT + 1))"
-
-[log]
-format = "json"
-level = "warn"
-TOML
+mta_bench_config "$DATADIR" "$PORT" "${WORKERS:-0}" >"$CFG"
 
 "$MTA_VENV/bin/mta-admin" --config "$CFG" check-config
 # The target contract: mail for to@bench.test lands in ONE Maildir.
