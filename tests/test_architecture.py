@@ -78,7 +78,7 @@ RULES: tuple[tuple[str, tuple[str, ...], str], ...] = (
 # The composition roots: only these may import mta.app.
 APP_IMPORTERS = ("mta.tap", "mta.process.child")
 # Shared utilities every stage may use: they import nothing of the stages.
-UTILITIES = ("mta.process", "mta.fileio", "mta.dns", "mta.crypto")
+UTILITIES = ("mta.process", "mta.fileio", "mta.dns", "mta.crypto", "mta.s3")
 
 
 def module_files(root: str = PACKAGE_DIR) -> dict[str, str]:

@@ -12,7 +12,7 @@ listing and ``mta-admin search`` need.  `read_message` gives back the row's line
 followed by the object: byte for byte what was delivered.
 
 The order is what makes it safe: the objects are written first (the single PUTs
-of a batch several at a time, `mta.storage.s3upload.UploadWindow`; the rows are
+of a batch several at a time, `mta.s3.upload.UploadWindow`; the rows are
 parsed meanwhile), the rows are then committed (the durability point); an upload
 that fails (S3 down, 5xx after the retries, 403) fails those items with `S3Error`,
 an OSError, so local delivery defers them and the message stays queued.  Deleting the last row of an object
@@ -48,9 +48,9 @@ from mta.interfaces import IMailStore
 from mta.storage import crypto
 from mta.storage.items import StoredMessage, StoreItem
 from mta.storage.names import safe_component
-from mta.storage.s3client import S3Client
+from mta.s3.client import S3Client
 from mta.storage.s3index import IndexRow, ObjectIndex
-from mta.storage.s3upload import PART_SIZE, UploadWindow, upload
+from mta.s3.upload import PART_SIZE, UploadWindow, upload
 from mta.storage.sql import parse_message, storage_error
 
 __all__ = ["S3Store", "object_key"]
@@ -391,7 +391,7 @@ def open_s3_store(config, *, keyring=None, reactor=None) -> S3Store:
     without one (mta-admin) the store runs a reactor of its own in a thread,
     stopped by `S3Store.close` (or with the process)."""
     from mta.config.s3 import read_secret
-    from mta.storage.s3reactor import ReactorCaller, ReactorThread
+    from mta.s3.reactor import ReactorCaller, ReactorThread
 
     s3 = config.storage_s3
     secret = read_secret(s3.secret_access_key_file)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from mta.storage.s3client import S3Client
-from mta.storage.s3reactor import ReactorThread
+from mta.s3.client import S3Client
+from mta.s3.reactor import ReactorThread
 from mta.storage.s3store import S3Store
 from tests.s3server import ACCESS_KEY, SECRET_KEY, SeaweedS3, find_weed
 

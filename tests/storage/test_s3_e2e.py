@@ -91,7 +91,7 @@ def test_received_mail_is_one_object_and_reads_back_byte_exact(
         received = data[len(head) - len(b"Received: ") : -len(MESSAGE)]
         assert received.startswith(b"Received: from ") and received.count(b"\r\nReceived:") == 0
     # One object for both recipients, holding the message below the two own lines.
-    from mta.storage.s3reactor import ReactorThread
+    from mta.s3.reactor import ReactorThread
 
     thread = ReactorThread()
     try:

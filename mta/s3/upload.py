@@ -2,7 +2,7 @@
 
 The body is read (`IMessageBody.chunks`) and hashed in the calling thread, never on
 the reactor; each request then runs on the reactor (`call`, a
-`mta.storage.s3reactor.ReactorCaller`) while the thread waits.  A body of at most
+`mta.s3.reactor.ReactorCaller`) while the thread waits.  A body of at most
 `part_size` bytes is one PUT; a bigger one is a multipart upload
 (CreateMultipartUpload, UploadPart per `part_size` bytes, CompleteMultipartUpload),
 so at most one part is in memory whatever the message's size.  A body that turns
@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from twisted.logger import Logger
 
-from mta.storage.s3client import S3Client, sha256_hex
+from mta.s3.client import S3Client, sha256_hex
 
 __all__ = ["PART_SIZE", "UploadWindow", "parts_of", "upload"]
 
