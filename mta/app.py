@@ -259,8 +259,10 @@ def _thread_pools(root: MTAService, config: Config) -> dict:
         "db": _pool("db", 2),
         "auth": _pool("auth", config.auth.threads),
         "dkim": _pool("dkim", 2),
-        "checks": _pool("checks", 4),  # message reads for clamd/spamd, MIME and zip parsing
-        "sender-auth": _pool("sender-auth", 4),  # pyspf, dkimpy: blocking DNS and hashing
+        # message reads for clamd/spamd, MIME and zip parsing; pyspf and dkimpy (blocking
+        # DNS and hashing): one or two hops per message, so lean threads too
+        "checks": WorkThreads("mta-checks", 4),
+        "sender-auth": WorkThreads("mta-sender-auth", 4),
     }
     for pool in pools.values():
         ThreadPoolService(pool).setServiceParent(root)

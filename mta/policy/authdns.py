@@ -14,18 +14,26 @@ as `temperror` (RFC 7208 2.6.6, RFC 8601 2.7.1).
   module global, so `mta.policy.spf` installs a per-thread dispatcher once instead
   of replacing it for everyone.
 
-Answers are cached for their TTL (dnspython's thread-safe LRU cache, negative
-answers included): a receiving MX asks for the same SPF, DKIM key and DMARC records
-of its regular senders all day, and without a cache every message paid three to
-five round trips to the resolver, which cost more than the checks themselves.
+Answers are cached for their TTL, negative answers for their SOA's negative TTL
+(RFC 2308): a receiving MX asks for the same SPF, DKIM key and DMARC records of its
+regular senders all day, and without a cache every message paid three to five round
+trips to the resolver, which cost more than the checks themselves.  The cache is a
+plain dict in front of dnspython's (which stays, for what this one cannot keep):
+a hit in dnspython's still builds a resolution (name parsing, search list) that
+cost more per message under load than SPF's own evaluation.
 
 Every call blocks: call them on a thread pool, never on the reactor.
 """
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
+
 import dns.exception
 import dns.name
+import dns.rdatatype
 import dns.resolver
 
 
@@ -36,26 +44,56 @@ class DNSTemporaryError(Exception):
 class AuthDNS:
     """Blocking lookups through one dnspython `resolver` (shared by threads)."""
 
-    def __init__(self, resolver: dns.resolver.Resolver, *, cache_size: int = 10_000):
+    def __init__(
+        self,
+        resolver: dns.resolver.Resolver,
+        *,
+        cache_size: int = 10_000,
+        clock: Callable[[], float] = time.time,
+    ):
         if cache_size and resolver.cache is None:
             resolver.cache = dns.resolver.LRUCache(cache_size)
         self.resolver = resolver
+        self._clock = clock
+        self._size = cache_size
+        self._answers: dict[tuple[str, str], tuple[float, tuple]] = {}
+        self._lock = threading.Lock()
 
-    def resolve(self, name: str, qtype: str, lifetime: float | None = None):
+    def resolve(self, name: str, qtype: str, lifetime: float | None = None) -> list:
         """The answer's rdata list ([] for NXDOMAIN or no records of `qtype`)."""
-        kwargs = {"search": False}
+        key = (name, qtype)
+        hit = self._answers.get(key)
+        if hit is not None and hit[0] > self._clock():
+            return list(hit[1])
+        kwargs = {"search": False, "raise_on_no_answer": False}
         if lifetime is not None:
             kwargs["lifetime"] = min(lifetime, self.resolver.lifetime)
         try:
-            return list(self.resolver.resolve(name, qtype, **kwargs))
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            answer = self.resolver.resolve(name, qtype, **kwargs)
+        except dns.resolver.NXDOMAIN as e:
+            self._keep(key, (), _negative_ttl(e))
             return []
-        except dns.name.NameTooLong:
+        except (dns.resolver.NoAnswer, dns.name.NameTooLong):
             return []
         except (dns.resolver.NoNameservers, dns.exception.Timeout) as e:
             raise DNSTemporaryError(f"{name} {qtype}: {_describe(e)}") from e
         except dns.exception.DNSException as e:
             raise DNSTemporaryError(f"{name} {qtype}: {_describe(e)}") from e
+        rdata = tuple(answer) if answer.rrset is not None else ()
+        self._keep(key, rdata, answer.expiration - time.time())
+        return list(rdata)
+
+    def _keep(self, key: tuple[str, str], rdata: tuple, ttl: float) -> None:
+        if ttl <= 0 or not self._size:
+            return
+        with self._lock:
+            if len(self._answers) >= self._size:
+                now = self._clock()
+                for old in [k for k, (expires, _) in self._answers.items() if expires <= now]:
+                    del self._answers[old]
+                while len(self._answers) >= self._size:  # still full: the oldest go
+                    del self._answers[next(iter(self._answers))]
+            self._answers[key] = (self._clock() + ttl, rdata)
 
     def txt(self, name: str) -> list[bytes]:
         """Each TXT record of `name`, its strings joined."""
@@ -88,6 +126,20 @@ class AuthDNS:
             elif qtype == "CNAME":
                 out.append(((name, qtype), rdata.target.to_text(True)))
         return out
+
+
+def _negative_ttl(e: dns.resolver.NXDOMAIN) -> float:
+    """How long an NXDOMAIN may be kept: min(SOA TTL, SOA MINIMUM) of the authority
+    section (RFC 2308 5), 0 when the answer carried no SOA."""
+    try:
+        responses = e.responses()
+    except Exception:  # an NXDOMAIN raised without responses
+        return 0
+    for response in responses.values():
+        for rrset in response.authority:
+            if rrset.rdtype == dns.rdatatype.SOA and len(rrset):
+                return min(rrset.ttl, rrset[0].minimum)
+    return 0
 
 
 def _describe(e: Exception) -> str:

@@ -21,6 +21,14 @@ from mta.headers import HeaderMatch, results_by
 # RFC 2045 token characters: a property value that is not one gets quoted.
 _TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~@]+")
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
+# One From address, alone or after a plain display name (atoms, or one quoted string
+# without escapes): what almost every message has.  Anything else (groups, comments,
+# several addresses, encoded words with specials) goes through email.utils.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~.-]+"
+_SIMPLE_FROM = re.compile(
+    rf'[ \t]*(?:{_ATEXT}(?:[ \t]+{_ATEXT})*[ \t]*|"[^"\\\r\n]*"[ \t]*)?<({_ATEXT}@[A-Za-z0-9.-]+)>[ \t]*'
+    rf"|[ \t]*({_ATEXT}@[A-Za-z0-9.-]+)[ \t]*"
+)
 
 
 def forged_results(hostname: str) -> HeaderMatch:
@@ -93,7 +101,12 @@ def from_domains(header_block: bytes) -> list[str]:
         if sep and name.strip().lower() == b"from":
             values.append(_FOLD.sub(b"", value).decode("utf-8", "replace"))
     domains: list[str] = []
-    for _name, address in email.utils.getaddresses(values):
+    simple = [_SIMPLE_FROM.fullmatch(v) for v in values]
+    if all(simple):  # the usual `Name <user@domain>` or bare address: no full parse
+        pairs = [("", m.group(1) or m.group(2)) for m in simple]
+    else:
+        pairs = email.utils.getaddresses(values)
+    for _name, address in pairs:
         domain = address.rpartition("@")[2].strip().strip(">").lower().rstrip(".")
         if "@" in address and domain and domain not in domains:
             domains.append(domain)

@@ -22,6 +22,7 @@ other address.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable
 
@@ -47,8 +48,11 @@ def query_name(address: ipaddress.IPv4Address | ipaddress.IPv6Address, zone: str
     return reverse.rsplit(".", 2)[0] + "." + zone
 
 
+@functools.lru_cache(maxsize=4096)
 def client_ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The client's address (an IPv4-mapped IPv6 address as IPv4), None if not one."""
+    """The client's address (an IPv4-mapped IPv6 address as IPv4), None if not one.
+    Memoised: every check asks for it at every phase, and a client sends many
+    messages (the addresses are immutable)."""
     try:
         ip = ipaddress.ip_address(text.split("%", 1)[0])
     except ValueError:

@@ -384,3 +384,32 @@ def test_pipeline_carries_removals_of_every_check():
     alone = PolicyPipeline([Fixed("one", Verdict.continue_(remove=(first,)))], task.Clock())
     verdict = alone.run(Phase.DATA, PolicyContext(CLIENT, "smtp", body=object()))
     assert verdict.action is Action.ACCEPT and verdict.remove == (first,)
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "alice@example.test",
+        "  Alice <alice@Example.TEST>  ",
+        "Alice Q. Public <a.q+tag@mail.example.test>",
+        '"Doe, Jane" <jane@doe.test>',
+        '"a\\"b" <x@quoted.test>',
+        "=?utf-8?q?J=C3=B6rg?= <j@enc.test>",
+        "a@one.test, b@two.test",
+        "(comment) c@comment.test",
+        "Group: g@group.test;",
+        "<>",
+        "not an address",
+        "a" * 3000 + " x",  # no address: the fast pattern must fail in linear time
+    ],
+)
+def test_from_domains_agrees_with_the_full_parser(value):
+    """The fast path for `Name <addr>` gives what email.utils gives for it."""
+    import email.utils
+
+    expected = []
+    for _name, address in email.utils.getaddresses([value]):
+        domain = address.rpartition("@")[2].strip().strip(">").lower().rstrip(".")
+        if "@" in address and domain and domain not in expected:
+            expected.append(domain)
+    assert from_domains(f"From: {value}\r\n".encode()) == expected
