@@ -176,7 +176,7 @@ class ObjectIndex:
         `delete_object(key)` when no other row needs it (a failure there raises and
         leaves the row)."""
         db = self._conn()
-        if db.dialect == "sqlite":
+        if db.dialect == "sqlite":  # no write lock held across the S3 request
             with db.read() as conn:
                 exists, sole = _sole_object(conn, user, row_id, lock="")
             if not exists:
@@ -199,7 +199,7 @@ class ObjectIndex:
         """Delete every row of `user` (False when there was none); first, through
         `delete_object(key)`, the objects no row of another user needs."""
         db = self._conn()
-        if db.dialect == "sqlite":
+        if db.dialect == "sqlite":  # as in `delete`
             with db.read() as conn:
                 keys = _objects_only_of(conn, user)
             for key in keys:
