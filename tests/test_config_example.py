@@ -63,6 +63,7 @@ def test_example_mentions_every_key():
     for name, cls in mta_config._SECTIONS.items():
         expected |= {f"{name}.{field.name}" for field in attrs.fields(cls)}
     expected |= set(mta_config._RESERVED_SECTIONS)
+    expected |= {"storage.s3"} | {f"storage.s3.{f.name}" for f in attrs.fields(mta_config.S3Config)}
     missing = sorted(expected - keys)
     assert not missing, f"etc/mta.toml does not document: {missing}"
 

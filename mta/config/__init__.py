@@ -30,6 +30,7 @@ from mta.config.model import (  # noqa: F401 (the sections are part of mta.confi
     _RESERVED_KEYS,
     _RESERVED_SECTIONS,
     _SECTIONS,
+    _STORAGE_SETTINGS,
     AUTH_MODES,
     DEFAULT_LISTENERS,
     TLS_MODES,
@@ -394,6 +395,8 @@ def _storage_domains(raw: Any, local_domains, err, collect) -> tuple:
     for key, value in raw.items():
         dotted = f"storage.{key}"
         if not isinstance(value, dict) or dotted in _RESERVED_SECTIONS:
+            continue
+        if key in _STORAGE_SETTINGS:  # [storage.s3]: read by s3_settings
             continue
         domain = key.lower().rstrip(".")
         with collect():

@@ -297,8 +297,11 @@ _NOT_YET = {
     "queue.backend": ("local", "postgresql"),
 }
 # Sections of the operator contract implemented by later stages: accepted so that one
-# config file serves every version, validated only as tables.
-_RESERVED_SECTIONS = ("storage.s3",)
+# config file serves every version, validated only as tables.  None at present.
+_RESERVED_SECTIONS: tuple[str, ...] = ()
+# Tables inside [storage] that hold a backend's settings (mta.config.s3), not a
+# [storage."<domain>"] table.
+_STORAGE_SETTINGS = ("s3",)
 # Keys of the operator contract in implemented sections whose feature comes later:
 # accepted (so one config file serves every version) but not used yet.
 _RESERVED_KEYS: frozenset[str] = frozenset()

@@ -2,15 +2,28 @@
 
 Why that table and not one of its own: a row there already is what the index needs
 (user, folder, tag for `has_delivered`, size, Date, From, Subject, headers) and
-``messages_fts`` beside it is what ``mta-admin search`` reads, so S3 mail is
+its search index beside it is what ``mta-admin search`` reads, so S3 mail is
 searchable by the same query, and mail stays readable when a mailbox moves between
 the ``sql`` and ``s3`` backends.  Migration ``005_message_objects.sql`` adds
 ``object_key``: for an S3 row, ``body`` holds only the recipient's own lines (its
 Return-Path and Delivered-To, sealed when encryption is on) and the object holds
 the rest, once for every recipient.
 
-Every method blocks; one SQLite connection (``<datadir>/mta.db``), opened on first
-use, WAL, ``synchronous=FULL``: a batch's COMMIT is its durability point.
+The table is wherever `mta.db` keeps its tables (`mta.db.location`): the SQLite
+file ``<datadir>/mta.db`` (FTS5 rows in ``messages_fts``), or, with ``[database]
+dsn``, PostgreSQL (the row's ``search_vector``), which every node of a cluster
+shares: any node lists, reads, searches and deletes what another delivered, and
+`find` (``has_delivered``) sees every node's rows.  The connection is the SQL
+store's (`mta.db.database.DatabaseHandle`, opened on first use; SQLite: WAL,
+``synchronous=FULL``); on both engines a batch's COMMIT is its durability point.
+
+Deleting the last row of an object deletes the object first (`delete`,
+`delete_user`).  On PostgreSQL that runs in one transaction holding the rows of
+the objects concerned (``FOR UPDATE``), so two nodes deleting the two last rows
+of one object at once never both leave it behind; SQLite has one node, whose store
+serialises its deletions, and its write lock is never held across an S3 request.
+
+Every method blocks.
 """
 
 from __future__ import annotations
@@ -24,6 +37,7 @@ import attrs
 from mta.db.connection import Connection
 from mta.db.database import DatabaseHandle
 from mta.storage.items import StoredMessage
+from mta.storage.sqlsearch import search_sql, tsvector_text
 
 __all__ = ["IndexRow", "ObjectIndex", "StoredRow"]
 
@@ -58,22 +72,38 @@ class StoredRow:
 
 
 class _IndexDB(Connection):
-    def __init__(self, path: str, *, clock: Callable[[], float]):
-        super().__init__(path, clock=clock)
-        with self._read() as conn:
-            conn.execute("PRAGMA synchronous=FULL")
+    """The index's connection: migrated on open (or checked, `migrate=False`);
+    SQLite: fsync on commit."""
+
+    def __init__(self, location: str, *, clock: Callable[[], float], migrate: bool = True):
+        super().__init__(location, clock=clock, migrate=migrate)
+        if self.dialect == "sqlite":
+            with self._read() as conn:
+                conn.execute("PRAGMA synchronous=FULL")
 
     def read(self):
         return self._read()
 
 
-class ObjectIndex:
-    """The rows of `path` (created and migrated on first use)."""
+def _text(value: str | None) -> str | None:
+    """A header value PostgreSQL's text type takes (it refuses NUL characters)."""
+    return value if value is None or "\x00" not in value else value.replace("\x00", "\ufffd")
 
-    def __init__(self, path: str, *, clock: Callable[[], float] = time.time):
-        self.path = path
+
+class ObjectIndex:
+    """The rows of the database at `location` (an SQLite file or a `postgresql://`
+    dsn), created and migrated on first use unless `migrate` is False."""
+
+    def __init__(
+        self, location: str, *, clock: Callable[[], float] = time.time, migrate: bool = True
+    ):
+        self.location = location
         self._clock = clock
-        self._conn = DatabaseHandle(path, opener=lambda p, migrate: _IndexDB(p, clock=clock))
+        self._conn = DatabaseHandle(
+            location,
+            migrate=migrate,
+            opener=lambda p, migrate: _IndexDB(p, clock=clock, migrate=migrate),
+        )
 
     def close(self) -> None:
         self._conn.close()
@@ -81,46 +111,53 @@ class ObjectIndex:
     def find(self, user: str, tag: str) -> int | None:
         with self._conn().read() as conn:
             row = conn.execute(
-                "SELECT id FROM messages WHERE user = ? AND tag = ? LIMIT 1", (user, tag)
+                'SELECT id FROM messages WHERE "user" = ? AND tag = ? LIMIT 1', (user, tag)
             ).fetchone()
         return None if row is None else row[0]
 
     def insert(self, rows: Sequence[IndexRow]) -> list[int]:
         """Insert every row in one transaction; their ids, in order."""
+        db = self._conn()
+        columns = 'message_id, "user", tag, from_addr, to_addrs, subject, date, received,'
+        columns += " size, headers, body, object_key"
+        values = "?,?,?,?,?,?,?,?,?,?,?,?"
+        if db.dialect == "postgresql":  # the search words go into the row itself
+            columns += ", search_vector"
+            values += ", to_tsvector('simple', ?)"
+        insert = f"INSERT INTO messages ({columns}) VALUES ({values}) RETURNING id"
         ids = []
-        with self._conn().transaction() as conn:
+        with db.transaction(exclusive=False) as conn:
             for r in rows:
-                cursor = conn.execute(
-                    "INSERT INTO messages (message_id, user, tag, from_addr, to_addrs, subject,"
-                    " date, received, size, headers, body, object_key)"
-                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                    (
-                        r.message_id,
-                        r.user,
-                        r.tag,
-                        r.from_addr,
-                        json.dumps(list(r.to_addrs), ensure_ascii=False),
-                        r.subject,
-                        r.date,
-                        r.received,
-                        r.size,
-                        json.dumps([list(h) for h in r.headers], ensure_ascii=False),
-                        r.own,
-                        r.object_key,
-                    ),
-                )
-                ids.append(cursor.lastrowid)
-                conn.execute(
-                    "INSERT INTO messages_fts (rowid, subject, from_addr, to_addrs, body)"
-                    " VALUES (?,?,?,?,?)",
-                    (cursor.lastrowid, r.subject, r.from_addr, r.to_text, r.text),
-                )
+                params = [
+                    _text(r.message_id),
+                    r.user,
+                    r.tag,
+                    _text(r.from_addr),
+                    json.dumps(list(r.to_addrs), ensure_ascii=False),
+                    _text(r.subject),
+                    r.date,
+                    r.received,
+                    r.size,
+                    json.dumps([list(h) for h in r.headers], ensure_ascii=False),
+                    r.own,
+                    r.object_key,
+                ]
+                if db.dialect == "postgresql":
+                    params.append(tsvector_text(r.subject, r.from_addr, r.to_text, r.text))
+                row_id = conn.execute(insert, params).fetchone()[0]
+                ids.append(row_id)
+                if db.dialect == "sqlite":
+                    conn.execute(
+                        "INSERT INTO messages_fts (rowid, subject, from_addr, to_addrs, body)"
+                        " VALUES (?,?,?,?,?)",
+                        (row_id, r.subject, r.from_addr, r.to_text, r.text),
+                    )
         return ids
 
     def list(self, user: str) -> list[StoredMessage]:
         with self._conn().read() as conn:
             rows = conn.execute(
-                "SELECT id, size, received, folder FROM messages WHERE user = ?"
+                'SELECT id, size, received, folder FROM messages WHERE "user" = ?'
                 " ORDER BY received, id",
                 (user,),
             ).fetchall()
@@ -129,47 +166,55 @@ class ObjectIndex:
     def get(self, user: str, row_id: int) -> StoredRow | None:
         with self._conn().read() as conn:
             row = conn.execute(
-                "SELECT tag, body, object_key FROM messages WHERE id = ? AND user = ?",
+                'SELECT tag, body, object_key FROM messages WHERE id = ? AND "user" = ?',
                 (row_id, user),
             ).fetchone()
         return None if row is None else StoredRow(row[0], bytes(row[1]), row[2])
 
-    def sole_object(self, user: str, row_id: int) -> tuple[bool, str | None]:
-        """(whether the row exists, the key of its object when no other row uses it)."""
-        with self._conn().read() as conn:
-            row = conn.execute(
-                "SELECT object_key FROM messages WHERE id = ? AND user = ?", (row_id, user)
-            ).fetchone()
-            if row is None:
-                return False, None
-            if row[0] is None:
-                return True, None
-            others = conn.execute(
-                "SELECT 1 FROM messages WHERE object_key = ? AND id != ? LIMIT 1",
-                (row[0], row_id),
-            ).fetchone()
-        return True, None if others else row[0]
+    def delete(self, user: str, row_id: int, delete_object: Callable[[str], object]) -> bool:
+        """Delete one row (False when it does not exist); first, its object through
+        `delete_object(key)` when no other row needs it (a failure there raises and
+        leaves the row)."""
+        db = self._conn()
+        if db.dialect == "sqlite":  # no write lock held across the S3 request
+            with db.read() as conn:
+                exists, sole = _sole_object(conn, user, row_id, lock="")
+            if not exists:
+                return False
+            if sole is not None:
+                delete_object(sole)
+            with db.transaction(exclusive=False) as conn:
+                conn.execute('DELETE FROM messages WHERE id = ? AND "user" = ?', (row_id, user))
+            return True
+        with db.transaction(exclusive=False) as conn:
+            exists, sole = _sole_object(conn, user, row_id, lock=" FOR UPDATE")
+            if not exists:
+                return False
+            if sole is not None:
+                delete_object(sole)
+            conn.execute('DELETE FROM messages WHERE id = ? AND "user" = ?', (row_id, user))
+        return True
 
-    def delete(self, user: str, row_id: int) -> bool:
-        with self._conn().transaction() as conn:
-            cursor = conn.execute("DELETE FROM messages WHERE id = ? AND user = ?", (row_id, user))
-            return cursor.rowcount > 0
-
-    def objects_only_of(self, user: str) -> list[str]:
-        """Keys of the objects that no row of another user needs."""
-        with self._conn().read() as conn:
-            rows = conn.execute(
-                "SELECT DISTINCT object_key FROM messages AS m WHERE user = ?"
-                " AND object_key IS NOT NULL AND NOT EXISTS (SELECT 1 FROM messages"
-                " WHERE object_key = m.object_key AND user != ?)",
-                (user, user),
+    def delete_user(self, user: str, delete_object: Callable[[str], object]) -> bool:
+        """Delete every row of `user` (False when there was none); first, through
+        `delete_object(key)`, the objects no row of another user needs."""
+        db = self._conn()
+        if db.dialect == "sqlite":  # as in `delete`
+            with db.read() as conn:
+                keys = _objects_only_of(conn, user)
+            for key in keys:
+                delete_object(key)
+            with db.transaction(exclusive=False) as conn:
+                return _delete_rows_of(conn, user)
+        with db.transaction(exclusive=False) as conn:
+            conn.execute(
+                "SELECT id FROM messages WHERE object_key IN (SELECT object_key FROM messages"
+                ' WHERE "user" = ? AND object_key IS NOT NULL) ORDER BY id FOR UPDATE',
+                (user,),
             ).fetchall()
-        return [r[0] for r in rows]
-
-    def delete_user(self, user: str) -> bool:
-        with self._conn().transaction() as conn:
-            cursor = conn.execute("DELETE FROM messages WHERE user = ?", (user,))
-            return cursor.rowcount > 0
+            for key in _objects_only_of(conn, user):
+                delete_object(key)
+            return _delete_rows_of(conn, user)
 
     def sealed_rows(self) -> list[tuple[int, bytes]]:
         """(id, own lines) of every S3 row: what `mta-admin key retire` re-wraps."""
@@ -180,7 +225,7 @@ class ObjectIndex:
         return [(i, bytes(own)) for i, own in rows]
 
     def replace_own(self, row_id: int, own: bytes) -> None:
-        with self._conn().transaction() as conn:
+        with self._conn().transaction(exclusive=False) as conn:
             conn.execute("UPDATE messages SET body = ? WHERE id = ?", (own, row_id))
 
     def object_keys(self) -> list[str]:
@@ -190,19 +235,72 @@ class ObjectIndex:
             ).fetchall()
         return [r[0] for r in rows]
 
+    def search(
+        self, query: str, *, user: str | None, since: float | None, limit: int
+    ) -> list[tuple]:
+        """(id, user, folder, date, from, subject) of the rows matching `query`
+        (`mta.storage.sqlsearch.search_sql`: every word), newest first."""
+        db = self._conn()
+        found = search_sql(db.dialect, query, user=user, since=since, limit=limit)
+        if found is None:
+            return []
+        sql, params = found
+        with db.read() as conn:
+            return [tuple(row) for row in conn.execute(sql, params).fetchall()]
+
     def probe(self) -> None:
-        """A write transaction (a row inserted, then rolled back); raises
-        sqlite3.Error saying why the index cannot take a row now."""
+        """A write transaction (a row inserted, then rolled back); raises the
+        driver's error saying why the index cannot take a row now."""
 
         class _Rollback(Exception):
             pass
 
         try:
-            with self._conn().transaction() as conn:
+            with self._conn().transaction(exclusive=False) as conn:
                 conn.execute(
-                    "INSERT INTO messages (user, tag, date, received, size, body, object_key)"
-                    " VALUES ('', 'probe', 0, 0, 0, x'', 'probe')"
+                    'INSERT INTO messages ("user", tag, date, received, size, body, object_key)'
+                    " VALUES ('', 'probe', 0, 0, 0, ?, 'probe')",
+                    (b"",),
                 )
                 raise _Rollback
         except _Rollback:
             pass
+
+
+def _sole_object(conn, user: str, row_id: int, *, lock: str) -> tuple[bool, str | None]:
+    """(whether the row exists, the key of its object when no other row uses it).
+
+    `lock` " FOR UPDATE" (PostgreSQL) holds every row of the object, in id order
+    (so two deleters never wait on each other), until the end of the transaction."""
+    row = conn.execute(
+        'SELECT object_key FROM messages WHERE id = ? AND "user" = ?', (row_id, user)
+    ).fetchone()
+    if row is None:
+        return False, None
+    if row[0] is None:
+        return True, None
+    ids = [
+        i
+        for (i,) in conn.execute(
+            f"SELECT id FROM messages WHERE object_key = ? ORDER BY id{lock}", (row[0],)
+        ).fetchall()
+    ]
+    if row_id not in ids:  # deleted by another node meanwhile
+        return False, None
+    return True, row[0] if ids == [row_id] else None
+
+
+def _objects_only_of(conn, user: str) -> list[str]:
+    """Keys of the objects of `user`'s rows that no row of another user needs."""
+    rows = conn.execute(
+        'SELECT DISTINCT object_key FROM messages AS m WHERE "user" = ?'
+        " AND object_key IS NOT NULL AND NOT EXISTS (SELECT 1 FROM messages"
+        ' WHERE object_key = m.object_key AND "user" != ?)',
+        (user, user),
+    ).fetchall()
+    return [r[0] for r in rows]
+
+
+def _delete_rows_of(conn, user: str) -> bool:
+    cursor = conn.execute('DELETE FROM messages WHERE "user" = ?', (user,))
+    return cursor.rowcount > 0

@@ -7,9 +7,10 @@ Message-ID header made safe for a key, and the message tag of the first recipien
 which makes the key unique: a queue id with a recipient index).  The same batch run
 again after a crash writes the same key, so nothing is left behind.  Each recipient
 gets a row in the index (`mta.storage.s3index`, the SQL store's ``messages``
-table): its own Return-Path and Delivered-To lines, the object key, and what
-listing and ``mta-admin search`` need.  `read_message` gives back the row's lines
-followed by the object: byte for byte what was delivered.
+table, in ``<datadir>/mta.db`` or, with ``[database] dsn``, in PostgreSQL, which
+the nodes of a cluster share): its own Return-Path and Delivered-To lines, the
+object key, and what listing and ``mta-admin search`` need.  `read_message` gives
+back the row's lines followed by the object: byte for byte what was delivered.
 
 The order is what makes it safe: the objects are written first (the single PUTs
 of a batch several at a time, `mta.s3.upload.UploadWindow`; the rows are
@@ -43,7 +44,7 @@ import attrs
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mta.db.addresses import address_key
+from mta.db.addresses import address_key, lookup_key
 from mta.interfaces import IMailStore
 from mta.s3.client import S3Client
 from mta.s3.upload import PART_SIZE, UploadWindow, upload
@@ -51,7 +52,7 @@ from mta.storage import crypto
 from mta.storage.items import StoredMessage, StoreItem
 from mta.storage.names import safe_component
 from mta.storage.s3index import IndexRow, ObjectIndex
-from mta.storage.sql import parse_message, storage_error
+from mta.storage.sql import SearchHit, parse_message, storage_error
 
 __all__ = ["S3Store", "object_key"]
 
@@ -103,15 +104,17 @@ class _Uploaded:
 
 @implementer(IMailStore)
 class S3Store:
-    """Objects in `client`'s bucket under `prefix`, indexed in the SQLite file at
-    `index_path`; requests run on a reactor through `call` (a ReactorCaller)."""
+    """Objects in `client`'s bucket under `prefix`, indexed in the database at
+    `index_location` (an SQLite file or a `postgresql://` dsn, migrated on first use
+    unless `migrate` is False); requests run on a reactor through `call` (a
+    ReactorCaller)."""
 
     name = "s3"
 
     def __init__(
         self,
         client: S3Client,
-        index_path: str,
+        index_location: str,
         call: Callable,
         *,
         prefix: str = "",
@@ -119,10 +122,11 @@ class S3Store:
         clock: Callable[[], float] = time.time,
         part_size: int = PART_SIZE,
         on_close: Callable[[], None] | None = None,
+        migrate: bool = True,
     ):
         self.client = client
         self.prefix = prefix
-        self.index = ObjectIndex(index_path, clock=clock)
+        self.index = ObjectIndex(index_location, clock=clock, migrate=migrate)
         self.call = call
         self.keyring = keyring
         self._clock = clock
@@ -280,9 +284,7 @@ class S3Store:
         then the rows.  False when it had none."""
         user = _user(mailbox)
         with self._delete_lock:
-            for key in self.index.objects_only_of(user):
-                self.call(self.client.delete_object, key)
-            return self.index.delete_user(user)
+            return self.index.delete_user(user, self._delete_object)
 
     def probe(self) -> str:
         """The index takes a write, and the bucket answers a signed listing now."""
@@ -324,22 +326,29 @@ class S3Store:
         failure to delete it leaves the message as it was)."""
         user, row_id = _user(mailbox), _row_id(message_id)
         with self._delete_lock:
-            exists, sole = self.index.sole_object(user, row_id)
-            if not exists:
+            if not self.index.delete(user, row_id, self._delete_object):
                 raise KeyError(message_id)
-            if sole is not None:
-                self.call(self.client.delete_object, sole)
-            self.index.delete(user, row_id)
 
-    def search(self, query: str, **kwargs):
-        """``mta-admin search``: the SQL store's full-text search over the same rows."""
-        from mta.storage.sql import SQLStore
+    def _delete_object(self, key: str) -> None:
+        self.call(self.client.delete_object, key)
 
-        store = SQLStore(self.index.path)
-        try:
-            return store.search(query, **kwargs)
-        finally:
-            store.close()
+    def search(
+        self,
+        query: str,
+        *,
+        user: str | None = None,
+        since: float | None = None,
+        limit: int = 50,
+    ) -> list[SearchHit]:
+        """``mta-admin search``: the SQL store's full-text search (`SQLStore.search`)
+        over the index's rows, on either engine."""
+        rows = self.index.search(
+            query, user=None if user is None else lookup_key(user), since=since, limit=limit
+        )
+        return [
+            SearchHit(str(i), u, folder, date, from_addr or "", subject or "")
+            for i, u, folder, date, from_addr, subject in rows
+        ]
 
     def rewrap(self, key_id: str) -> int:
         """`mta-admin key retire`: re-wrap, under the current key, every row's sealed
@@ -385,12 +394,15 @@ def _storage_error(error: Exception) -> Exception:
 
 
 def open_s3_store(config, *, keyring=None, reactor=None) -> S3Store:
-    """The `S3Store` of `config`'s ``[storage.s3]``, its index in ``mta.db``.
+    """The `S3Store` of `config`'s ``[storage.s3]``, its index where `mta.db` keeps
+    its tables (`mta.db.location.database_location`: ``[database] dsn``, else
+    ``<datadir>/mta.db``), migrated as ``[database] migrate`` says.
 
     With `reactor` (the server's, running in the main thread) requests run there;
     without one (mta-admin) the store runs a reactor of its own in a thread,
     stopped by `S3Store.close` (or with the process)."""
     from mta.config.s3 import read_secret
+    from mta.db.location import auto_migrate, database_location
     from mta.s3.reactor import ReactorCaller, ReactorThread
 
     s3 = config.storage_s3
@@ -413,11 +425,12 @@ def open_s3_store(config, *, keyring=None, reactor=None) -> S3Store:
     )
     return S3Store(
         client,
-        config.path("mta.db"),
+        database_location(config),
         call,
         prefix=s3.prefix,
         keyring=keyring,
         on_close=on_close,
+        migrate=auto_migrate(config),
     )
 
 

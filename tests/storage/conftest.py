@@ -2,10 +2,13 @@
 
 - `s3_server`: the running `tests.s3server.SeaweedS3` (skipped without `weed`, a
   failure under CI=true) with the bucket `S3_BUCKET` made.
-- `s3_store_factory(root, keyring=None, **settings)`: an `S3Store` on that bucket,
-  its index in ``root/mta.db``, its keys under a prefix unique to `root` (so tests
-  sharing the bucket never see each other's objects), running its requests on a
-  reactor thread of its own, stopped after the test.
+- `s3_store_factory(root, keyring=None, *, index=None, prefix=None, **settings)`: an
+  `S3Store` on that bucket, its index in ``root/mta.db`` (or at `index`, e.g. a
+  PostgreSQL dsn), its keys under a prefix unique to `root` (so tests sharing the
+  bucket never see each other's objects) unless `prefix` is given, running its
+  requests on a reactor thread of its own, stopped after the test.
+- `s3_index`: where a test's S3 index lives, once per engine: None (SQLite, the
+  store's default under its root), then a fresh PostgreSQL database's dsn.
 """
 
 from __future__ import annotations
@@ -64,19 +67,34 @@ def s3_store_factory(s3_server):
     threads: list[ReactorThread] = []
     pid = os.getpid()
 
-    def make(root: Path, keyring=None, *, endpoint: str | None = None, **client_kwargs) -> S3Store:
+    def make(
+        root: Path,
+        keyring=None,
+        *,
+        endpoint: str | None = None,
+        index: str | None = None,
+        prefix: str | None = None,
+        **client_kwargs,
+    ) -> S3Store:
         thread = ReactorThread()
         if os.getpid() == pid:  # a forked child's threads die with it
             threads.append(thread)
         client = make_client(thread.reactor, endpoint or s3_server.endpoint, **client_kwargs)
         return S3Store(
             client,
-            str(root / "mta.db"),
+            index or str(root / "mta.db"),
             thread.call,
-            prefix=s3_prefix(root),
+            prefix=s3_prefix(root) if prefix is None else prefix,
             keyring=keyring,
         )
 
     yield make
     for thread in threads:
         thread.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def s3_index(request) -> str | None:
+    if request.param == "sqlite":
+        return None
+    return request.getfixturevalue("postgres_dsn")

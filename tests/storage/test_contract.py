@@ -2,7 +2,8 @@
 
 Add a backend to `BACKENDS` below (``routing`` is a `RoutingStore` sending BOX's
 domain to mbox; ``encrypted-*`` an `EncryptingStore` over a backend; ``s3`` and
-``encrypted-s3`` the S3 store, which seals its objects itself, on a real S3 server).  Two
+``encrypted-s3`` the S3 store, which seals its objects itself, on a real S3 server,
+its index in SQLite, and ``*-postgresql`` the same on PostgreSQL).  Two
 documented exceptions: mbox's norm is LF line endings and a ``From `` separator
 line, so what mbox reads back is what was delivered with CRLF turned into LF
 (`expected`); every other store gives back the delivered bytes exactly.  An
@@ -51,8 +52,11 @@ POSTGRES_BACKENDS = {
     "sql-postgresql": lambda dsn: SQLStore(dsn),
 }
 KEYRING = Keyring.of(bytes(range(32)))
-# The S3 store against the session's real S3 server (tests/storage/conftest.py).
+# The S3 store against the session's real S3 server (tests/storage/conftest.py), its
+# index in SQLite under the test's directory.
 S3_BACKENDS = {"s3": None, "encrypted-s3": KEYRING}
+# The same with the index on a fresh PostgreSQL database.
+S3_POSTGRES_BACKENDS = {"s3-postgresql": None, "encrypted-s3-postgresql": KEYRING}
 
 BOX = Address("bob", "example.test")
 PREFIX = b"Return-Path: <alice@remote.test>\r\nDelivered-To: bob@example.test\r\n"
@@ -63,7 +67,9 @@ MESSAGE = (
 )
 
 
-@pytest.fixture(params=sorted([*BACKENDS, *S3_BACKENDS]) + sorted(POSTGRES_BACKENDS))
+@pytest.fixture(
+    params=sorted([*BACKENDS, *S3_BACKENDS]) + sorted([*POSTGRES_BACKENDS, *S3_POSTGRES_BACKENDS])
+)
 def backend(request):
     return request.param
 
@@ -73,6 +79,10 @@ def make_store(backend, tmp_path, request):
     if backend in S3_BACKENDS:
         make_s3 = request.getfixturevalue("s3_store_factory")
         return lambda: make_s3(tmp_path, S3_BACKENDS[backend])
+    if backend in S3_POSTGRES_BACKENDS:
+        make_s3 = request.getfixturevalue("s3_store_factory")
+        dsn = request.getfixturevalue("postgres_dsn")
+        return lambda: make_s3(tmp_path, S3_POSTGRES_BACKENDS[backend], index=dsn)
     if backend in POSTGRES_BACKENDS:
         dsn = request.getfixturevalue("postgres_dsn")
         return lambda: POSTGRES_BACKENDS[backend](dsn)

@@ -1,6 +1,7 @@
 """The S3 store beyond the contract suite, against a real SeaweedFS (which checks
 signatures): one object per message, multipart uploads, a wrong secret, S3 down,
-retries after a 503 and after a timeout (with an injected clock), encryption."""
+retries after a 503 and after a timeout (with an injected clock), encryption.  The
+tests of what the index keeps run with it in SQLite and in PostgreSQL (`s3_index`)."""
 
 from __future__ import annotations
 
@@ -58,8 +59,8 @@ def test_object_keys_are_dated_safe_and_unique():
     assert len(object_key("", now, "<" + "x" * 5000 + ">", "t")) < 200
 
 
-def test_one_object_for_every_recipient_of_a_message(s3_store_factory, tmp_path):
-    store = s3_store_factory(tmp_path)
+def test_one_object_for_every_recipient_of_a_message(s3_store_factory, tmp_path, s3_index):
+    store = s3_store_factory(tmp_path, index=s3_index)
     body = MemoryBody(MESSAGE)
     outcomes = store.deliver_batch(items_for(body, BOB, CAROL, DAVE))
     assert all(isinstance(o, str) for o in outcomes), outcomes
@@ -77,13 +78,16 @@ def test_one_object_for_every_recipient_of_a_message(s3_store_factory, tmp_path)
     assert keys_of(store) == []
 
 
-def test_search_finds_s3_mail(s3_store_factory, tmp_path):
-    store = s3_store_factory(tmp_path)
+def test_search_finds_s3_mail(s3_store_factory, tmp_path, s3_index):
+    store = s3_store_factory(tmp_path, index=s3_index)
     store.deliver_batch(items_for(MemoryBody(MESSAGE), BOB))
     [hit] = store.search("quarterly report", user="bob@example.test")
     assert hit.subject.startswith("quarterly caf") and hit.from_addr.startswith("Alice")
     assert store.read_message(BOB, hit.message_id).endswith(MESSAGE)
     assert store.search("quarterly", user="carol@example.test") == []
+    assert store.search("quarterly", user="BOB@example.test", limit=0) == []
+    assert store.search("quarterly", since=hit.date + 1) == []
+    assert [h.message_id for h in store.search("Alice", since=hit.date)] == [hit.message_id]
 
 
 class PartSpy(S3Client):
@@ -286,15 +290,29 @@ def test_no_answer_times_out_and_is_retried_then_fails(clocked):
 # -- encryption -----------------------------------------------------------------------
 
 
-def test_encrypted_objects_hold_no_clear_text_and_cannot_be_swapped(s3_store_factory, tmp_path):
-    store = s3_store_factory(tmp_path, KEYRING)
+def index_contents(store: S3Store, tmp_path) -> bytes:
+    """Everything the index keeps: the SQLite file, or every row's values."""
+    if store.index.location == str(tmp_path / "mta.db"):
+        return (tmp_path / "mta.db").read_bytes()
+    import psycopg
+
+    with psycopg.connect(store.index.location) as conn:
+        rows = conn.execute("SELECT * FROM messages").fetchall()
+    assert rows
+    return b"\n".join(v if isinstance(v, bytes) else str(v).encode() for r in rows for v in r)
+
+
+def test_encrypted_objects_hold_no_clear_text_and_cannot_be_swapped(
+    s3_store_factory, tmp_path, s3_index
+):
+    store = s3_store_factory(tmp_path, KEYRING, index=s3_index)
     store.deliver_batch(items_for(MemoryBody(MESSAGE), BOB, CAROL, tag="00aa"))
     store.deliver_batch(items_for(MemoryBody(MESSAGE.replace(b"quarterly", b"annual")), BOB))
     k1, k2 = sorted(keys_of(store))
     blob = store.call(store.client.get_object, k1)
     assert b"quarterly" not in blob and b"alice" not in blob and crypto.blob_tag(blob) == k1
     # The index keeps no clear text either: each row's own lines are sealed.
-    db = (tmp_path / "mta.db").read_bytes()
+    db = index_contents(store, tmp_path)
     assert b"Delivered-To" not in db and b"quarterly" not in db and b"alice@" not in db
     first, second = store.list_messages(BOB)
     assert store.read_message(BOB, first.message_id) == prefix_for(BOB) + MESSAGE
@@ -305,30 +323,32 @@ def test_encrypted_objects_hold_no_clear_text_and_cannot_be_swapped(s3_store_fac
     assert store.search("quarterly") == []  # nothing clear to search
 
 
-def test_a_wrong_master_key_is_a_clear_error(s3_store_factory, tmp_path):
-    store = s3_store_factory(tmp_path, KEYRING)
+def test_a_wrong_master_key_is_a_clear_error(s3_store_factory, tmp_path, s3_index):
+    store = s3_store_factory(tmp_path, KEYRING, index=s3_index)
     store.deliver_batch(items_for(MemoryBody(MESSAGE), BOB))
     [msg] = store.list_messages(BOB)
-    other = s3_store_factory(tmp_path, Keyring.of(b"\x01" * 32))
+    other = s3_store_factory(tmp_path, Keyring.of(b"\x01" * 32), index=s3_index)
     with pytest.raises(crypto.DecryptionError, match="wrong master key"):
         other.read_message(BOB, msg.message_id)
 
 
-def test_key_retire_rewraps_rows_and_objects(s3_store_factory, tmp_path):
+def test_key_retire_rewraps_rows_and_objects(s3_store_factory, tmp_path, s3_index):
     old, new = bytes(range(32)), b"\x02" * 32
-    store = s3_store_factory(tmp_path, Keyring.of(old))
+    store = s3_store_factory(tmp_path, Keyring.of(old), index=s3_index)
     store.deliver_batch(items_for(MemoryBody(MESSAGE), BOB, CAROL))
-    rotated = s3_store_factory(tmp_path, Keyring.of(new, old))
+    rotated = s3_store_factory(tmp_path, Keyring.of(new, old), index=s3_index)
     assert rotated.rewrap(crypto.key_id_of(old)) == 3  # two rows' lines, one object
     assert rotated.rewrap(crypto.key_id_of(old)) == 0
-    only_new = s3_store_factory(tmp_path, Keyring.of(new))
+    only_new = s3_store_factory(tmp_path, Keyring.of(new), index=s3_index)
     for box in (BOB, CAROL):
         [msg] = only_new.list_messages(box)
         assert only_new.read_message(box, msg.message_id) == prefix_for(box) + MESSAGE
 
 
-def test_a_batch_of_many_messages_keeps_several_puts_in_flight(s3_store_factory, tmp_path):
-    store = s3_store_factory(tmp_path)
+def test_a_batch_of_many_messages_keeps_several_puts_in_flight(
+    s3_store_factory, tmp_path, s3_index
+):
+    store = s3_store_factory(tmp_path, index=s3_index)
     bodies = [MemoryBody(MESSAGE + b"%d\r\n" % n) for n in range(20)]
     items = [StoreItem(BOB, f"{n:04x}-0", prefix_for(BOB), body) for n, body in enumerate(bodies)]
     outcomes = store.deliver_batch(items)

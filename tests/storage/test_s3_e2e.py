@@ -2,7 +2,8 @@
 
 Mail received over SMTP (smtplib) lands as one object for all its local recipients;
 `mta-admin mail cat` prints it byte for byte, `mail list`, `search`, `export` and
-`delete` work on it; `check-config` names a broken ``[storage.s3]``; with S3
+`delete` work on it, with the index in ``mta.db`` and in the PostgreSQL of
+``[database] dsn``; `check-config` names a broken ``[storage.s3]``; with S3
 unreachable the message stays queued and /readyz says why, until S3 is back.
 """
 
@@ -73,9 +74,12 @@ def cat(server, email: str, message_id: str) -> bytes:
 
 
 def test_received_mail_is_one_object_and_reads_back_byte_exact(
-    s3_server, mta_server_factory, tmp_path
+    s3_server, mta_server_factory, tmp_path, s3_index
 ):
-    server = mta_server_factory(s3_config(tmp_path, s3_server.endpoint), start=False)
+    config = s3_config(tmp_path, s3_server.endpoint)
+    if s3_index is not None:  # users, aliases and the index in PostgreSQL
+        config["database"] = {"dsn": s3_index}
+    server = mta_server_factory(config, start=False)
     add_users(server, "bob@example.test", "carol@example.test")
     server.start()
     with smtplib.SMTP(server.host, server.smtp_port, timeout=30) as client:
@@ -111,6 +115,7 @@ def test_received_mail_is_one_object_and_reads_back_byte_exact(
     deleted = server.admin("mail", "delete", "bob@example.test", bob_id)
     assert deleted.returncode == 0, deleted.stderr
     assert server.admin("mail", "list", "bob@example.test").stdout.startswith("No mail")
+    assert (server.datadir / "mta.db").exists() == (s3_index is None)
 
 
 def http_get(url: str) -> tuple[int, bytes]:
