@@ -105,7 +105,7 @@ def rekey_queue(config, keyring, key_id: str, *, dry_run: bool = False) -> tuple
 
         connections = Connections(queue_dsn(config), size=1)
         try:
-            return connections.run(rekey_pg, keyring, key_id, dry_run=dry_run), 0
+            return connections.run(rekey_pg, keyring, key_id, dry_run), 0
         finally:
             connections.close()
     from mta.queue.rekey import rekey_queue as rekey

@@ -14,6 +14,7 @@ through `IMessageBody`.
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
@@ -129,8 +130,9 @@ class Places:
             return connections.run(self.pg.read, qid, seq)
         if ref == "s3" and self.s3 is not None:
             return self.s3.read(qid, seq)
-        raise ShortMessage(
-            f"queued message {qid}: its body is in {ref!r}, and no [storage.s3] is configured"
+        raise OSError(
+            errno.EIO,
+            f"queued message {qid}: its body is in {ref!r}, and no [storage.s3] is configured",
         )
 
     def opener(self, header: bytes | None, qid: str):

@@ -91,7 +91,7 @@ def clear_chunks(opener: stream.Opener, stored: Iterator[bytes], length: int) ->
         reader.close()
 
 
-def rekey(conn, keyring, key_id: str, *, dry_run: bool = False) -> int:
+def rekey(conn, keyring, key_id: str, dry_run: bool = False) -> int:
     """Re-wrap every entry sealed under `key_id` under the keyring's current key
     (one UPDATE of ``seal_header`` each, in the caller's transaction); how many
     (with `dry_run`, how many would be).  Raises DecryptionError."""

@@ -367,11 +367,13 @@ class PGQueueStore(Service):
         rows = pgsql.claim(conn, self.node, want, now, self.lease)
         for row in rows:
             seal = row["seal"] = self.bodies.opener(row["seal_header"], row["qid"])
-            if seal is not None:
-                try:
+            try:
+                if isinstance(seal, Exception):
+                    raise seal
+                if seal is not None:
                     row["trace_headers"] = seal.open_extra(row["trace_headers"])
-                except Exception as e:  # noqa: BLE001 (the attempt reports it)
-                    row["trace_headers"], row["seal"] = b"", e
+            except Exception as e:  # noqa: BLE001 (reading the body says why)
+                row["trace_headers"], row["seal"] = b"", e
         return rows
 
     def _from_row(self, row: dict) -> QueueEntry:
