@@ -34,7 +34,10 @@ def open_queue_store(config, reactor, threadpool, *, worker: int = 0, **options)
     if config.queue.backend == "postgresql":
         from mta.queue.pgopen import open_pg_store
 
-        return open_pg_store(config, reactor, threadpool, dsn=queue_dsn(config), **options)
+        keyring = queue_keyring(config)
+        return open_pg_store(
+            config, reactor, threadpool, dsn=queue_dsn(config), keyring=keyring, **options
+        )
     from mta.queue.filestore import FileQueueStore
     from mta.queue.layout import spool_dir
 
@@ -60,7 +63,7 @@ def open_queue_control(config):
         from mta.queue.pgcontrol import PGQueueControl
         from mta.queue.pgopen import open_places
 
-        return PGQueueControl(queue_dsn(config), places=open_places(config))
+        return PGQueueControl(queue_dsn(config), places=open_places(config, queue_keyring(config)))
     from mta.queue.control import FileQueueControl
 
     return FileQueueControl(config.path("queue"), keyring=queue_keyring(config))
@@ -74,7 +77,7 @@ def hold_message(config, envelope, message: bytes, trace_headers: bytes = b"") -
         from mta.queue.pgcontrol import hold_message as hold_in_pg
         from mta.queue.pgopen import open_places
 
-        places = open_places(config)
+        places = open_places(config, queue_keyring(config))
         try:
             return hold_in_pg(queue_dsn(config), envelope, message, trace_headers, places)
         finally:

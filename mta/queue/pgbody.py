@@ -18,15 +18,17 @@ import errno
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from mta.crypto.stream import Sealer
 from mta.fileio import write_all
 from mta.interfaces import IMessageBody
-from mta.queue import pgseal
+from mta.queue import pgseal, pgsql
 from mta.queue.body import ShortMessage
 
 CHUNK = 1024 * 1024
+_log = Logger()
 
 
 def rechunk(pieces: Iterable[bytes], size: int = CHUNK) -> Iterator[bytes]:
@@ -147,6 +149,15 @@ class Places:
 
     def probe(self) -> str:
         return "" if self.s3 is None else self.s3.probe()
+
+    def sweep(self, connections, now: float) -> int:
+        """Delete the S3 objects left without a row (`S3Bodies.sweep`); how many."""
+        if self.s3 is None:
+            return 0
+        count = self.s3.sweep(lambda qids: connections.run(pgsql.existing, qids), now)
+        if count:
+            _log.info("removed {count} orphaned queue bodies", count=count)
+        return count
 
     def close(self) -> None:
         if self.s3 is not None:

@@ -16,12 +16,12 @@ import time
 
 from zope.interface import implementer
 
+from mta.crypto.keys import DecryptionError
 from mta.envelope import envelope_from_fields
 from mta.interfaces import IQueueControl
 from mta.queue import pgsql
 from mta.queue.control import ACTIONS, ControlError
 from mta.queue.ids import is_queue_id, new_queue_id
-from mta.crypto.keys import DecryptionError
 from mta.queue.pgbody import PGBody, Places
 from mta.queue.pgconn import Connections, QueueUnavailable
 from mta.queue.pgspool import CommitJob, insert_held
@@ -162,7 +162,9 @@ class PGQueueControl:
             if isinstance(seal, Exception):
                 raise seal
             trace = bytes(trace) if seal is None else seal.open_extra(bytes(trace))
-            body = PGBody(trace, qid, int(length), self.connections, self.places, ref=ref, seal=seal)
+            body = PGBody(
+                trace, qid, int(length), self.connections, self.places, ref=ref, seal=seal
+            )
             headers = body.header_block().decode("utf-8", "replace")
         except (QueueUnavailable, DecryptionError, OSError) as e:
             raise ControlError(f"{qid}: {e}") from None
@@ -246,9 +248,7 @@ def _release(conn, qid: str, now: float) -> str | None:
 
 
 def _delete(conn, qid: str, now: float) -> str | None:
-    cur = conn.execute(
-        "DELETE FROM queue_entries WHERE id = %s RETURNING status, body_ref", (qid,)
-    )
+    cur = conn.execute("DELETE FROM queue_entries WHERE id = %s RETURNING status, body_ref", (qid,))
     row = cur.fetchone()
     return None if row is None else (f"{qid} deleted (was {_STATE.get(row[0], row[0])})", row[1])
 
@@ -297,7 +297,9 @@ def hold_message(
     received one; the queue id."""
     places = places or Places()
     now = time.time()
-    job = CommitJob(new_queue_id(), envelope, trace_headers, len(message), [message], None, None, now)
+    job = CommitJob(
+        new_queue_id(), envelope, trace_headers, len(message), [message], None, None, now
+    )
     error = places.stage([job]).get(id(job))
     if error is not None:
         raise ControlError(f"cannot store the message: {error}") from None

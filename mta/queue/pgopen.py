@@ -16,18 +16,18 @@ from mta.queue.pgconn import Connections, apply_queue_schema
 log = Logger()
 
 
-def open_places(config, reactor=None, keyring=None) -> Places:
-    """The `Places` of `config`; S3 requests on `reactor` (None: a reactor thread
-    of their own, stopped by `Places.close`).  `keyring` defaults to the queue's."""
-    from mta.queue import queue_keyring
+def open_places(config, keyring=None, reactor=None) -> Places:
+    """The `Places` of `config`, sealing with `keyring` (`mta.queue.queue_keyring`);
+    S3 requests on `reactor` (None: a reactor thread of their own, stopped by
+    `Places.close`)."""
     from mta.queue.s3body import open_s3_bodies
 
-    if keyring is None:
-        keyring = queue_keyring(config)
     return Places(open_s3_bodies(config, reactor), keyring)
 
 
-def open_pg_store(config, reactor, threadpool, *, dsn: str, lanes: int = 1, **options):
+def open_pg_store(
+    config, reactor, threadpool, *, dsn: str, lanes: int = 1, keyring=None, **options
+):
     """The store for `[queue] backend = "postgresql"` (`mta.queue.open_queue_store`)."""
     from mta.queue.pgstore import PGQueueStore
 
@@ -41,7 +41,7 @@ def open_pg_store(config, reactor, threadpool, *, dsn: str, lanes: int = 1, **op
         connections.run(apply_queue_schema)
     except Exception as e:
         log.warn("PostgreSQL queue not ready at start: {error}", error=str(e))
-    options.setdefault("places", open_places(config, reactor))
+    options.setdefault("places", open_places(config, keyring, reactor))
     return PGQueueStore(
         connections,
         reactor,

@@ -532,17 +532,8 @@ class PGQueueStore(Service):
 
     def sweep(self) -> Deferred:
         """Delete orphaned S3 bodies (`mta.queue.s3body.S3Bodies.sweep`), in a thread."""
-
-        def live(qids):
-            return self.connections.run(pgsql.existing, qids)
-
-        def run():
-            return self.bodies.s3.sweep(live, self.reactor.seconds())
-
-        d = deferToThreadPool(self.reactor, self._pool, run)
-        d.addCallback(
-            lambda n: n and log.info("removed {count} orphaned queue bodies", count=n, event="swept")
-        )
+        now = self.reactor.seconds()
+        d = deferToThreadPool(self.reactor, self._pool, self.bodies.sweep, self.connections, now)
         return d.addErrback(lambda f: log.warn("queue body sweep: {e}", e=f.getErrorMessage()))
 
     # -- per-recipient results at once ----------------------------------------------------
@@ -555,4 +546,3 @@ class PGQueueStore(Service):
 
     def record_final(self, qid: str, results: list[tuple[int, str, str]]) -> Deferred:
         return self._returns.submit((pgsql.record_final, (qid, results, self.reactor.seconds())))
-

@@ -99,7 +99,9 @@ class S3Bodies:
     def delete_all(self, qids: Iterable[str]) -> int:
         """Delete the objects of `qids`, several at once; how many went.  A failure
         is logged, never raised: the sweep finds what is left."""
-        futures = [(qid, self.call.submit(self.client.delete_object, self.key(qid))) for qid in qids]
+        futures = [
+            (qid, self.call.submit(self.client.delete_object, self.key(qid))) for qid in qids
+        ]
         deleted = 0
         for qid, future in futures:
             try:

@@ -45,12 +45,12 @@ from zope.interface import implementer
 
 from mta.db.addresses import address_key
 from mta.interfaces import IMailStore
+from mta.s3.client import S3Client
+from mta.s3.upload import PART_SIZE, UploadWindow, upload
 from mta.storage import crypto
 from mta.storage.items import StoredMessage, StoreItem
 from mta.storage.names import safe_component
-from mta.s3.client import S3Client
 from mta.storage.s3index import IndexRow, ObjectIndex
-from mta.s3.upload import PART_SIZE, UploadWindow, upload
 from mta.storage.sql import parse_message, storage_error
 
 __all__ = ["S3Store", "object_key"]

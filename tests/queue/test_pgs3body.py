@@ -210,7 +210,9 @@ def test_sealed_bodies_and_trace_headers_hold_no_clear_text(nodes, s3, where):
         stored = bodies.call(bodies.client.get_object, bodies.key(qid))
         assert sql(store, "SELECT count(*) FROM queue_bodies") == [(0,)]
     else:
-        stored = b"".join(bytes(r[0]) for r in sql(store, "SELECT data FROM queue_bodies ORDER BY seq"))
+        stored = b"".join(
+            bytes(r[0]) for r in sql(store, "SELECT data FROM queue_bodies ORDER BY seq")
+        )
     assert len(stored) == pgseal.sealed_size(len(big)) and MARK not in stored
     [entry] = claimed(store)
     assert entry.trace_headers == TRACE
@@ -294,3 +296,64 @@ def test_the_sweep_removes_old_objects_without_a_row(nodes, s3):
     store.reactor.advance(ORPHAN_AGE)  # an hour later: swept again
     assert bodies.key(orphan) not in keys(bodies)
     store.stopService()
+
+
+def queue_config(tmp_path, dsn, s3=None, **queue):
+    from mta.config import build_config
+
+    (tmp_path / "master.key").write_bytes(OLD_KEY)
+    data = {
+        "datadir": str(tmp_path / "data"),
+        "local_domains": ["example.test"],
+        "postmaster": "bob@example.test",
+        "queue": {"backend": "postgresql", "dsn": dsn, **queue},
+        "storage": {"master_key_file": str(tmp_path / "master.key")},
+    }
+    if s3 is not None:
+        data["storage"]["s3"] = s3
+    return build_config(data, source=str(tmp_path / "mta.toml"))
+
+
+def test_the_configured_store_seals_and_uses_s3_beside_maildir(
+    tmp_path,
+    dsn,
+    nodes,
+    s3_server,  # noqa: F811
+):
+    from mta.config import ConfigError
+    from mta.queue import open_queue_store
+    from mta.queue.pgopen import open_places
+    from tests.s3server import ACCESS_KEY, SECRET_KEY
+
+    with pytest.raises(ConfigError, match="storage.s3.bucket"):
+        queue_config(tmp_path, dsn, {"endpoint": s3_server.endpoint})
+    (tmp_path / "s3.secret").write_text(SECRET_KEY)
+    table = {
+        "endpoint": s3_server.endpoint,
+        "bucket": "mta-test",
+        "access_key_id": ACCESS_KEY,
+        "secret_access_key_file": str(tmp_path / "s3.secret"),
+        "prefix": s3_prefix(tmp_path),
+    }
+    config = queue_config(tmp_path, dsn, table, encrypt=True)
+    assert config.storage.backend == "maildir"
+    store = open_queue_store(config, ThreadClock(), InlinePool())
+    places = store.bodies
+    assert places.keyring is not None  # [queue] encrypt was ignored here before
+    assert places.s3.folder == s3_prefix(tmp_path) + "queue/"
+    assert places.s3.client.where == f"{s3_server.endpoint}/mta-test"
+    store.connections.close()
+    # The same places, their requests on a reactor thread (the test has no reactor).
+    places = open_places(config, places.keyring)
+    store = nodes(places)
+    try:
+        qid = commit(store)
+        stored = places.s3.call(places.s3.client.get_object, places.s3.key(qid))
+        assert MARK not in stored and len(stored) == pgseal.sealed_size(len(MESSAGE))
+        [entry] = claimed(store)
+        assert b"".join(entry.body.chunks()) == TRACE + MESSAGE
+    finally:
+        places.close()
+    plain = open_queue_store(queue_config(tmp_path, dsn), ThreadClock(), InlinePool())
+    assert plain.bodies.s3 is None and plain.bodies.keyring is None
+    plain.connections.close()

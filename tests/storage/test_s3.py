@@ -16,10 +16,10 @@ from twisted.internet.threads import blockingCallFromThread
 
 from mta.envelope import Address
 from mta.queue.body import FileBody
-from mta.storage import StoreItem, crypto
-from mta.storage.crypto import Keyring
 from mta.s3.client import S3Client, S3Error
 from mta.s3.reactor import ReactorThread
+from mta.storage import StoreItem, crypto
+from mta.storage.crypto import Keyring
 from mta.storage.s3store import S3Store, object_key
 from mta.testing import MemoryBody
 from tests.conftest import free_port
