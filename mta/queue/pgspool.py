@@ -9,7 +9,9 @@ chunks), so a busy node pays one round trip and one WAL flush per batch.  The 25
 after DATA waits for that transaction's COMMIT.  A spilled body is streamed into
 ``queue_bodies`` a 1 MiB chunk at a time, so a large message is never held whole.
 If the transaction fails, every message in it is refused with a 451 and nothing of
-them stays in PostgreSQL.
+them stays in PostgreSQL.  Before the transaction, `mta.queue.pgbody.Places.stage`
+seals each body (``[queue] encrypt``) and, when ``[storage.s3]`` is configured,
+puts it in S3 (`mta.queue.s3body`); a body S3 refuses is refused alone.
 """
 
 from __future__ import annotations

@@ -357,3 +357,17 @@ def test_the_configured_store_seals_and_uses_s3_beside_maildir(
     plain = open_queue_store(queue_config(tmp_path, dsn), ThreadClock(), InlinePool())
     assert plain.bodies.s3 is None and plain.bodies.keyring is None
     plain.connections.close()
+
+
+def test_key_retire_through_the_queue_facade(tmp_path, dsn, nodes):
+    from mta.queue import rekey_queue
+
+    config = queue_config(tmp_path, dsn, encrypt=True)
+    store = nodes(Places(None, Keyring.of(OLD_KEY)), window=0)
+    qid = commit(store)
+    both = Keyring.of(NEW_KEY, OLD_KEY)
+    old_id = Keyring.of(OLD_KEY).current
+    assert rekey_queue(config, both, old_id, dry_run=True) == (1, 0)
+    assert rekey_queue(config, both, old_id) == (1, 0)
+    [entry] = claimed(nodes(Places(None, Keyring.of(NEW_KEY)), window=0))
+    assert entry.qid == qid and b"".join(entry.body.chunks()) == TRACE + MESSAGE
