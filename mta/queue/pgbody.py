@@ -18,12 +18,12 @@ import errno
 import os
 from collections.abc import Iterable, Iterator, Sequence
 
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from mta.crypto.stream import Sealer
 from mta.fileio import write_all
 from mta.interfaces import IMessageBody
+from mta.observe.logging import Logger
 from mta.queue import pgseal, pgsql
 from mta.queue.body import ShortMessage
 
@@ -156,7 +156,7 @@ class Places:
             return 0
         count = self.s3.sweep(lambda qids: connections.run(pgsql.existing, qids), now)
         if count:
-            _log.info("removed {count} orphaned queue bodies", count=count)
+            _log.info("removed {count} orphaned queue bodies", count=count, event="swept")
         return count
 
     def close(self) -> None:

@@ -26,8 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
-from twisted.logger import Logger
-
+from mta.observe.logging import Logger
 from mta.queue.ids import is_queue_id
 from mta.s3.client import S3Client
 from mta.s3.upload import PART_SIZE, UploadWindow, upload
@@ -112,6 +111,7 @@ class S3Bodies:
                     "cannot delete the queued body {key}: {error} (the hourly sweep will)",
                     key=self.key(qid),
                     error=str(e),
+                    event="body_delete_failed",
                 )
         return deleted
 
