@@ -12,12 +12,14 @@ requests run on a reactor thread of the test's own.
 
 from __future__ import annotations
 
+import os
 import time
 
 import pytest
 
 from mta.crypto import stream
 from mta.crypto.keys import DecryptionError, Keyring
+from mta.process.batch import BatchWorker
 from mta.queue import pgseal, pgsql
 from mta.queue.control import ControlError
 from mta.queue.pgbody import Places
@@ -27,7 +29,7 @@ from mta.queue.pgstore import PGQueueStore
 from mta.queue.s3body import ORPHAN_AGE, S3Bodies
 from mta.s3.reactor import ReactorThread
 from tests.conftest import free_port
-from tests.queue.doubles import InlinePool, ThreadClock, envelope
+from tests.queue.doubles import InlinePool, ManualPool, ThreadClock, envelope
 from tests.queue.pgtesting import private_database
 from tests.storage.conftest import make_client, s3_prefix, s3_server  # noqa: F401 (fixture)
 
@@ -160,6 +162,31 @@ def test_a_failed_transaction_deletes_the_objects_it_wrote(nodes, s3):
     failure = commit(store)
     assert not isinstance(failure, str) and "duplicate key" in failure.getErrorMessage()
     assert keys(bodies) == []
+
+
+def test_a_body_s3_cannot_take_is_refused_alone_and_its_batch_commits(nodes, s3, tmp_path):
+    bodies = s3()
+    pool = ManualPool()
+    store = nodes(Places(bodies), memory_limit=1024)
+    store._pool = pool
+    store._writer = BatchWorker(store.reactor, pool, store._commit_batch)
+    outcomes = {}
+    for name in ("first", "short", "fine"):  # "first" holds the lane: the others batch
+        f = store.open(store.new_queue_id())
+        f.write(MESSAGE * 100)  # spilled
+        f.commit(envelope("bob@remote.test"), TRACE).addBoth(outcomes.setdefault(name, []).append)
+        if name == "short":
+            os.truncate(os.path.join(store.spill_dir, f.qid), 100)  # its upload fails
+    pool.run_one()
+    assert len(pool.queue) == 1  # "short" and "fine": one batch, one transaction
+    pool.run_all()
+    [short], [fine] = outcomes["short"], outcomes["fine"]
+    assert not isinstance(short, str) and "shorter than recorded" in short.getErrorMessage()
+    assert isinstance(fine, str) and isinstance(outcomes["first"][0], str)
+    rows = {r[0] for r in sql(store, "SELECT id FROM queue_entries")}
+    assert rows == {fine, outcomes["first"][0]}
+    assert sorted(keys(bodies)) == sorted(bodies.key(q) for q in rows)
+    assert list((tmp_path / "spill").iterdir()) == []
 
 
 def test_a_big_body_is_a_multipart_upload_read_back_in_ranges(nodes, s3, tmp_path):
