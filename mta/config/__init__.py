@@ -216,7 +216,13 @@ def build_config(data: Mapping[str, Any], *, source: str = "<defaults>") -> Conf
     storage_s3 = S3Config()
     with collect():
         storage_s3 = s3_settings(
-            data.get("storage", {}), sections["storage"], storage_domains, datadir, err, collect
+            data.get("storage", {}),
+            sections["storage"],
+            storage_domains,
+            datadir,
+            err,
+            collect,
+            sections["queue"],
         )
     with collect():
         queue_encryption(sections["queue"], sections["storage"], err)

@@ -24,8 +24,12 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _MAX_PREFIX = 512
 
 
-def s3_settings(raw_storage: Any, storage, storage_domains, datadir: str, err, collect) -> S3Config:
-    """The `S3Config` of ``[storage.s3]`` (paths made absolute under `datadir`)."""
+def s3_settings(
+    raw_storage: Any, storage, storage_domains, datadir: str, err, collect, queue=None
+) -> S3Config:
+    """The `S3Config` of ``[storage.s3]`` (paths made absolute under `datadir`).
+    With ``[queue] backend = "postgresql"`` an endpoint means the queue keeps its
+    bodies there (`mta.queue.s3body`), so the table must then be complete too."""
     raw = raw_storage.get("s3", {}) if isinstance(raw_storage, Mapping) else {}
     if not isinstance(raw, Mapping):
         raise err("storage.s3", "must be a table")
@@ -50,6 +54,8 @@ def s3_settings(raw_storage: Any, storage, storage_domains, datadir: str, err, c
     if secret:
         s3 = attrs.evolve(s3, secret_access_key_file=os.path.join(datadir, secret))
     used = storage.backend == "s3" or any(b == "s3" for _, b in storage_domains or ())
+    if queue is not None and queue.backend == "postgresql" and s3.endpoint:
+        used = True
     if used:
         _check_needed(s3, err, collect)
     return s3

@@ -32,9 +32,12 @@ def open_queue_store(config, reactor, threadpool, *, worker: int = 0, **options)
     first, ``queue/w<k>/`` for the others; or the cluster's PostgreSQL queue)."""
     _check(config)
     if config.queue.backend == "postgresql":
-        from mta.queue.pgstore import open_pg_store
+        from mta.queue.pgopen import open_pg_store
 
-        return open_pg_store(config, reactor, threadpool, dsn=queue_dsn(config), **options)
+        keyring = queue_keyring(config)
+        return open_pg_store(
+            config, reactor, threadpool, dsn=queue_dsn(config), keyring=keyring, **options
+        )
     from mta.queue.filestore import FileQueueStore
     from mta.queue.layout import spool_dir
 
@@ -58,8 +61,9 @@ def open_queue_control(config):
     _check(config)
     if config.queue.backend == "postgresql":
         from mta.queue.pgcontrol import PGQueueControl
+        from mta.queue.pgopen import open_places
 
-        return PGQueueControl(queue_dsn(config))
+        return PGQueueControl(queue_dsn(config), places=open_places(config, queue_keyring(config)))
     from mta.queue.control import FileQueueControl
 
     return FileQueueControl(config.path("queue"), keyring=queue_keyring(config))
@@ -71,8 +75,13 @@ def hold_message(config, envelope, message: bytes, trace_headers: bytes = b"") -
     _check(config)
     if config.queue.backend == "postgresql":
         from mta.queue.pgcontrol import hold_message as hold_in_pg
+        from mta.queue.pgopen import open_places
 
-        return hold_in_pg(queue_dsn(config), envelope, message, trace_headers)
+        places = open_places(config, queue_keyring(config))
+        try:
+            return hold_in_pg(queue_dsn(config), envelope, message, trace_headers, places)
+        finally:
+            places.close()
     from mta.queue.inject import hold_message as hold
 
     return hold(config.path("queue"), envelope, message, trace_headers, queue_keyring(config))
@@ -90,8 +99,18 @@ def adopt_orphaned_queues(config) -> int:
 
 def rekey_queue(config, keyring, key_id: str, *, dry_run: bool = False) -> tuple[int, int]:
     """For `mta-admin key retire`: re-wrap the queue's resting sealed entries under
-    the current key; (how many, how many active ones still use `key_id`)."""
+    the current key; (how many, how many active ones still use `key_id`).  The
+    PostgreSQL queue re-wraps every entry, active ones too (`mta.queue.pgseal`)."""
     _check(config)
+    if config.queue.backend == "postgresql":
+        from mta.queue.pgconn import Connections
+        from mta.queue.pgseal import rekey as rekey_pg
+
+        connections = Connections(queue_dsn(config), size=1)
+        try:
+            return connections.run(rekey_pg, keyring, key_id, dry_run), 0
+        finally:
+            connections.close()
     from mta.queue.rekey import rekey_queue as rekey
 
     return rekey(config.path("queue"), keyring, key_id, dry_run=dry_run)

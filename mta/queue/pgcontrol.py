@@ -16,13 +16,15 @@ import time
 
 from zope.interface import implementer
 
+from mta.crypto.keys import DecryptionError
 from mta.envelope import envelope_from_fields
 from mta.interfaces import IQueueControl
 from mta.queue import pgsql
 from mta.queue.control import ACTIONS, ControlError
 from mta.queue.ids import is_queue_id, new_queue_id
-from mta.queue.pgbody import PGBodies, PGBody
+from mta.queue.pgbody import PGBody, Places
 from mta.queue.pgconn import Connections, QueueUnavailable
+from mta.queue.pgspool import CommitJob, insert_held
 
 _STATE = {"active": "active", "hold": "hold", "dead": "dead"}
 
@@ -31,9 +33,10 @@ _STATE = {"active": "active", "hold": "hold", "dead": "dead"}
 class PGQueueControl:
     """`IQueueControl` over the queue tables at `dsn`."""
 
-    def __init__(self, dsn: str, *, clock=time.time):
+    def __init__(self, dsn: str, *, clock=time.time, places: Places | None = None):
         self.connections = Connections(dsn, size=1)
         self.clock = clock
+        self.places = places or Places()  # where bodies are (mta.queue.pgopen)
 
     def _run(self, job, *args):
         try:
@@ -49,6 +52,7 @@ class PGQueueControl:
 
     def close(self) -> None:
         self.connections.close()
+        self.places.close()
 
     # -- reading ----------------------------------------------------------------------
 
@@ -95,8 +99,8 @@ class PGQueueControl:
         def read(conn):
             row = conn.execute(
                 "SELECT envelope, trace_headers, body_length, size, status, attempts,"
-                " next_attempt, last_error, dead_reason, lease_owner, lease_until, created"
-                " FROM queue_entries WHERE id = %s",
+                " next_attempt, last_error, dead_reason, lease_owner, lease_until, created,"
+                " body_ref, seal_header FROM queue_entries WHERE id = %s",
                 (qid,),
             ).fetchone()
             if row is None:
@@ -124,6 +128,8 @@ class PGQueueControl:
             owner,
             until,
             created,
+            ref,
+            seal_header,
         ) = row
         env = envelope_from_fields(env_fields)
         stamp = lambda t: time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))  # noqa: E731
@@ -151,11 +157,17 @@ class PGQueueControl:
             state, detail = by_position.get(i, ("pending", ""))
             lines.append(f"  {rcpt.path} [{state}]{': ' + detail if detail else ''}")
         lines.append("Headers:")
-        body = PGBody(bytes(trace), qid, int(length), self.connections, PGBodies())
+        seal = self.places.opener(None if seal_header is None else bytes(seal_header), qid)
         try:
+            if isinstance(seal, Exception):
+                raise seal
+            trace = bytes(trace) if seal is None else seal.open_extra(bytes(trace))
+            body = PGBody(
+                trace, qid, int(length), self.connections, self.places, ref=ref, seal=seal
+            )
             headers = body.header_block().decode("utf-8", "replace")
-        except QueueUnavailable as e:
-            raise ControlError(str(e)) from None
+        except (QueueUnavailable, DecryptionError, OSError) as e:
+            raise ControlError(f"{qid}: {e}") from None
         lines += ["  " + line for line in headers.replace("\r\n", "\n").rstrip("\n").split("\n")]
         return "\n".join(lines) + "\n"
 
@@ -171,6 +183,9 @@ class PGQueueControl:
             raise ControlError(f"queue {action} needs a queue id")
         _check_qid(qid)
         message = self._run(_ACTIONS[action], qid, self.clock())
+        if isinstance(message, tuple):  # deleted: its body, when in S3, goes after the row
+            message, ref = message
+            self.places.forget([(qid, ref)])
         if message is None:
             raise ControlError(_MISSING[action].format(qid=qid))
         return message
@@ -233,9 +248,9 @@ def _release(conn, qid: str, now: float) -> str | None:
 
 
 def _delete(conn, qid: str, now: float) -> str | None:
-    cur = conn.execute("DELETE FROM queue_entries WHERE id = %s RETURNING status", (qid,))
+    cur = conn.execute("DELETE FROM queue_entries WHERE id = %s RETURNING status, body_ref", (qid,))
     row = cur.fetchone()
-    return None if row is None else f"{qid} deleted (was {_STATE.get(row[0], row[0])})"
+    return None if row is None else (f"{qid} deleted (was {_STATE.get(row[0], row[0])})", row[1])
 
 
 def _requeue(conn, qid: str, now: float) -> str | None:
@@ -274,29 +289,26 @@ _MISSING = {
 }
 
 
-def hold_message(dsn: str, envelope, message: bytes, trace_headers: bytes = b"") -> str:
-    """Queue `message` on hold (a quarantine release; released with ``release``)."""
-    qid = new_queue_id()
+def hold_message(
+    dsn: str, envelope, message: bytes, trace_headers: bytes = b"", places: Places | None = None
+) -> str:
+    """Queue `message` on hold (a quarantine release; released with ``release``):
+    its body stored where `places` (`mta.queue.pgopen.open_places`) says, like a
+    received one; the queue id."""
+    places = places or Places()
     now = time.time()
+    job = CommitJob(
+        new_queue_id(), envelope, trace_headers, len(message), [message], None, None, now
+    )
+    error = places.stage([job]).get(id(job))
+    if error is not None:
+        raise ControlError(f"cannot store the message: {error}") from None
     connections = Connections(dsn, size=1)
     try:
-
-        def insert(conn):
-            pgsql.insert_entry(
-                conn,
-                PGBodies(),
-                qid=qid,
-                envelope=envelope,
-                trace_headers=trace_headers,
-                body_length=len(message),
-                pieces=[message],
-                created=now,
-                lease_owner=None,
-                lease_until=None,
-            )
-            conn.execute("UPDATE queue_entries SET status = 'hold' WHERE id = %s", (qid,))
-
-        connections.run(insert)
+        connections.run(insert_held, places, job)
+    except BaseException:
+        places.unstage([job])
+        raise
     finally:
         connections.close()
-    return qid
+    return job.qid

@@ -9,7 +9,9 @@ chunks), so a busy node pays one round trip and one WAL flush per batch.  The 25
 after DATA waits for that transaction's COMMIT.  A spilled body is streamed into
 ``queue_bodies`` a 1 MiB chunk at a time, so a large message is never held whole.
 If the transaction fails, every message in it is refused with a 451 and nothing of
-them stays in PostgreSQL.
+them stays in PostgreSQL.  Before the transaction, `mta.queue.pgbody.Places.stage`
+seals each body (``[queue] encrypt``) and, when ``[storage.s3]`` is configured,
+puts it in S3 (`mta.queue.s3body`); a body S3 refuses is refused alone.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from zope.interface import implementer
 
 from mta.fileio import pid_alive, write_all
 from mta.interfaces import ISpoolFile
-from mta.queue import headedit, pgsql
+from mta.queue import headedit, pgseal, pgsql
 from mta.queue.body import FileBody
 from mta.queue.ids import is_queue_id, pid_of
 from mta.queue.pgbody import file_pieces
@@ -44,6 +46,9 @@ class CommitJob:
         "path",
         "created",
         "lease_until",
+        "ref",
+        "sealer",
+        "stored_trace",
     )
 
     def __init__(self, qid, envelope, trace_headers, length, chunks, fd, path, created):
@@ -57,11 +62,33 @@ class CommitJob:
         self.created = created
         # Set by the store when this node takes the entry at once: its lease's end.
         self.lease_until: float | None = None
+        # Set by `mta.queue.pgbody.Places.stage`: where the body goes, its sealer.
+        self.ref = "pg"
+        self.sealer = None
+        self.stored_trace = self.trace_headers
 
     def pieces(self):
         if self.fd is None:
             return iter(self.chunks)
         return file_pieces(self.fd, self.length)
+
+    def seal(self, sealer) -> None:
+        """Store the body and trace headers sealed by `sealer` (`[queue] encrypt`)."""
+        self.sealer = sealer
+        self.stored_trace = sealer.seal_extra(self.trace_headers)
+
+    @property
+    def seal_header(self) -> bytes | None:
+        return None if self.sealer is None else self.sealer.header
+
+    def stored_pieces(self):
+        """What is stored of the body (its segments when sealed): read once."""
+        if self.sealer is None:
+            return self.pieces()
+        return pgseal.sealed_body(self.sealer, self.pieces())
+
+    def stored_length(self) -> int:
+        return self.length if self.sealer is None else pgseal.sealed_size(self.length)
 
     def discard_spill(self) -> None:
         if self.fd is not None:
@@ -160,36 +187,44 @@ class PGSpoolFile(headedit.HeaderEditing):
             _unlink(self._path())
 
 
-def commit_batch(conn, bodies, jobs: list[CommitJob], owner: str) -> None:
-    """Thread, inside one transaction: insert every job; wake other nodes when some
-    are not leased to this one."""
+def commit_batch(conn, places, jobs: list[CommitJob], owner: str) -> None:
+    """Thread, inside one transaction: insert every job (`places` staged them:
+    `mta.queue.pgbody.Places`); wake other nodes when some are not leased to this one."""
     unleased = any(job.lease_until is None for job in jobs)
     if any(job.fd is not None for job in jobs):
         # A spilled body goes a chunk at a time, each sent before the next is read
         # (a pipeline would buffer them all in libpq).
         for job in jobs:
-            _insert(conn, bodies, job, owner)
+            _insert(conn, places, job, owner)
     else:
         with conn.pipeline():  # small messages: one round trip for the whole batch
             for job in jobs:
-                _insert(conn, bodies, job, owner)
+                _insert(conn, places, job, owner)
     if unleased:
         pgsql.notify(conn, owner)
 
 
-def _insert(conn, bodies, job: CommitJob, owner: str) -> None:
+def _insert(conn, places, job: CommitJob, owner: str | None, status: str = "active") -> None:
     pgsql.insert_entry(
         conn,
-        bodies,
         qid=job.qid,
         envelope=job.envelope,
-        trace_headers=job.trace_headers,
+        trace_headers=job.stored_trace,
         body_length=job.length,
-        pieces=job.pieces(),
+        size=job.length + len(job.trace_headers),
         created=job.created,
         lease_owner=owner if job.lease_until is not None else None,
         lease_until=job.lease_until,
+        body_ref=job.ref,
+        seal_header=job.seal_header,
+        status=status,
     )
+    places.save(conn, job)
+
+
+def insert_held(conn, places, job: CommitJob) -> None:
+    """One job's entry inserted on hold (`mta.queue.pgcontrol.hold_message`)."""
+    _insert(conn, places, job, None, "hold")
 
 
 def clean_spill(spill_dir: str) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 
 from mta.envelope import RecipientState, envelope_fields
-from mta.queue.pgbody import PGBodies
 
 CHANNEL = "mta_queue"
 FINAL = ("delivered", "failed")
@@ -27,34 +26,41 @@ _COMPACT = json.JSONEncoder(separators=(",", ":"))
 
 def insert_entry(
     conn,
-    bodies: PGBodies,
     *,
     qid: str,
     envelope,
     trace_headers: bytes,
     body_length: int,
-    pieces,
     created: float,
     lease_owner: str | None,
     lease_until: float | None,
+    size: int | None = None,
+    body_ref: str = "pg",
+    seal_header: bytes | None = None,
+    status: str = "active",
 ) -> None:
-    """One committed message: its row, one row per recipient, and its body."""
+    """One committed message's row and one row per recipient (its body is stored
+    by the caller: `mta.queue.pgbody.Places`).  `trace_headers` as stored (sealed
+    with `seal_header`); `size` the clear trace headers and body."""
     fields = _COMPACT.encode(envelope_fields(envelope))
     conn.execute(
         "INSERT INTO queue_entries (id, envelope, trace_headers, body_length, size,"
-        " next_attempt, lease_owner, lease_until, created, updated)"
-        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+        " next_attempt, lease_owner, lease_until, created, updated, body_ref, seal_header,"
+        " status) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
         (
             qid,
             fields,
             trace_headers,
             body_length,
-            body_length + len(trace_headers),
+            body_length + len(trace_headers) if size is None else size,
             created,
             lease_owner,
             lease_until,
             created,
             created,
+            body_ref,
+            seal_header,
+            status,
         ),
     )
     with conn.cursor() as cur:
@@ -63,9 +69,12 @@ def insert_entry(
             " VALUES (%s, %s, %s, %s)",
             [(qid, i, str(r), created) for i, r in enumerate(envelope.recipients)],
         )
-    ref = bodies.save(conn, qid, pieces)
-    if ref != "pg":
-        conn.execute("UPDATE queue_entries SET body_ref = %s WHERE id = %s", (ref, qid))
+
+
+def existing(conn, qids: list[str]) -> set[str]:
+    """Those of `qids` that have a row (the S3 orphan sweep)."""
+    rows = conn.execute("SELECT id FROM queue_entries WHERE id = ANY(%s)", (qids,))
+    return {r[0] for r in rows.fetchall()}
 
 
 def notify(conn, payload: str = "") -> None:
@@ -87,7 +96,7 @@ def claim(conn, owner: str, limit: int, now: float, lease: float) -> list[dict]:
         " UPDATE queue_entries q SET lease_owner = %(owner)s, lease_until = %(until)s"
         " FROM due WHERE q.id = due.id"
         " RETURNING q.id, q.envelope, q.trace_headers, q.body_length, q.attempts,"
-        " q.next_attempt, q.last_error, q.created, due.previous",
+        " q.next_attempt, q.last_error, q.created, due.previous, q.body_ref, q.seal_header",
         {"now": now, "limit": limit, "owner": owner, "until": now + lease},
     ).fetchall()
     return _with_recipients(conn, rows)
@@ -97,7 +106,7 @@ def load_leased(conn, owner: str, qids: list[str]) -> list[dict]:
     """Rows of `qids` this node leases (taken at commit), with recipient states."""
     rows = conn.execute(
         "SELECT id, envelope, trace_headers, body_length, attempts, next_attempt,"
-        " last_error, created, NULL FROM queue_entries"
+        " last_error, created, NULL, body_ref, seal_header FROM queue_entries"
         " WHERE id = ANY(%s) AND lease_owner = %s AND status = 'active'",
         (qids, owner),
     ).fetchall()
@@ -108,8 +117,11 @@ def _with_recipients(conn, rows) -> list[dict]:
     if not rows:
         return []
     out = {}
-    for qid, env, trace, length, attempts, next_attempt, last_error, created, prev in rows:
+    for qid, env, trace, length, attempts, next_attempt, last_error, created, prev, *place in rows:
+        ref, seal = place
         out[qid] = {
+            "body_ref": ref,
+            "seal_header": None if seal is None else bytes(seal),
             "qid": qid,
             "envelope": env if isinstance(env, dict) else json.loads(env),
             "trace_headers": bytes(trace),
@@ -173,15 +185,14 @@ def defer(conn, entry, owner: str, now: float) -> bool:
     return cur.rowcount == 1
 
 
-def finish(conn, entry, owner: str, bodies: PGBodies) -> bool:
-    """Every recipient is done: the entry leaves the queue.  False: lease lost."""
+def finish(conn, entry, owner: str) -> bool:
+    """Every recipient is done: the entry leaves the queue (its ``queue_bodies``
+    rows with it; an S3 body is deleted by the caller after the COMMIT).  False:
+    lease lost."""
     cur = conn.execute(
         "DELETE FROM queue_entries WHERE id = %s AND lease_owner = %s", (entry.qid, owner)
     )
-    if cur.rowcount == 1:
-        bodies.delete(conn, entry.qid)
-        return True
-    return False
+    return cur.rowcount == 1
 
 
 def bury(conn, entry, owner: str, reason: str, now: float) -> bool:

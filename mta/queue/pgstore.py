@@ -47,10 +47,11 @@ from mta.process.batch import BatchWorker
 from mta.queue import pgsql
 from mta.queue.entry import QueueEntry
 from mta.queue.ids import new_queue_id
-from mta.queue.pgbody import PGBodies, PGBody
+from mta.queue.pgbody import PGBody, Places
 from mta.queue.pgconn import Connections, apply_queue_schema, node_id
 from mta.queue.pglisten import NotifyListener
 from mta.queue.pgspool import MEMORY_LIMIT, CommitJob, PGSpoolFile, clean_spill, commit_batch
+from mta.queue.s3body import ORPHAN_AGE
 
 log = Logger()
 
@@ -77,6 +78,7 @@ class PGQueueStore(Service):
         memory_limit: int = MEMORY_LIMIT,
         listen: bool = True,
         node: str | None = None,
+        places: Places | None = None,
     ):
         self.connections = connections
         self.reactor = reactor
@@ -88,7 +90,7 @@ class PGQueueStore(Service):
         self.poll_interval = poll_interval
         self.window = window
         self.memory_limit = memory_limit
-        self.bodies = PGBodies()
+        self.bodies = places or Places()  # where bodies go: PostgreSQL or S3, sealed or not
         self.on_ready: Callable[[], None] | None = None
         self._salt = os.urandom(2).hex()
         self._writer = BatchWorker(reactor, threadpool, self._commit_batch, lanes)
@@ -107,6 +109,7 @@ class PGQueueStore(Service):
         self._backlog_delta = 0
         self._started = reactor.seconds()
         self._maintenance: task.LoopingCall | None = None
+        self._sweeping: task.LoopingCall | None = None
         self.listener = NotifyListener(connections, reactor, self._notified) if listen else None
 
     # -- service ------------------------------------------------------------------------
@@ -121,12 +124,17 @@ class PGQueueStore(Service):
         )
         if self.listener is not None:
             self.listener.start()
+        if self.bodies.s3 is not None:
+            self._sweeping = task.LoopingCall(self.sweep)
+            self._sweeping.clock = self.reactor
+            self._sweeping.start(ORPHAN_AGE, now=True)
 
     def stopService(self):
         super().stopService()
         self.stop()
-        if self._maintenance is not None and self._maintenance.running:
-            self._maintenance.stop()
+        for loop in (self._maintenance, self._sweeping):
+            if loop is not None and loop.running:
+                loop.stop()
         d = self.wait_idle()
         fresh = [e.qid for e in self._fresh]
         self._fresh.clear()
@@ -198,16 +206,21 @@ class PGQueueStore(Service):
         return d
 
     def _commit_batch(self, jobs: list[CommitJob]) -> list:
-        """Thread: one transaction for the whole batch."""
+        """Thread: bodies sealed and put in S3 first (when configured), then one
+        transaction for the whole batch (`mta.queue.s3body` says why)."""
         try:
-            self.connections.run(commit_batch, self.bodies, jobs, self.node)
-        except Exception as e:
-            outcome = [(False, e)] * len(jobs)
-        else:
-            outcome = [(True, None)] * len(jobs)
-        for job in jobs:
-            job.discard_spill()
-        return outcome
+            errors = self.bodies.stage(jobs)
+            staged = [job for job in jobs if id(job) not in errors]
+            try:
+                if staged:
+                    self.connections.run(commit_batch, self.bodies, staged, self.node)
+            except Exception as e:
+                self.bodies.unstage(staged)
+                errors.update((id(job), e) for job in staged)
+        finally:
+            for job in jobs:
+                job.discard_spill()
+        return [(False, errors[id(j)]) if id(j) in errors else (True, None) for j in jobs]
 
     def _return_batch(self, items: list) -> list:
         """Thread: (statement, args) items in one transaction; all fail together."""
@@ -225,6 +238,11 @@ class PGQueueStore(Service):
             results = self.connections.run(work)
         except Exception as e:
             return [(False, e)] * len(items)
+        self.bodies.forget(  # rows gone: their S3 objects go too
+            (args[0].qid, args[0].body.ref)
+            for (statement, args), done in zip(items, results)
+            if statement is pgsql.finish and done is True
+        )
         return [(True, r) for r in results]
 
     def _commit_failed(self, f, job: CommitJob):
@@ -260,6 +278,8 @@ class PGQueueStore(Service):
             job.length,
             job.created,
             memory=memory,
+            ref=job.ref,
+            seal=None if job.sealer is None else job.sealer.opener(),
         )
         job.chunks = []
         if self._stopped:
@@ -270,7 +290,10 @@ class PGQueueStore(Service):
             entry.body.forget_memory()  # not claimed at once: it waits, reading PG
         return job.qid
 
-    def _entry(self, qid, envelope, trace, length, created, *, memory=None) -> QueueEntry:
+    def _entry(
+        self, qid, envelope, trace, length, created, *, memory=None, ref="pg", seal=None
+    ) -> QueueEntry:
+        body = PGBody(trace, qid, length, self.connections, self.bodies, memory, ref=ref, seal=seal)
         return QueueEntry(
             qid=qid,
             envelope=envelope,
@@ -278,7 +301,7 @@ class PGQueueStore(Service):
             body_length=length,
             trace_headers=trace,
             created=created,
-            body=PGBody(trace, qid, length, self.connections, self.bodies, memory),
+            body=body,
         )
 
     # -- recovery and claims --------------------------------------------------------------
@@ -314,7 +337,7 @@ class PGQueueStore(Service):
             return succeed(out)
         self._maybe_due = False
         want = limit - len(out)
-        d = self._run(pgsql.claim, self.node, want, self.reactor.seconds(), self.lease)
+        d = self._run(self._claim_rows, want, self.reactor.seconds())
 
         def claimed(rows):
             if len(rows) >= want:
@@ -339,6 +362,20 @@ class PGQueueStore(Service):
 
         return d.addCallbacks(claimed, failed)
 
+    def _claim_rows(self, conn, want: int, now: float) -> list[dict]:
+        """Thread: claim, and open sealed rows (their trace headers, data keys)."""
+        rows = pgsql.claim(conn, self.node, want, now, self.lease)
+        for row in rows:
+            seal = row["seal"] = self.bodies.opener(row["seal_header"], row["qid"])
+            try:
+                if isinstance(seal, Exception):
+                    raise seal
+                if seal is not None:
+                    row["trace_headers"] = seal.open_extra(row["trace_headers"])
+            except Exception as e:  # noqa: BLE001 (reading the body says why)
+                row["trace_headers"], row["seal"] = b"", e
+        return rows
+
     def _from_row(self, row: dict) -> QueueEntry:
         from mta.envelope import envelope_from_fields
 
@@ -348,6 +385,8 @@ class PGQueueStore(Service):
             row["trace_headers"],
             row["body_length"],
             row["created"],
+            ref=row["body_ref"],
+            seal=row["seal"],
         )
         for position, (status, result) in row["states"].items():
             if 0 <= position < len(entry.states):
@@ -369,7 +408,7 @@ class PGQueueStore(Service):
 
     def finish(self, entry: QueueEntry) -> Deferred:
         entry.body.forget_memory()
-        d = self._returns.submit((pgsql.finish, (entry, self.node, self.bodies)))
+        d = self._returns.submit((pgsql.finish, (entry, self.node)))
         return d.addBoth(self._returned, entry.qid, "finish")
 
     def bury(self, entry: QueueEntry, reason: str) -> Deferred:
@@ -483,7 +522,19 @@ class PGQueueStore(Service):
     def probe(self) -> str:
         """Blocking: a round trip to the queue's tables proves a commit could work."""
         self.connections.run(lambda conn: conn.execute("SELECT 1 FROM queue_entries LIMIT 1"))
-        return f"PostgreSQL queue at {self.connections.where}"
+        where = f"PostgreSQL queue at {self.connections.where}"
+        if self.bodies.s3 is not None:
+            try:
+                where += f", {self.bodies.probe()}"
+            except Exception as e:
+                raise OSError(f"queue bodies: {e}") from None
+        return where
+
+    def sweep(self) -> Deferred:
+        """Delete orphaned S3 bodies (`mta.queue.s3body.S3Bodies.sweep`), in a thread."""
+        now = self.reactor.seconds()
+        d = deferToThreadPool(self.reactor, self._pool, self.bodies.sweep, self.connections, now)
+        return d.addErrback(lambda f: log.warn("queue body sweep: {e}", e=f.getErrorMessage()))
 
     # -- per-recipient results at once ----------------------------------------------------
 
@@ -495,29 +546,3 @@ class PGQueueStore(Service):
 
     def record_final(self, qid: str, results: list[tuple[int, str, str]]) -> Deferred:
         return self._returns.submit((pgsql.record_final, (qid, results, self.reactor.seconds())))
-
-
-def open_pg_store(
-    config, reactor, threadpool, *, dsn: str, lanes: int = 1, **options
-) -> PGQueueStore:
-    """The store for `[queue] backend = "postgresql"` (`mta.queue.open_queue_store`)."""
-    # Commits, claims and records (spool pool) and body reads (delivery pool) share
-    # these; the LISTEN connection is apart.
-    connections = Connections(dsn, size=2 * lanes + 6)
-    try:
-        # TEMPORARY (until the migration runner lands): create the tables before any
-        # listener accepts.  PostgreSQL down at start is no reason not to start:
-        # commits answer 451 and `recover` tries again.
-        connections.run(apply_queue_schema)
-    except Exception as e:
-        log.warn("PostgreSQL queue not ready at start: {error}", error=str(e))
-    return PGQueueStore(
-        connections,
-        reactor,
-        threadpool,
-        spill_dir=config.path("queue", "pg-spill"),
-        hostname=config.hostname,
-        lease=config.queue.lease,
-        lanes=lanes,
-        **options,
-    )

@@ -248,13 +248,18 @@ class S3Client:
         headers = {"Content-Type": "message/rfc822"}
         await self.request("PUT", key, body=body, payload_sha256=payload_sha256, headers=headers)
 
-    async def get_object(self, key: str, first: int | None = None) -> bytes:
-        """The object's bytes (its `first` bytes only, when given); `S3Error` with
-        status 404 when there is none."""
-        if first is None:
+    async def get_object(self, key: str, first: int | None = None, offset: int = 0) -> bytes:
+        """The object's bytes (`first` bytes from `offset` only, when given: a ranged
+        GET); `S3Error` with status 404 when there is none."""
+        if first is None and not offset:
             return (await self.request("GET", key)).body
-        headers = {"Range": f"bytes=0-{first - 1}"}
-        return (await self.request("GET", key, headers=headers, ok=(200, 206))).body[:first]
+        end = "" if first is None else str(offset + first - 1)
+        headers = {"Range": f"bytes={offset}-{end}"}
+        response = await self.request("GET", key, headers=headers, ok=(200, 206, 416))
+        if response.code == 416:  # nothing at or after `offset`
+            return b""
+        body = response.body[offset:] if response.code == 200 else response.body
+        return body if first is None else body[:first]
 
     async def delete_object(self, key: str) -> None:
         await self.request("DELETE", key, ok=(200, 204))
@@ -270,6 +275,21 @@ class S3Client:
         """Keys under `prefix` (the first 1000; for tests and operators)."""
         response = await self.request("GET", query=f"list-type=2&prefix={quote(prefix, safe='')}")
         return [e.text or "" for e in _xml(response.body).iter() if _local(e.tag) == "Key"]
+
+    async def list_page(self, prefix: str, token: str = "") -> tuple[list[tuple[str, float]], str]:
+        """One page of the keys under `prefix` with their LastModified (epoch
+        seconds), and the continuation token of the next page ("" at the end)."""
+        query = f"list-type=2&prefix={quote(prefix, safe='')}"
+        if token:
+            query += f"&continuation-token={quote(token, safe='')}"
+        root = _xml((await self.request("GET", query=query)).body)
+        found = []
+        for element in root.iter():
+            if _local(element.tag) == "Contents":
+                key, modified = _text(element, "Key"), _text(element, "LastModified")
+                found.append((key, _epoch(modified)))
+        more = _text(root, "IsTruncated").lower() == "true"
+        return found, _text(root, "NextContinuationToken") if more else ""
 
     async def create_multipart(self, key: str) -> str:
         response = await self.request(
@@ -379,6 +399,16 @@ def _error_of(body: bytes) -> tuple[str, str]:
         return "", ""
     root = _xml(body)
     return _text(root, "Code"), _text(root, "Message")
+
+
+def _epoch(stamp: str) -> float:
+    """An S3 time (``2026-12-04T17:11:42.000Z``) as epoch seconds; 0 if unreadable."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
 
 
 def _escape(text: str) -> str:

@@ -401,28 +401,11 @@ def open_s3_store(config, *, keyring=None, reactor=None) -> S3Store:
     With `reactor` (the server's, running in the main thread) requests run there;
     without one (mta-admin) the store runs a reactor of its own in a thread,
     stopped by `S3Store.close` (or with the process)."""
-    from mta.config.s3 import read_secret
     from mta.db.location import auto_migrate, database_location
-    from mta.s3.reactor import ReactorCaller, ReactorThread
+    from mta.s3.settings import open_client
 
     s3 = config.storage_s3
-    secret = read_secret(s3.secret_access_key_file)
-    on_close = None
-    if reactor is None:
-        own = ReactorThread()
-        reactor, call, on_close = own.reactor, own.call, own.stop
-    else:
-        call = ReactorCaller(reactor)
-    client = S3Client(
-        reactor,
-        s3.endpoint,
-        s3.bucket,
-        s3.region,
-        s3.access_key_id,
-        secret,
-        timeout=s3.timeout,
-        attempts=s3.retries + 1,
-    )
+    client, call, on_close = open_client(s3, reactor)
     return S3Store(
         client,
         database_location(config),
