@@ -124,12 +124,16 @@ class MetricsObserver:
       (code), connect (listener), auth (result: success | failure | locked);
       server: conn_refused; spool: queued, commit_failed;
       runner: delivered / failed (recipients), deferred, done, dead, expired;
-      later stages: bounced, check (check, duration, result).
+      later stages: bounced, check (check, duration, result), checks (duration,
+      results: a list of {check, result}).
     It never raises: a malformed event is ignored.
     """
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics
+        # prometheus_client's labels() validates and locks on every call; a busy server
+        # counts the same few label values all day, so each child is looked up once.
+        self._children: dict[tuple, Any] = {}
         self._handlers: dict[str, Callable[[Mapping[str, Any]], None]] = {
             "accepted": self._accepted,
             "rejected": self._rejected,
@@ -141,12 +145,13 @@ class MetricsObserver:
             "commit_failed": lambda e: self.metrics.spool_errors.inc(),
             "delivered": self._recipients("delivered"),
             "failed": self._recipients("failed"),
-            "deferred": lambda e: self.metrics.attempts.labels(result="deferred").inc(),
-            "done": lambda e: self.metrics.attempts.labels(result="delivered").inc(),
+            "deferred": lambda e: self._child(self.metrics.attempts, "deferred").inc(),
+            "done": lambda e: self._child(self.metrics.attempts, "delivered").inc(),
             "dead": self._dead,
             "expired": lambda e: self.metrics.expired.inc(),
             "bounced": lambda e: self.metrics.bounces.inc(),
             "check": self._check,
+            "checks": self._checks,
             # The pipeline's word on a check that timed out or broke.
             "policy_timeout": self._check_failed("timeout"),
             "policy_error": self._check_failed("error"),
@@ -182,43 +187,62 @@ class MetricsObserver:
         if not isinstance(reason, str):
             text = str(e.get("log_format") or "")
             reason = text.partition(": ")[2] or "other"
-        self.metrics.rejected.labels(reason=reason.replace(" ", "_")[:40]).inc()
+        self._child(self.metrics.rejected, reason.replace(" ", "_")[:40]).inc()
 
     def _rcpt_rejected(self, e: Mapping[str, Any]) -> None:
-        self.metrics.rcpt_rejected.labels(code=str(e.get("code", "unknown"))).inc()
+        self._child(self.metrics.rcpt_rejected, str(e.get("code", "unknown"))).inc()
 
     def _connected(self, e: Mapping[str, Any]) -> None:
-        self.metrics.connections.labels(listener=str(e.get("listener", "unknown"))).inc()
+        self._child(self.metrics.connections, str(e.get("listener", "unknown"))).inc()
 
     def _auth(self, e: Mapping[str, Any]) -> None:
         result = e.get("result")
         if result not in ("success", "failure", "locked"):
             result = "failure"
-        self.metrics.auth.labels(result=result).inc()
+        self._child(self.metrics.auth, result).inc()
 
     def _recipients(self, result: str) -> Callable[[Mapping[str, Any]], None]:
         def handle(e: Mapping[str, Any]) -> None:
-            self.metrics.sent.labels(result=result).inc(_count(e.get("recipients")))
+            self._child(self.metrics.sent, result).inc(_count(e.get("recipients")))
 
         return handle
 
     def _dead(self, e: Mapping[str, Any]) -> None:
         self.metrics.dead_letters.inc()
-        self.metrics.attempts.labels(result="failed").inc()
+        self._child(self.metrics.attempts, "failed").inc()
+
+    def _child(self, metric, *values: str):
+        """`metric.labels(*values)`, looked up once per metric and values."""
+        key = (id(metric), *values)
+        child = self._children.get(key)
+        if child is None:
+            if len(self._children) > 10_000:  # label values from the outside: bounded
+                self._children.clear()
+            child = self._children[key] = metric.labels(*values)
+        return child
 
     def _check(self, e: Mapping[str, Any]) -> None:
-        check = str(e.get("check", "unknown"))
+        self._one_check(str(e.get("check", "unknown")), e.get("result"), e.get("duration"))
+
+    def _checks(self, e: Mapping[str, Any]) -> None:
+        """Several checks' results in one event (`results`: their check, result and
+        maybe duration; else the event's `duration` times them)."""
         duration = e.get("duration")
+        for item in e.get("results") or ():
+            if isinstance(item, Mapping):
+                check = str(item.get("check", "unknown"))
+                self._one_check(check, item.get("result"), item.get("duration", duration))
+
+    def _one_check(self, check: str, result: Any, duration: Any) -> None:
         if isinstance(duration, int | float) and duration >= 0:
-            self.metrics.check_latency.labels(check=check).observe(duration)
-        result = e.get("result")
+            self._child(self.metrics.check_latency, check).observe(duration)
         if isinstance(result, str):
-            self.metrics.check_results.labels(check=check, result=result).inc()
+            self._child(self.metrics.check_results, check, result).inc()
 
     def _check_failed(self, result: str) -> Callable[[Mapping[str, Any]], None]:
         def handle(e: Mapping[str, Any]) -> None:
             check = str(e.get("check", "unknown"))
-            self.metrics.check_results.labels(check=check, result=result).inc()
+            self._child(self.metrics.check_results, check, result).inc()
 
         return handle
 

@@ -162,3 +162,21 @@ def test_summary_is_flat_and_skips_buckets(wired):
     assert stats["smtp_messages_received_total"] == 1
     assert stats["mta_queue_depth{state=active}"] == 2
     assert not any("_bucket" in k for k in stats)
+
+
+def test_one_event_for_several_checks_counts_each(wired):
+    """Sender authentication logs a message's results in one `checks` event."""
+    registry, log, _ = wired
+    results = [
+        {"check": "spf", "result": "pass", "duration": 0.002},
+        {"check": "dkim", "result": "fail"},
+        {"check": "dmarc", "result": "pass"},
+        "not a mapping",
+    ]
+    log.info("x", event="checks", duration=0.01, results=results)
+    log.info("x", event="checks", results=[{"check": "dkim", "result": "fail"}])
+    assert value(registry, "mta_check_results_total", check="dkim", result="fail") == 2
+    assert value(registry, "mta_check_results_total", check="spf", result="pass") == 1
+    assert value(registry, "mta_check_duration_seconds_sum", check="spf") == 0.002
+    assert value(registry, "mta_check_duration_seconds_sum", check="dmarc") == 0.01
+    assert value(registry, "mta_check_duration_seconds_count", check="dkim") == 1

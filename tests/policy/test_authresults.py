@@ -294,17 +294,15 @@ async def test_every_verdict_is_logged_with_the_queue_id_and_counted(auth_zones)
     finally:
         globalLogPublisher.removeObserver(events.append)
         globalLogPublisher.removeObserver(observer)
-    logged = [e for e in events if e.get("event") == "check"]
-    assert {(e["check"], e["result"], e["qid"]) for e in logged} == {
-        ("spf", "pass", "QID1"),
-        ("dkim", "pass", "QID1"),
-        ("arc", "none", "QID1"),
-        ("dmarc", "pass", "QID1"),
-        ("spf", "fail", "QID1"),
-        ("dkim", "none", "QID1"),
-        ("dmarc", "fail", "QID1"),
-    }
-    assert [e["action"] for e in logged if e["check"] == "dmarc"] == ["continue", "reject"]
+    logged = [e for e in events if e.get("event") == "checks"]  # one line per message
+    assert [[(r["check"], r["result"]) for r in e["results"]] for e in logged] == [
+        [("spf", "pass"), ("dkim", "pass"), ("arc", "none"), ("dmarc", "pass")],
+        [("spf", "fail"), ("dkim", "none"), ("arc", "none"), ("dmarc", "fail")],
+    ]
+    assert [(e["qid"], e["action"]) for e in logged] == [("QID1", "continue"), ("QID1", "reject")]
+    assert logged[0]["summary"].startswith("spf=pass (")
+    assert "dkim=pass (d=example.test s=" in logged[0]["summary"]
+    assert "dkim=none (unsigned)" in logged[1]["summary"]
 
     def value(name, **labels):
         return registry.get_sample_value(name, labels)
