@@ -9,6 +9,11 @@ dkimpy's DKIM and ARC verification call with one that asks OpenSSL, with the sam
 contract: (hash object, signature bytes, {"modulus": n, "publicExponent": e}) ->
 bool.  Public keys are built once per key (a sender's key serves all its mail).
 
+`install()` also keeps dkimpy's parsed public keys (`dkim.evaluate_pk`: the tag
+list and an ASN.1 parse in Python, on every signature) per published record: the
+DNS answer is cached already, and the same record always parses the same way.  A
+record that does not parse is not kept (dkimpy raises, and raises again).
+
 What OpenSSL would refuse but dkimpy accepts is handed back to dkimpy's own
 function: hash algorithms other than SHA-256 and SHA-1, and keys `cryptography`
 cannot load.  A signature shorter than the modulus (leading zero bytes dropped by
@@ -26,6 +31,13 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 
 _ALGORITHMS = {"sha256": hashes.SHA256, "sha1": hashes.SHA1}
 _python_verify = dkim.crypto.RSASSA_PKCS1_v1_5_verify
+_evaluate_pk = dkim.evaluate_pk
+
+
+@functools.lru_cache(maxsize=4096)
+def evaluate_pk(name, record):
+    """dkimpy's `evaluate_pk(name, record)`, once per (name, record)."""
+    return _evaluate_pk(name, record)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -54,5 +66,7 @@ def rsa_verify(hash, signature: bytes, public_key: dict) -> bool:
 
 
 def install() -> None:
-    """Make dkimpy's DKIM and ARC verification use `rsa_verify` (idempotent)."""
+    """Make dkimpy's DKIM and ARC verification use `rsa_verify` and the kept keys
+    (idempotent)."""
     dkim.RSASSA_PKCS1_v1_5_verify = rsa_verify
+    dkim.evaluate_pk = evaluate_pk

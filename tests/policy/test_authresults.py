@@ -411,3 +411,22 @@ def test_from_domains_agrees_with_the_full_parser(value):
         if "@" in address and domain and domain not in expected:
             expected.append(domain)
     assert from_domains(f"From: {value}\r\n".encode()) == expected
+
+
+@pytest.mark.parametrize(
+    "head, present",
+    [
+        (b"Subject: about X-Spam-Flag: yes\r\n\r\n", False),  # only inside a value
+        (b"Subject: s\r\n\r\nX-Spam-Flag: YES\r\n", False),  # only in the body
+        (b"x-spam-flag : YES\r\n\r\n", True),  # first line, space before the colon
+        (b"Subject: s\n X-Spam-Flag: folded, not a field\nTo: b\n\n", False),
+        (b"Subject: s\nX-SPAM-FLAG: YES\n\n", True),  # bare LF line ends
+    ],
+)
+def test_field_present_scans_only_field_names(head, present):
+    matches = (HeaderMatch("X-Spam-Flag"),)
+    assert field_present(head, matches) is present
+    out, removed = remove_fields(head, matches)
+    assert removed == int(present)
+    if not present:
+        assert out is head

@@ -69,3 +69,22 @@ def test_installed_into_dkimpy():
     import mta.policy.dkimverify  # noqa: F401 (installs it)
 
     assert dkim.RSASSA_PKCS1_v1_5_verify is dkimrsa.rsa_verify
+    assert dkim.evaluate_pk is dkimrsa.evaluate_pk
+
+
+def test_parsed_keys_are_kept_per_record_and_bad_ones_are_not(key):
+    import base64
+
+    from cryptography.hazmat.primitives import serialization
+
+    der = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    record = b"v=DKIM1; k=rsa; p=" + base64.b64encode(der)
+    first = dkimrsa.evaluate_pk(b"s._domainkey.a.test", record)
+    assert first == dkimrsa._evaluate_pk(b"s._domainkey.a.test", record)
+    assert dkimrsa.evaluate_pk(b"s._domainkey.a.test", record) is first
+    assert first[0]["modulus"] == key.public_key().public_numbers().n
+    for _ in range(2):  # raised every time, never kept as an answer
+        with pytest.raises(dkim.KeyFormatError):
+            dkimrsa.evaluate_pk(b"s._domainkey.a.test", b"v=DKIM1; k=rsa; p=bm90IGEga2V5")
