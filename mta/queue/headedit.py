@@ -28,6 +28,7 @@ from mta.headers import header_end, remove_fields
 # header section is longer keeps the fields past this point.
 HEAD_LIMIT = 1024 * 1024
 _CHUNK = 256 * 1024
+EDIT_SUFFIX = ".edit"  # the rewritten file, until it is renamed over the spill
 _NEW_FLAGS = os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -57,7 +58,7 @@ def edit_file(body, path: str, length: int, matches, keyring, qid: str):
     sealer = Sealer(keyring, qid) if keyring is not None else None
     pieces = itertools.chain((new_head,), _after(body, len(head)))
     out = seal_stream(sealer, pieces) if sealer is not None else pieces
-    tmp = path + ".edit"
+    tmp = path + EDIT_SUFFIX
     fd = os.open(tmp, _NEW_FLAGS, 0o600)
     try:
         for piece in out:

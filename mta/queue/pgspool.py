@@ -2,7 +2,11 @@
 
 A message being received stays in memory up to 256 KB, then spills to a private
 file under ``<datadir>/queue/pg-spill/`` (named by its queue id, which carries the
-pid, so a later start removes what a dead process left).  `commit` hands it to the
+pid, so a later start removes what a dead process left).  With ``[queue] encrypt``
+the spill is sealed as it is written, in the format the store keeps
+(`mta.queue.pgseal`: the same segments, bound to the same queue id), so nothing of
+the message is on the disk in clear and the commit stores the sealed segments as
+they are, with no decryption and no second sealing.  `commit` hands it to the
 store's `BatchWorker`: commits that arrive while a batch is in PostgreSQL go
 together in the next one, in ONE transaction (entry rows, recipient rows, body
 chunks), so a busy node pays one round trip and one WAL flush per batch.  The 250
@@ -21,6 +25,8 @@ import os
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
+from mta.crypto import stream
+from mta.crypto.stream import Sealer
 from mta.fileio import pid_alive, write_all
 from mta.interfaces import ISpoolFile
 from mta.queue import headedit, pgseal, pgsql
@@ -48,10 +54,14 @@ class CommitJob:
         "lease_until",
         "ref",
         "sealer",
+        "seal_header",
         "stored_trace",
+        "sealed_spill",
     )
 
-    def __init__(self, qid, envelope, trace_headers, length, chunks, fd, path, created):
+    def __init__(
+        self, qid, envelope, trace_headers, length, chunks, fd, path, created, spill_sealer=None
+    ):
         self.qid = qid
         self.envelope = envelope
         self.trace_headers = trace_headers
@@ -65,7 +75,13 @@ class CommitJob:
         # Set by `mta.queue.pgbody.Places.stage`: where the body goes, its sealer.
         self.ref = "pg"
         self.sealer = None
+        self.seal_header: bytes | None = None  # the sealer's header (key id, wrapped key)
         self.stored_trace = self.trace_headers
+        # The spill file (`fd`) holds the body sealed by `spill_sealer`, end included:
+        # the header, then the very segments the store keeps.
+        self.sealed_spill = spill_sealer is not None
+        if spill_sealer is not None:
+            self.seal(spill_sealer)
 
     def pieces(self):
         if self.fd is None:
@@ -75,14 +91,23 @@ class CommitJob:
     def seal(self, sealer) -> None:
         """Store the body and trace headers sealed by `sealer` (`[queue] encrypt`)."""
         self.sealer = sealer
+        self.seal_header = sealer.header
         self.stored_trace = sealer.seal_extra(self.trace_headers)
 
-    @property
-    def seal_header(self) -> bytes | None:
-        return None if self.sealer is None else self.sealer.header
+    def follow_key(self, keyring) -> None:
+        """Thread: a body sealed as it arrived, under a master key that is no longer
+        the current one (rotated meanwhile, and maybe retired: the retire re-wrapped
+        the entries already stored, not this one), gets its data key wrapped under
+        the current key; the segments stay as they are.  Raises DecryptionError
+        when the old key is gone already (the message is refused with a 451)."""
+        header = self.seal_header
+        if header is not None and stream.header_key_id(header) != keyring.current:
+            self.seal_header = stream.rewrap(keyring, header, f"queued message {self.qid}")
 
     def stored_pieces(self):
         """What is stored of the body (its segments when sealed): read once."""
+        if self.sealed_spill:  # sealed as it arrived: its segments are stored as they are
+            return file_pieces(self.fd, self.stored_length(), start=stream.HEADER_SIZE)
         if self.sealer is None:
             return self.pieces()
         return pgseal.sealed_body(self.sealer, self.pieces())
@@ -110,12 +135,19 @@ class PGSpoolFile(headedit.HeaderEditing):
         self._fd: int | None = None
         self._closed = False
         self._editing = False
+        self._sealer: Sealer | None = None  # a spilled body, with [queue] encrypt
+        self._header_written = False
+        self._sealed_end = False  # body() sealed the last segment: nothing more to write
 
     def _path(self) -> str:
         return os.path.join(self._store.spill_dir, self.qid)
 
     def _edit_where(self):
-        return self._store.reactor, self._store._pool, self._path(), None
+        keyring = self._store.bodies.keyring if self._sealer is not None else None
+        return self._store.reactor, self._store._pool, self._path(), keyring
+
+    def _edit_adopt(self, sealer) -> None:
+        self._sealer, self._header_written, self._sealed_end = sealer, True, True
 
     def write(self, data: bytes) -> None:
         if self._closed:
@@ -124,14 +156,19 @@ class PGSpoolFile(headedit.HeaderEditing):
             data = bytes(data)
         if not data:
             return
+        if self._sealed_end:
+            raise ValueError(f"spool file {self.qid}: written after its end was sealed")
         self.size += len(data)
         if self._fd is None:
             if self.buffered + len(data) <= self._store.memory_limit:
                 self._chunks.append(data)
                 self.buffered += len(data)
                 return
+            keyring = self._store.bodies.keyring
+            sealer = Sealer(keyring, self.qid) if keyring is not None else None
             os.makedirs(self._store.spill_dir, mode=0o700, exist_ok=True)
             self._fd = os.open(self._path(), _OPEN_FLAGS, 0o600)
+            self._sealer = sealer
         elif self.buffered + len(data) <= _SPILL_FLUSH:
             self._chunks.append(data)
             self.buffered += len(data)
@@ -139,28 +176,48 @@ class PGSpoolFile(headedit.HeaderEditing):
         self._chunks.append(data)
         self._flush()
 
-    def _flush(self) -> None:
+    def _flush(self, last: bool = False) -> None:
+        """Write the buffered chunks to the spill file (sealed, with a keyring; `last`
+        seals the end of the body too)."""
         chunks, self._chunks, self.buffered = self._chunks, [], 0
+        sealer = self._sealer
+        if sealer is not None:
+            pieces = sealer.feed(chunks)
+            if not self._header_written:
+                pieces.insert(0, sealer.header)
+                self._header_written = True
+            if last:
+                pieces.append(sealer.close())
+                self._sealed_end = True
+            chunks = pieces
         try:
             write_all(self._fd, chunks)
         except OSError:
             self.abort()
             raise
 
+    def _finish_spill(self) -> None:
+        """Everything received is in the spill file (its end sealed, when sealed)."""
+        if self._sealer is not None:
+            if not self._sealed_end:
+                self._flush(last=True)
+        elif self._chunks:
+            self._flush()
+
     def body(self) -> FileBody:
         if self._closed:
             raise ValueError(f"spool file {self.qid} already committed or aborted")
         if self._fd is None:
             return FileBody(b"", None, self.size, list(self._chunks))
-        if self._chunks:
-            self._flush()
-        return FileBody(b"", self._path(), self.size)
+        self._finish_spill()  # segments are read whole: a sealed spill's end is sealed now
+        opener = None if self._sealer is None else self._sealer.opener()
+        return FileBody(b"", self._path(), self.size, opener=opener)
 
     def commit(self, envelope, trace_headers: bytes = b"") -> Deferred:
         if self._closed or self._editing:
             raise ValueError(f"spool file {self.qid} already committed, aborted or busy")
-        if self._fd is not None and self._chunks:
-            self._flush()
+        if self._fd is not None:
+            self._finish_spill()
         self._closed = True
         chunks, self._chunks, self.buffered = self._chunks, [], 0
         fd, self._fd = self._fd, None
@@ -173,6 +230,7 @@ class PGSpoolFile(headedit.HeaderEditing):
             fd,
             self._path() if fd is not None else None,
             envelope.received_at or self._store.reactor.seconds(),
+            self._sealer if fd is not None else None,
         )
         return self._store._commit(job)
 
@@ -228,14 +286,16 @@ def insert_held(conn, places, job: CommitJob) -> None:
 
 
 def clean_spill(spill_dir: str) -> int:
-    """Remove spill files of processes that no longer run; how many."""
+    """Remove spill files of processes that no longer run (``<qid>``, and
+    ``<qid>.edit`` of a `remove_headers` cut short); how many."""
     try:
         names = os.listdir(spill_dir)
     except FileNotFoundError:
         return 0
     removed = 0
     for name in names:
-        pid = pid_of(name) if is_queue_id(name) else None
+        qid = name.removesuffix(headedit.EDIT_SUFFIX)
+        pid = pid_of(qid) if is_queue_id(qid) else None
         if pid is not None and pid != (os.getpid() & 0xFFFFFF) and not pid_alive(pid):
             _unlink(os.path.join(spill_dir, name))
             removed += 1
