@@ -2,11 +2,13 @@
 
 A message being received stays in memory up to 256 KB, then spills to a private
 file under ``<datadir>/queue/pg-spill/`` (named by its queue id, which carries the
-pid, so a later start removes what a dead process left).  With ``[queue] encrypt``
-the spill is sealed as it is written, in the format the store keeps
-(`mta.queue.pgseal`: the same segments, bound to the same queue id), so nothing of
-the message is on the disk in clear and the commit stores the sealed segments as
-they are, with no decryption and no second sealing.  `commit` hands it to the
+pid, so a later start removes what a dead process left), as in the file spool
+(`mta.queue.spill`).  With ``[queue] encrypt`` the spill is sealed as it is
+written, in the format the store keeps (`mta.queue.pgseal`: the same segments,
+bound to the same queue id), so nothing of the message is on the disk in clear
+and the commit stores the sealed segments as they are, with no decryption and no
+second sealing (only the data key is re-wrapped when the master key was rotated
+meanwhile, `CommitJob.follow_key`).  `commit` hands it to the
 store's `BatchWorker`: commits that arrive while a batch is in PostgreSQL go
 together in the next one, in ONE transaction (entry rows, recipient rows, body
 chunks), so a busy node pays one round trip and one WAL flush per batch.  The 250
@@ -14,7 +16,7 @@ after DATA waits for that transaction's COMMIT.  A spilled body is streamed into
 ``queue_bodies`` a 1 MiB chunk at a time, so a large message is never held whole.
 If the transaction fails, every message in it is refused with a 451 and nothing of
 them stays in PostgreSQL.  Before the transaction, `mta.queue.pgbody.Places.stage`
-seals each body (``[queue] encrypt``) and, when ``[storage.s3]`` is configured,
+seals each body not sealed yet (``[queue] encrypt``) and, when ``[storage.s3]`` is configured,
 puts it in S3 (`mta.queue.s3body`); a body S3 refuses is refused alone.
 """
 
@@ -26,16 +28,14 @@ from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from mta.crypto import stream
-from mta.crypto.stream import Sealer
-from mta.fileio import pid_alive, write_all
+from mta.fileio import pid_alive
 from mta.interfaces import ISpoolFile
 from mta.queue import headedit, pgseal, pgsql
-from mta.queue.body import FileBody
 from mta.queue.ids import is_queue_id, pid_of
 from mta.queue.pgbody import file_pieces
+from mta.queue.spill import SpillingFile
 
 MEMORY_LIMIT = 256 * 1024
-_SPILL_FLUSH = 64 * 1024
 _OPEN_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -123,104 +123,32 @@ class CommitJob:
 
 
 @implementer(ISpoolFile)
-class PGSpoolFile(headedit.HeaderEditing):
-    """One message being received into the PostgreSQL queue."""
+class PGSpoolFile(SpillingFile):
+    """One message being received into the PostgreSQL queue (`mta.queue.spill`)."""
 
     def __init__(self, store, qid: str):
-        self.qid = qid
-        self.size = 0
-        self.buffered = 0
+        super().__init__(qid)
         self._store = store
-        self._chunks: list[bytes] = []
-        self._fd: int | None = None
-        self._closed = False
-        self._editing = False
-        self._sealer: Sealer | None = None  # a spilled body, with [queue] encrypt
-        self._header_written = False
-        self._sealed_end = False  # body() sealed the last segment: nothing more to write
 
-    def _path(self) -> str:
+    def _memory_limit(self) -> int:
+        return self._store.memory_limit
+
+    def _spill_path(self) -> str:
         return os.path.join(self._store.spill_dir, self.qid)
+
+    def _open_spill(self) -> int:
+        os.makedirs(self._store.spill_dir, mode=0o700, exist_ok=True)
+        return os.open(self._spill_path(), _OPEN_FLAGS, 0o600)
+
+    def _keyring(self):
+        return self._store.bodies.keyring
 
     def _edit_where(self):
         keyring = self._store.bodies.keyring if self._sealer is not None else None
-        return self._store.reactor, self._store._pool, self._path(), keyring
-
-    def _edit_adopt(self, sealer) -> None:
-        self._sealer, self._header_written, self._sealed_end = sealer, True, True
-
-    def write(self, data: bytes) -> None:
-        if self._closed:
-            raise ValueError(f"spool file {self.qid} already committed or aborted")
-        if not isinstance(data, bytes):
-            data = bytes(data)
-        if not data:
-            return
-        if self._sealed_end:
-            raise ValueError(f"spool file {self.qid}: written after its end was sealed")
-        self.size += len(data)
-        if self._fd is None:
-            if self.buffered + len(data) <= self._store.memory_limit:
-                self._chunks.append(data)
-                self.buffered += len(data)
-                return
-            keyring = self._store.bodies.keyring
-            sealer = Sealer(keyring, self.qid) if keyring is not None else None
-            os.makedirs(self._store.spill_dir, mode=0o700, exist_ok=True)
-            self._fd = os.open(self._path(), _OPEN_FLAGS, 0o600)
-            self._sealer = sealer
-        elif self.buffered + len(data) <= _SPILL_FLUSH:
-            self._chunks.append(data)
-            self.buffered += len(data)
-            return
-        self._chunks.append(data)
-        self._flush()
-
-    def _flush(self, last: bool = False) -> None:
-        """Write the buffered chunks to the spill file (sealed, with a keyring; `last`
-        seals the end of the body too)."""
-        chunks, self._chunks, self.buffered = self._chunks, [], 0
-        sealer = self._sealer
-        if sealer is not None:
-            pieces = sealer.feed(chunks)
-            if not self._header_written:
-                pieces.insert(0, sealer.header)
-                self._header_written = True
-            if last:
-                pieces.append(sealer.close())
-                self._sealed_end = True
-            chunks = pieces
-        try:
-            write_all(self._fd, chunks)
-        except OSError:
-            self.abort()
-            raise
-
-    def _finish_spill(self) -> None:
-        """Everything received is in the spill file (its end sealed, when sealed)."""
-        if self._sealer is not None:
-            if not self._sealed_end:
-                self._flush(last=True)
-        elif self._chunks:
-            self._flush()
-
-    def body(self) -> FileBody:
-        if self._closed:
-            raise ValueError(f"spool file {self.qid} already committed or aborted")
-        if self._fd is None:
-            return FileBody(b"", None, self.size, list(self._chunks))
-        self._finish_spill()  # segments are read whole: a sealed spill's end is sealed now
-        opener = None if self._sealer is None else self._sealer.opener()
-        return FileBody(b"", self._path(), self.size, opener=opener)
+        return self._store.reactor, self._store._pool, self._spill_path(), keyring
 
     def commit(self, envelope, trace_headers: bytes = b"") -> Deferred:
-        if self._closed or self._editing:
-            raise ValueError(f"spool file {self.qid} already committed, aborted or busy")
-        if self._fd is not None:
-            self._finish_spill()
-        self._closed = True
-        chunks, self._chunks, self.buffered = self._chunks, [], 0
-        fd, self._fd = self._fd, None
+        chunks, fd = self._take(finish=True)  # a spill holds the whole body, sealed
         job = CommitJob(
             self.qid,
             envelope,
@@ -228,21 +156,11 @@ class PGSpoolFile(headedit.HeaderEditing):
             self.size,
             chunks,
             fd,
-            self._path() if fd is not None else None,
+            self._spill_path() if fd is not None else None,
             envelope.received_at or self._store.reactor.seconds(),
             self._sealer if fd is not None else None,
         )
         return self._store._commit(job)
-
-    def abort(self) -> None:
-        if self._closed and self._fd is None:
-            return
-        self._closed = True
-        self._chunks, self.buffered = [], 0
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)
-            _unlink(self._path())
 
 
 def commit_batch(conn, places, jobs: list[CommitJob], owner: str) -> None:
