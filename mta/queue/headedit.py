@@ -1,12 +1,12 @@
 """Removing header fields from a message still being received (`SpoolFile.remove_headers`).
 
 A message in memory (the common case, under 256 KB) is edited in place on the
-reactor: one join and one scan of at most that much.  A message that spilled to
-``queue/tmp/<qid>`` is rewritten on the spool's thread: its edited header section and
-then the rest of the old file, read through its `FileBody` (so a sealed spill is
-read in clear and sealed again under a new data key, `mta.crypto.stream`), go to a
-new file that is renamed over the old one, so at every moment ``tmp/<qid>`` is one
-whole message.  Called when a check saw a field to remove, or (spamd, for a message
+reactor: one join and one scan of at most that much.  A message that spilled (to
+``queue/tmp/<qid>``, or ``queue/pg-spill/<qid>`` on the PostgreSQL queue) is
+rewritten on the queue's thread: its edited header section and then the rest of
+the old file, read through its `FileBody` (so a sealed spill is read in clear and
+sealed again under a new data key, `mta.crypto.stream`), go to ``<qid>.edit``,
+renamed over the old one, so at every moment the spill is one whole message.  Called when a check saw a field to remove, or (spamd, for a message
 too big to scan) did not look: then only the head is read and the file is left
 alone when nothing matches.
 """
@@ -28,6 +28,7 @@ from mta.headers import header_end, remove_fields
 # header section is longer keeps the fields past this point.
 HEAD_LIMIT = 1024 * 1024
 _CHUNK = 256 * 1024
+EDIT_SUFFIX = ".edit"  # the rewritten file, until it is renamed over the spill
 _NEW_FLAGS = os.O_RDWR | os.O_CREAT | os.O_TRUNC | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -57,7 +58,7 @@ def edit_file(body, path: str, length: int, matches, keyring, qid: str):
     sealer = Sealer(keyring, qid) if keyring is not None else None
     pieces = itertools.chain((new_head,), _after(body, len(head)))
     out = seal_stream(sealer, pieces) if sealer is not None else pieces
-    tmp = path + ".edit"
+    tmp = path + EDIT_SUFFIX
     fd = os.open(tmp, _NEW_FLAGS, 0o600)
     try:
         for piece in out:
@@ -91,11 +92,12 @@ def _after(body, skip: int):
 
 class HeaderEditing:
     """`ISpoolFile.remove_headers` for the spool files of both queues (the file
-    spool's `SpoolFile`, the PostgreSQL queue's `PGSpoolFile`), which share the
-    receiving state it works on: `qid`, `size`, `buffered`, `_chunks`, `_fd`,
-    `_closed`, `_editing`.  A subclass says where its spill is and how to run the
-    rewrite (`_edit_where`: reactor, thread pool, path, keyring or None) and takes
-    the rewritten file's `Sealer` when it seals (`_edit_adopt`)."""
+    spool's `SpoolFile`, the PostgreSQL queue's `PGSpoolFile`), through the
+    receiving state they share (`mta.queue.spill.SpillingFile`): `qid`, `size`,
+    `buffered`, `_chunks`, `_fd`, `_closed`, `_editing`.  A subclass says where its
+    spill is and how to run the rewrite (`_edit_where`: reactor, thread pool, path,
+    keyring or None) and takes the rewritten file's `Sealer` when it seals
+    (`_edit_adopt`)."""
 
     def remove_headers(self, matches) -> Deferred:
         if self._closed or self._editing:

@@ -44,11 +44,11 @@ def rechunk(pieces: Iterable[bytes], size: int = CHUNK) -> Iterator[bytes]:
         yield bytes(buf)
 
 
-def file_pieces(fd: int, length: int, size: int = CHUNK) -> Iterator[bytes]:
-    """Bytes [0, length) of `fd`, `size` at a time (a spilled body)."""
-    offset = 0
-    while offset < length:
-        data = os.pread(fd, min(size, length - offset), offset)
+def file_pieces(fd: int, length: int, size: int = CHUNK, start: int = 0) -> Iterator[bytes]:
+    """Bytes [start, start + length) of `fd`, `size` at a time (a spilled body)."""
+    offset, end = start, start + length
+    while offset < end:
+        data = os.pread(fd, min(size, end - offset), offset)
         if not data:
             raise ShortMessage("spilled message body")
         offset += len(data)
@@ -92,7 +92,8 @@ class Places:
 
     def stage(self, jobs: Sequence) -> dict[int, Exception]:
         """Thread, before the transaction: seal each `mta.queue.pgspool.CommitJob`
-        (with a keyring), and upload its body (to S3); errors by ``id(job)``."""
+        (with a keyring; one whose spill was sealed as it arrived is sealed already),
+        and upload its body (to S3); errors by ``id(job)``."""
         errors: dict[int, Exception] = {}
         if self.keyring is not None:
             _refresh(self.keyring)
@@ -100,7 +101,10 @@ class Places:
             job.ref = self.pg.ref if self.s3 is None else self.s3.ref
             if self.keyring is not None:
                 try:
-                    job.seal(Sealer(self.keyring, job.qid))
+                    if job.sealer is None:
+                        job.seal(Sealer(self.keyring, job.qid))
+                    else:
+                        job.follow_key(self.keyring)
                 except Exception as e:  # noqa: BLE001 (one outcome per job)
                     errors[id(job)] = e
         if self.s3 is not None:

@@ -1,12 +1,15 @@
 """`[queue] encrypt = true` through `twistd mta`: what waits in the queue, small or
 spilled, is sealed on the disk; the operator still lists and shows it; local
 delivery and a restart (recovery reads the sealed files back) work; retiring the
-key it is sealed under is refused while it is queued."""
+key it is sealed under is refused while it is queued.  On the PostgreSQL queue, a
+message spilled while it arrives is never in clear on the disk either."""
 
 from __future__ import annotations
 
 import os
 import smtplib
+import socket
+import struct
 import time
 
 from tests.conftest import free_port
@@ -103,3 +106,91 @@ def test_queue_encrypt_without_a_key_is_refused_at_start(mta_server_factory):
     checked = mta_server_factory({"queue": {"encrypt": True}}, start=False, name="nokey")
     bad = checked.admin("check-config")
     assert bad.returncode != 0 and "queue.encrypt" in (bad.stdout + bad.stderr)
+
+
+class RawSession:
+    """An SMTP client that can stop in the middle of DATA (smtplib cannot)."""
+
+    def __init__(self, server):
+        self.sock = socket.create_connection((server.host, server.smtp_port), timeout=10)
+        self.buf = b""
+        assert self.reply().startswith(b"220")
+
+    def reply(self) -> bytes:
+        while True:
+            lines = self.buf.split(b"\r\n")
+            for i, line in enumerate(lines[:-1]):
+                if line[3:4] == b" ":
+                    self.buf = b"\r\n".join(lines[i + 1 :])
+                    return line
+            data = self.sock.recv(65536)
+            if not data:
+                raise ConnectionError("the server closed the connection")
+            self.buf += data
+
+    def command(self, line: bytes, expect: bytes) -> None:
+        self.sock.sendall(line + b"\r\n")
+        got = self.reply()
+        assert got.startswith(expect), (line, got)
+
+    def start_data(self, rcpt: bytes) -> None:
+        self.command(b"EHLO client.test", b"250")
+        self.command(b"MAIL FROM:<alice@remote.test>", b"250")
+        self.command(b"RCPT TO:<" + rcpt + b">", b"250")
+        self.command(b"DATA", b"354")
+
+    def drop(self) -> None:
+        """Cut the connection off (an RST, as when the client's host goes away)."""
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.sock.close()
+
+
+def test_a_spilled_message_is_never_in_clear_on_the_postgresql_queue(mta_server_factory):
+    """The PostgreSQL queue's spill file (``queue/pg-spill/<qid>``) is sealed while
+    the message arrives; the local mail store is encrypted too, so no file under the
+    data directory may hold the marker at any point.  A transfer cut off mid-DATA
+    leaves no spill file."""
+    from mta.crypto.keys import FileKeyring
+    from mta.envelope import Address
+    from mta.storage import crypto
+    from tests.queue.pgtesting import private_database
+
+    with private_database("test_pgq_e2e") as dsn:
+        server = mta_server_factory(
+            {
+                "queue": {"backend": "postgresql", "encrypt": True},
+                "database": {"dsn": dsn},
+                "storage": {"master_key_file": "keys/master.key", "encrypt": True},
+            },
+            start=False,
+        )
+        server.admin("key", "init", check=True)
+        server.start()
+        spill = server.datadir / "queue" / "pg-spill"
+        spilled = lambda: sorted(spill.iterdir()) if spill.is_dir() else []  # noqa: E731
+        big = message(1_000_000)
+        half = 600_000
+
+        smtp = RawSession(server)
+        smtp.start_data(b"postmaster@localhost")
+        smtp.sock.sendall(big[:half])
+        wait_for(spilled, "the spill file")
+        assert disk_has(server.datadir, MARK) == []  # after the spill, before the end
+        smtp.sock.sendall(big[half:] + b".\r\n")
+        assert smtp.reply().startswith(b"250")
+        assert disk_has(server.datadir, MARK) == []
+        new = server.maildir("postmaster@localhost") / "new"
+        (stored,) = wait_for(lambda: sorted(new.iterdir()) if new.is_dir() else [], "delivery")
+        assert disk_has(server.datadir, MARK) == [] and spilled() == []
+        ring = FileKeyring(str(next(server.root.rglob("master.key"))))
+        _, delivered = crypto.decrypt(ring, Address("postmaster", "localhost"), stored.read_bytes())
+        assert delivered.replace(b"\r\n", b"\n").endswith(big.replace(b"\r\n", b"\n"))
+        smtp.command(b"QUIT", b"221")
+
+        cut = RawSession(server)
+        cut.start_data(b"postmaster@localhost")
+        cut.sock.sendall(big[:half])
+        wait_for(spilled, "the second spill file")
+        cut.drop()
+        wait_for(lambda: spilled() == [] or None, "the spill file to go")
+        assert "queue is empty" in server.admin("queue", "list", check=True).stdout
