@@ -225,8 +225,11 @@ class FakeSenderPolicy:
 class MemoryBody:
     """An `IMessageBody` over bytes held in memory (a queued message, in tests)."""
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes, *, in_memory: bool = False):
         self.data = bytes(data)
+        # What a spool's body says when nothing of it was spilled to disk (checks may
+        # then read it on the reactor); False: read it as if from a file.
+        self.in_memory = in_memory
 
     @property
     def size(self) -> int:

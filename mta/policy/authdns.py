@@ -22,7 +22,12 @@ plain dict in front of dnspython's (which stays, for what this one cannot keep):
 a hit in dnspython's still builds a resolution (name parsing, search list) that
 cost more per message under load than SPF's own evaluation.
 
-Every call blocks: call them on a thread pool, never on the reactor.
+Every call blocks: call them on a thread pool, never on the reactor; except inside
+`run_cached(f, ...)`, where an answer the cache does not hold is not asked for:
+`f` is abandoned (`NotCached`) and `run_cached` says so, so that the caller runs it
+on a thread instead.  That is how the checks of a small message whose senders'
+records are cached run on the reactor: for them a hop to a thread and back cost
+more than the checks.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import dns.exception
 import dns.name
@@ -39,6 +45,12 @@ import dns.resolver
 
 class DNSTemporaryError(Exception):
     """The DNS did not give an answer this time (timeout, SERVFAIL, network)."""
+
+
+class NotCached(BaseException):
+    """Inside `AuthDNS.run_cached`: the answer is not in the cache.  A BaseException,
+    so that the libraries' own ``except Exception`` lets it through; `run_cached`
+    notices a swallowed one too."""
 
 
 class AuthDNS:
@@ -58,6 +70,23 @@ class AuthDNS:
         self._size = cache_size
         self._answers: dict[tuple[str, str], tuple[float, tuple]] = {}
         self._lock = threading.Lock()
+        self._local = threading.local()  # .cached_only, .missed: see run_cached
+
+    def run_cached(self, f: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
+        """(True, `f(*args)`) when `f` needed no DNS answer the cache does not hold;
+        (False, None) when it did (then nothing was asked of the DNS and the caller
+        runs `f` again where it may block).  `f`'s own exceptions propagate."""
+        local = self._local
+        local.cached_only, local.missed = True, False
+        try:
+            result = f(*args)
+        except NotCached:
+            return False, None
+        finally:
+            local.cached_only = False
+        if local.missed:  # a library swallowed the NotCached: its result is not the real one
+            return False, None
+        return True, result
 
     def resolve(self, name: str, qtype: str, lifetime: float | None = None) -> list:
         """The answer's rdata list ([] for NXDOMAIN or no records of `qtype`)."""
@@ -65,6 +94,9 @@ class AuthDNS:
         hit = self._answers.get(key)
         if hit is not None and hit[0] > self._clock():
             return list(hit[1])
+        if getattr(self._local, "cached_only", False):
+            self._local.missed = True
+            raise NotCached(name, qtype)
         kwargs = {"search": False, "raise_on_no_answer": False}
         if lifetime is not None:
             kwargs["lifetime"] = min(lifetime, self.resolver.lifetime)
