@@ -21,10 +21,11 @@ import logging
 import attrs
 import dkim
 
-from mta.policy import dkimrsa
+from mta.policy import dkimcanon, dkimrsa
 from mta.policy.authdns import AuthDNS, DNSTemporaryError
 
 dkimrsa.install()  # RSA through OpenSSL: see mta.policy.dkimrsa
+dkimcanon.install()  # no regular expression where it would change nothing
 
 # dkimpy logs every failed signature at error level; its result is ours to log.
 _quiet = logging.getLogger("mta.dkimpy")
