@@ -4,28 +4,34 @@
 1. Fill: a fresh database (``--db``, dropped and created) and a *fill* node
    (`twistd mta`, [queue] backend = "postgresql") that accepts mail for
    ``to@bench.test`` but cannot deliver it: bench.test is not one of its local
-   domains, so it relays it to ``[relay] smarthost`` = a closed loopback port, the
-   attempt fails (connection refused) and the entry is deferred for a day
-   (``retry_schedule = [86400]``).  ``smtp-source -d -s 20 -m N -l 4096`` sends the N
-   messages through the product's own commit path (SMTP, group commit, 250), with
-   ``in_flow_delay = 0`` so the growing backlog does not slow it.  When every entry
-   is deferred (no lease left), the fill node is stopped.
+   domains, so it relays it to ``[relay] smarthost`` = 127.0.0.1:20229, where nothing
+   listens yet (a smarthost outage): the attempt fails (connection refused) and the
+   entry is deferred for a day (``retry_schedule = [86400]``).  ``smtp-source -d -s 20
+   -m N -l 4096`` sends the N messages through the product's own commit path (SMTP,
+   group commit, 250), with ``in_flow_delay = 0`` so the growing backlog does not slow
+   it.  When every entry is deferred (no lease left), the fill node is stopped.
 2. ``mta-admin queue flush`` (the product's command) makes all N due at once.
-3. Drain: a *drain* node on the same database, for which bench.test IS local (Maildir
-   delivery into its datadir, user ``to@bench.test``), is started.  Every
-   ``--interval`` seconds this samples its VmRSS (/proc/PID/status) and the queue's
-   size (``SELECT count(*) FROM queue_entries`` through psql), until the queue is
-   empty.  Samples go to ``--samples`` (CSV: t_s, rss_kb, queued); printed: drain
-   rate (N / time from start to empty, and over the middle 80%), RSS min / median /
-   max, and the median RSS of the first 10% vs the last 10% of the drain.
+3. Drain: the smarthost comes back (Postfix's ``smtp-sink`` on 20229) and a *drain*
+   node with the same configuration (its own datadir and hostname) is started on the
+   database.  With ``--deliver maildir`` the drain node has bench.test as a local
+   domain instead and delivers into a Maildir (``to@bench.test``); every entry has one
+   attempt behind it, so each delivery first looks for a copy in the mailbox (see
+   README.md: that look is a scan of the mailbox, so the drain slows down as the
+   mailbox grows).  Every ``--interval`` seconds this samples the node's VmRSS
+   (/proc/PID/status) and the queue's size (``SELECT count(*) FROM queue_entries``
+   through psql) until the queue is empty, then ``--tail`` more.  Samples go to
+   ``--samples`` (CSV: t_s, rss_kb, queued) as they are taken; printed: drain rate
+   (N / time from the node's start to empty, and over the middle 80%), RSS min /
+   median / max while entries remain, the median RSS of the first 10% vs the last 10%
+   of those samples, RSS after the queue is empty, and the dead letters left.
 
-  python3 bench/pg_drain.py                       # 100,000 messages (~15-25 min here)
+  python3 bench/pg_drain.py                       # 100,000 messages (~15 min here)
   python3 bench/pg_drain.py -n 2000               # smoke test
   python3 bench/pg_drain.py --skip-fill           # drain again what a fill left
 
-Needs psql and smtp-source; writes under --dir (default /tmp/mta-bench-drain);
-ports 20220 (fill smtp, +1 http), 20222 (drain smtp, +1 http), 20229 (the closed
-smarthost port: nothing may listen there).
+Needs psql, smtp-source and smtp-sink; writes under --dir (default
+/tmp/mta-bench-drain); ports 20220 (fill smtp, +1 http), 20222 (drain smtp, +1 http),
+20229 (the smarthost: nothing else may listen there).
 """
 
 import argparse
@@ -42,7 +48,7 @@ REPO = os.path.dirname(HERE)
 
 
 def log(msg: str) -> None:
-    print("[drain %s] %s" % (time.strftime("%H:%M:%S"), msg), file=sys.stderr, flush=True)
+    print(f"[drain {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 def sh(cmd: str) -> str:
@@ -107,7 +113,7 @@ class Node:
 
     def rss_kb(self) -> int | None:
         try:
-            with open("/proc/%d/status" % self.proc.pid) as f:
+            with open(f"/proc/{self.proc.pid}/status") as f:
                 for line in f:
                     if line.startswith("VmRSS:"):
                         return int(line.split()[1])
@@ -126,19 +132,33 @@ class Node:
             self.proc.wait(10)
 
 
-def fill(a, dsn: str) -> None:
-    toml = (
-        bench_config(f"{a.dir}/fill", 20220)
-        .replace('local_domains = ["bench.test"]', 'local_domains = ["fill.bench.test"]')
-        .replace('postmaster = "postmaster@bench.test"', 'postmaster = "postmaster@fill.bench.test"')
+SMARTHOST = 20229
+
+
+def node_toml(a, name: str, port: int, dsn: str, local: bool) -> str:
+    """A node on the queue database; `local`: bench.test is a local domain (Maildir),
+    else mail to it is relayed to the smarthost 127.0.0.1:SMARTHOST."""
+    toml = bench_config(f"{a.dir}/{name}", port).replace(
+        'hostname = "mta.bench.test"', f'hostname = "{name}.bench.test"'
     )
+    if not local:
+        toml = toml.replace(
+            'local_domains = ["bench.test"]', 'local_domains = ["fill.bench.test"]'
+        ).replace(
+            'postmaster = "postmaster@bench.test"', 'postmaster = "postmaster@fill.bench.test"'
+        )
     toml += (
         '\n[storage]\nbackend = "maildir"\n'
         f'\n[queue]\nbackend = "postgresql"\ndsn = "{dsn}"\n'
         "retry_schedule = [86400.0]\nin_flow_delay = 0.0\n"
-        '\n[relay]\nsmarthost = "127.0.0.1:20229"\n'
     )
-    node = Node(a.venv, f"{a.dir}/fill", toml)
+    if not local:
+        toml += f'\n[relay]\nsmarthost = "127.0.0.1:{SMARTHOST}"\n'
+    return toml
+
+
+def fill(a, dsn: str) -> None:
+    node = Node(a.venv, f"{a.dir}/fill", node_toml(a, "fill", 20220, dsn, local=False))
     node.start(20221)
     try:
         t0 = time.monotonic()
@@ -150,7 +170,7 @@ def fill(a, dsn: str) -> None:
             check=True, timeout=a.timeout,
         )  # fmt: skip
         sent = time.monotonic() - t0
-        log(f"fill: {a.n} accepted in {sent:.0f} s ({a.n / sent:.0f} msg/s); waiting for the defers")
+        log(f"fill: {a.n} accepted in {sent:.0f} s ({a.n / sent:.0f} msg/s); waiting for defers")
         deadline = time.monotonic() + a.timeout
         while True:
             row = psql(
@@ -169,40 +189,58 @@ def fill(a, dsn: str) -> None:
         node.stop()
 
 
+def start_sink(a):
+    """Postfix's smtp-sink on the smarthost port: the relay destination is back."""
+    sink = subprocess.Popen(
+        [a.smtp_sink, "-u", "nobody", f"127.0.0.1:{SMARTHOST}", "1024"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    time.sleep(0.5)
+    if sink.poll() is not None:
+        raise SystemExit(f"smtp-sink did not start on {SMARTHOST}")
+    return sink
+
+
 def drain(a, dsn: str) -> dict:
-    toml = bench_config(f"{a.dir}/drain", 20222) + (
-        f'\n[storage]\nbackend = "maildir"\n\n[queue]\nbackend = "postgresql"\ndsn = "{dsn}"\n'
-    )
-    node = Node(a.venv, f"{a.dir}/drain", toml)
-    node.admin("user", "add", "--password-stdin", "to@bench.test", stdin=os.urandom(12).hex())
+    local = a.deliver == "maildir"
+    node = Node(a.venv, f"{a.dir}/drain", node_toml(a, "drain", 20222, dsn, local=local))
+    if local:
+        node.admin("user", "add", "--password-stdin", "to@bench.test", stdin=os.urandom(12).hex())
     queued = int(psql(a.admin_dsn, a.db, "SELECT count(*) FROM queue_entries"))
     log("flush: " + node.admin("queue", "flush").strip())
+    sink = None if local else start_sink(a)
     samples = []
-    log(f"drain: starting the drain node on {queued} queued entries")
+    out = open(a.samples, "w")
+    out.write("t_s,rss_kb,queued\n")
+    log(f"drain: starting the drain node ({a.deliver}) on {queued} queued entries")
     t0 = time.monotonic()
-    node.start(20223)
     try:
+        node.start(20223)
         deadline = t0 + a.timeout
-        while True:
+        tail = 0
+        while tail <= a.tail:
             t = time.monotonic() - t0
             left = int(psql(a.admin_dsn, a.db, "SELECT count(*) FROM queue_entries"))
             samples.append((round(t, 2), node.rss_kb(), left))
-            if len(samples) % 30 == 0:
+            out.write(",".join(map(str, samples[-1])) + "\n")
+            out.flush()
+            if len(samples) % 60 == 0:
                 log(f"drain: t={t:.0f}s rss={samples[-1][1]} kB queued={left}")
-            if left == 0 or node.proc.poll() is not None or time.monotonic() > deadline:
+            if left == 0:
+                tail += 1  # a few samples after the queue is empty: does memory come down?
+            if node.proc.poll() is not None or time.monotonic() > deadline:
                 break
             time.sleep(max(0.0, a.interval - (time.monotonic() - t0 - t)))
-        # a few samples after the queue is empty: does memory come back down?
-        for _ in range(a.tail):
-            time.sleep(a.interval)
-            samples.append((round(time.monotonic() - t0, 2), node.rss_kb(), 0))
+        dead = int(
+            psql(a.admin_dsn, a.db, "SELECT count(*) FROM queue_entries WHERE status = 'dead'")
+        )
     finally:
         node.stop()
-    with open(a.samples, "w") as f:
-        f.write("t_s,rss_kb,queued\n")
-        for s in samples:
-            f.write("%s,%s,%s\n" % s)
-    return summarize(samples, queued)
+        out.close()
+        if sink is not None:
+            os.killpg(sink.pid, signal.SIGTERM)
+            sink.wait(10)
+    return {"deliver": a.deliver, "dead": dead, **summarize(samples, queued)}
 
 
 def summarize(samples, queued: int) -> dict:
@@ -233,7 +271,9 @@ def summarize(samples, queued: int) -> dict:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("-n", type=int, default=100_000, help="messages to queue (default 100000)")
     ap.add_argument("--size", type=int, default=4096, help="message size (smtp-source -l)")
     ap.add_argument("--db", default="mta_bench_drain")
@@ -247,6 +287,11 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=3600, help="bound of the fill and the drain")
     ap.add_argument("--skip-fill", action="store_true", help="drain what is already in --db")
     ap.add_argument("--smtp-source", default="/usr/sbin/smtp-source")
+    ap.add_argument("--smtp-sink", default="/usr/sbin/smtp-sink")
+    ap.add_argument(
+        "--deliver", choices=("relay", "maildir"), default="relay",
+        help="drain by relaying to smtp-sink (default) or into a local Maildir",
+    )  # fmt: skip
     a = ap.parse_args()
     a.samples = a.samples or os.path.join(a.dir, "samples.csv")
     os.makedirs(a.dir, exist_ok=True)
