@@ -141,7 +141,9 @@ def poll_interval(venv: str) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("-n", type=int, default=100, help="messages sent to node A")
     ap.add_argument("--lease", type=float, default=10.0, help="[queue] lease, seconds (>= 5)")
     ap.add_argument("--retry", type=float, default=5.0, help="[queue] retry_schedule = [RETRY]")
@@ -229,6 +231,11 @@ def main() -> int:
         "missing_count": len(expected - set(got)),
         "twice": twice[:10],
         "twice_count": len(twice),
+        # for each: how long before the kill the sink answered A's copy 250 (the window
+        # between the peer's 250 and A's commit of that result)
+        "twice_a_copy_ms_before_kill": [
+            round((killed - min(r[0] for r in accepted if r[1] == m)) * 1000, 1) for m in twice
+        ][:10],
         "dropped_unacknowledged_at_kill": len(dropped),
         "queue_left": left,
     }
