@@ -11,7 +11,9 @@ it) only when it answers 250 on a connection still open, as a real peer would.
 1. ``-n`` messages (unique Message-IDs, to ``to@remote.test``) are sent to A over SMTP:
    A leases each to itself at commit (up to its window of 100) and starts relaying
    them, ``--concurrency`` at a time, to the slow sink.
-2. Once the sink has counted ``--kill-after`` of them, A gets ``kill -9``.
+2. Once the sink has counted ``--kill-after`` of them, A gets ``kill -9``.  (B was
+   started ``--stagger`` seconds after A, by default a random fraction of its poll
+   interval, so that repeated runs sample the phase between B's poll and A's lease.)
 3. Measured from the kill: when A's leases expire (``max(lease_until)`` in the table),
    the first message the sink gets from B (the takeover itself: bounded by lease +
    poll), and the last: takeover_s = kill -> every message at the sink, which adds
@@ -33,6 +35,7 @@ import argparse
 import asyncio
 import json
 import os
+import random
 import signal
 import smtplib
 import subprocess
@@ -151,6 +154,10 @@ def main() -> int:
     ap.add_argument("--sink-delay", type=float, default=0.5, help="seconds before each 250")
     ap.add_argument("--sink-port", type=int, default=20239)
     ap.add_argument("--kill-after", type=int, default=10, help="kill A when the sink has this many")
+    ap.add_argument(
+        "--stagger", type=float, default=None,
+        help="seconds between starting A and B (default: random in [0, poll interval])",
+    )  # fmt: skip
     ap.add_argument("--db", default="mta_bench_takeover")
     ap.add_argument("--admin-dsn", default=os.environ.get(
         "PG_ADMIN_DSN", "postgresql://postgres@127.0.0.1:5432/postgres"))  # fmt: skip
@@ -168,8 +175,14 @@ def main() -> int:
     node_a = Node(a.venv, f"{a.dir}/nodea", node_toml(a, "nodea", 20230, dsn))
     node_b = Node(a.venv, f"{a.dir}/nodeb", node_toml(a, "nodeb", 20232, dsn))
     ids = [f"<tk-{i}-{os.getpid()}@bench.test>" for i in range(a.n)]
+    stagger = 0.0
     try:
         node_a.start(20231)
+        # B's fallback poll runs every `poll` seconds from its start and A renews every
+        # lease/3 from its own: a random gap between the starts samples the phase
+        # between them, which decides where in [0, poll] after the expiry B looks.
+        stagger = a.stagger if a.stagger is not None else random.uniform(0.0, poll)
+        time.sleep(stagger)
         node_b.start(20233)
         log(f"sending {a.n} messages to node A")
         with smtplib.SMTP("127.0.0.1", 20230, timeout=30) as client:
@@ -215,6 +228,7 @@ def main() -> int:
         "retry_interval_s": a.retry,
         "bound_lease_plus_poll_s": a.lease + poll,
         "sink_delay_s": a.sink_delay,
+        "stagger_s": round(stagger, 2),
         "concurrency": a.concurrency,
         "at_sink_when_killed": at_kill,
         "leased_by_a_when_killed": held,
