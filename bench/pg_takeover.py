@@ -11,9 +11,10 @@ it) only when it answers 250 on a connection still open, as a real peer would.
 1. ``-n`` messages (unique Message-IDs, to ``to@remote.test``) are sent to A over SMTP:
    A leases each to itself at commit (up to its window of 100) and starts relaying
    them, ``--concurrency`` at a time, to the slow sink.
-2. Once the sink has counted ``--kill-after`` of them, A gets ``kill -9``.  (B was
-   started ``--stagger`` seconds after A, by default a random fraction of its poll
-   interval, so that repeated runs sample the phase between B's poll and A's lease.)
+2. Once the sink has counted ``--kill-after`` of them, A gets ``kill -9``.  (The
+   messages go ``--stagger`` seconds after both nodes started, by default a random
+   part of B's poll interval, so that repeated runs sample the phase between B's
+   poll and the kill.)
 3. Measured from the kill: when A's leases expire (``max(lease_until)`` in the table),
    the first message the sink gets from B (the takeover itself: bounded by lease +
    poll), and the last: takeover_s = kill -> every message at the sink, which adds
@@ -156,7 +157,7 @@ def main() -> int:
     ap.add_argument("--kill-after", type=int, default=10, help="kill A when the sink has this many")
     ap.add_argument(
         "--stagger", type=float, default=None,
-        help="seconds between starting A and B (default: random in [0, poll interval])",
+        help="seconds between starting the nodes and sending (default: random in [0, poll])",
     )  # fmt: skip
     ap.add_argument("--db", default="mta_bench_takeover")
     ap.add_argument("--admin-dsn", default=os.environ.get(
@@ -178,12 +179,13 @@ def main() -> int:
     stagger = 0.0
     try:
         node_a.start(20231)
-        # B's fallback poll runs every `poll` seconds from its start and A renews every
-        # lease/3 from its own: a random gap between the starts samples the phase
-        # between them, which decides where in [0, poll] after the expiry B looks.
+        node_b.start(20233)
+        # B's fallback poll runs every `poll` seconds from its start, A renews every
+        # lease/3 from its own, and the kill comes a fixed ~2 s after the sending
+        # starts: a random pause here samples where B's poll falls after the expiry
+        # (without it, every run measured the same phase).
         stagger = a.stagger if a.stagger is not None else random.uniform(0.0, poll)
         time.sleep(stagger)
-        node_b.start(20233)
         log(f"sending {a.n} messages to node A")
         with smtplib.SMTP("127.0.0.1", 20230, timeout=30) as client:
             client.ehlo("client.bench.test")
