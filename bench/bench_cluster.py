@@ -61,7 +61,7 @@ _before: dict[str, float] = {}
 
 def _comm(pid: int) -> str:
     try:
-        with open("/proc/%d/comm" % pid) as f:
+        with open(f"/proc/{pid}/comm") as f:
             return f.read().strip()
     except OSError:
         return ""
@@ -69,7 +69,7 @@ def _comm(pid: int) -> str:
 
 def _cmdline(pid: int) -> str:
     try:
-        with open("/proc/%d/cmdline" % pid, "rb") as f:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
             return f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
@@ -81,7 +81,7 @@ def postgres_pids(db: str | None = None) -> list[int]:
     out = []
     for name in os.listdir("/proc"):
         if name.isdigit() and _comm(int(name)) == "postgres":
-            if db is None or (" %s " % db) in _cmdline(int(name)):
+            if db is None or f" {db} " in _cmdline(int(name)):
                 out.append(int(name))
     return out
 
@@ -129,8 +129,8 @@ def shape_load(a, tgt, name, spec):
         total = 0.0
         for key in ("mta", "haproxy", "pg", "pgdb"):
             seconds = after[key] - _before.get(key, after[key])
-            res["%s_cpu_s" % key] = round(seconds, 3)
-            res["%s_cpu_ms_per_msg" % key] = round(seconds / accepted * 1000, 4)
+            res[f"{key}_cpu_s"] = round(seconds, 3)
+            res[f"{key}_cpu_ms_per_msg"] = round(seconds / accepted * 1000, 4)
             if key != "pgdb":
                 total += seconds
         res["all_cpu_ms_per_msg"] = round(total / accepted * 1000, 4)
