@@ -147,7 +147,10 @@ def main() -> int:
     if "--report" in sys.argv:
         sys.argv.remove("--report")
         report.ROWS = ROWS
-        report.main()
+        try:
+            report.main()
+        except BrokenPipeError:  # e.g. piped into head, as report.py allows
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if "--pg-db" in sys.argv:
         i = sys.argv.index("--pg-db")
