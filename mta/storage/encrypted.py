@@ -90,6 +90,11 @@ class EncryptingStore:
     def has_delivered(self, mailbox, message_tag: str) -> bool:
         return self.inner.has_delivered(mailbox, message_tag)
 
+    def delivered_tags(self, mailbox):
+        """The inner store's `delivered_tags`, when it has one (else None)."""
+        tags_of = getattr(self.inner, "delivered_tags", None)
+        return None if tags_of is None else tags_of(mailbox)
+
     def create_mailbox(self, mailbox):
         return self.inner.create_mailbox(mailbox)
 

@@ -37,6 +37,25 @@ from mta.storage.onefile import OneFilePerMessage
 __all__ = ["MaildirStore", "UnsafeMailboxName"]
 
 _TAG_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
+_TAG_IN_NAME = re.compile(r"Q([A-Za-z0-9_-]+)\.")  # what _write_one puts in a name
+
+
+def _tags_in(box: str) -> dict[str, str]:
+    """{message tag: its file} of every message in `box` (one listing)."""
+    found: dict[str, str] = {}
+    for sub in ("new", "cur"):
+        try:
+            names = os.listdir(f"{box}/{sub}")
+        except FileNotFoundError:
+            continue
+        search = _TAG_IN_NAME.search
+        for name in names:
+            m = search(name)
+            if m is not None:
+                found.setdefault(m.group(1), f"{box}/{sub}/{name}")
+    return found
+
+
 _OPEN_FLAGS = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
 
 
@@ -146,6 +165,14 @@ class MaildirStore(OneFilePerMessage):
     def has_delivered(self, mailbox, message_tag: str) -> bool:
         return self._find(self.mailbox_path(mailbox), message_tag) is not None
 
+    def delivered_tags(self, mailbox) -> frozenset[str]:
+        """Every message tag in `mailbox`, from one listing of ``new/`` and ``cur/``.
+
+        Finding one tag means listing the mailbox (its time-stamped names cannot be
+        looked up): a retried batch asks this once per mailbox instead of once per
+        message, which made draining a backlog into a large mailbox quadratic."""
+        return frozenset(_tags_in(self.mailbox_path(mailbox)))
+
     def _find(self, box: str, message_tag: str) -> str | None:
         marker = f"Q{message_tag}."
         for sub in ("new", "cur"):
@@ -165,13 +192,16 @@ class MaildirStore(OneFilePerMessage):
         stored path or the exception that stopped it (never raises for one item)."""
         results: list = [None] * len(items)
         dirs: dict[str, list[int]] = {}
+        present: dict[str, dict[str, str]] = {}  # box -> its tags, listed once a batch
         for i, item in enumerate(items):
             try:
                 box = self.mailbox_path(item.mailbox)
                 if not _TAG_RE.match(item.message_tag):
                     raise ValueError(f"bad message tag {item.message_tag!r}")
                 if item.check_existing:
-                    found = self._find(box, item.message_tag)
+                    if box not in present:
+                        present[box] = _tags_in(box)
+                    found = present[box].get(item.message_tag)
                     if found is not None:
                         results[i] = found
                         continue

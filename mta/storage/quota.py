@@ -87,8 +87,9 @@ class QuotaStore:
         outcomes: list = [None] * len(items)
         charge: list[int] = []  # indexes of items to charge, in order
         passed: list[int] = []  # indexes handed to the inner store
+        stored = self._already_stored(items)
         for i, item in enumerate(items):
-            if item.check_existing and self._already_stored(item):
+            if stored[i]:
                 passed.append(i)
             else:
                 charge.append(i)
@@ -118,11 +119,28 @@ class QuotaStore:
         self._refund(items, outcomes, set(charge))
         return outcomes
 
-    def _already_stored(self, item) -> bool:
-        try:
-            return self.inner.has_delivered(item.mailbox, item.message_tag)
-        except Exception:  # noqa: BLE001 (the store reports it when it delivers)
-            return False
+    def _already_stored(self, items: Sequence) -> list[bool]:
+        """Per item: is it a `check_existing` one whose copy the mailbox has?  One
+        question per mailbox where the store lists its tags at once (an optional
+        ``delivered_tags(mailbox)``: a set, or None when it cannot), else one per item."""
+        tags_of = getattr(self.inner, "delivered_tags", None)
+        listed: dict = {}
+        out = []
+        for item in items:
+            if not item.check_existing:
+                out.append(False)
+                continue
+            try:
+                if item.mailbox not in listed:
+                    listed[item.mailbox] = None if tags_of is None else tags_of(item.mailbox)
+                tags = listed[item.mailbox]
+                if tags is None:  # this mailbox's store cannot list its tags
+                    out.append(self.inner.has_delivered(item.mailbox, item.message_tag))
+                else:
+                    out.append(item.message_tag in tags)
+            except Exception:  # noqa: BLE001 (the store reports it when it delivers)
+                out.append(False)
+        return out
 
     def _admit(self, items: list) -> list:
         """One transaction: admit and charge `items` in order; per item None (admitted)

@@ -58,6 +58,11 @@ class RoutingStore:
     def has_delivered(self, mailbox, message_tag: str) -> bool:
         return self.store_for(mailbox).has_delivered(mailbox, message_tag)
 
+    def delivered_tags(self, mailbox):
+        """The tags in `mailbox` when its store can list them (else None)."""
+        tags_of = getattr(self.store_for(mailbox), "delivered_tags", None)
+        return None if tags_of is None else tags_of(mailbox)
+
     def create_mailbox(self, mailbox) -> str | None:
         return self.store_for(mailbox).create_mailbox(mailbox)
 

@@ -3,6 +3,7 @@ warning, and what a broken database or store does.  Real stores, real SQLite."""
 
 from __future__ import annotations
 
+import os
 import sqlite3
 
 import pytest
@@ -240,3 +241,28 @@ def test_sqlite_error_from_add_usage_on_delete_is_raised(tmp_path, db, maildir):
             store.delete_message(BOB, message.message_id)
     finally:
         impatient.close()
+
+
+@pytest.mark.parametrize("backend", ["maildir", "encrypted-maildir"])
+def test_a_retried_batch_lists_each_mailbox_once(backend, tmp_path, db, monkeypatch):
+    """Retried deliveries ask whether each copy is already there; a Maildir answers
+    from one listing per mailbox and batch, not one per message (a drain into a
+    large mailbox was quadratic)."""
+    store = QuotaStore(BACKENDS[backend](tmp_path), lambda: db)
+    first = [item(BOB, f"00aa-{i}") for i in range(0, 10, 2)] + [item(CAROL, "00cc-0")]
+    stored = store.deliver_batch(first)
+    retried = [item(BOB, f"00aa-{i}", check_existing=True) for i in range(10)]
+    retried += [item(CAROL, f"00cc-{i}", check_existing=True) for i in range(2)]
+    before = used(db)
+    listings = []
+    real_listdir, real_scandir = os.listdir, os.scandir
+    monkeypatch.setattr(os, "listdir", lambda p: listings.append(p) or real_listdir(p))
+    monkeypatch.setattr(os, "scandir", lambda p: listings.append(p) or real_scandir(p))
+    outcomes = store.deliver_batch(retried)
+    monkeypatch.undo()
+    # QuotaStore's question, then the store's own: new/ and cur/ twice per mailbox
+    assert len(listings) <= 2 * 2 * 2, listings
+    assert all(isinstance(o, str) for o in outcomes), outcomes
+    assert [outcomes[i] for i in (0, 2, 4, 6, 8, 10)] == stored  # the copies already there
+    assert len(store.list_messages(BOB)) == 10 and len(store.list_messages(CAROL)) == 2
+    assert used(db) == before + 5 * len(PREFIX + MESSAGE)
