@@ -11,22 +11,12 @@ from mta.envelope import DeliveryResult
 from mta.interfaces import IQueueControl
 from mta.queue.control import ControlError
 from mta.queue.inspect import format_listing
-from mta.queue.pgconn import Connections, apply_queue_schema
+from mta.queue.pgconn import Connections
 from mta.queue.pgcontrol import PGQueueControl, hold_message
 from mta.queue.pgstore import PGQueueStore
 from tests.queue.doubles import InlinePool, ThreadClock, envelope
-from tests.queue.pgtesting import private_database
 
 MESSAGE = b"Subject: hello\r\nMessage-ID: <m@remote.test>\r\n\r\nbody\r\n"
-
-
-@pytest.fixture(scope="module")
-def dsn():
-    with private_database() as dsn:
-        conns = Connections(dsn)
-        conns.run(apply_queue_schema)
-        conns.close()
-        yield dsn
 
 
 @pytest.fixture

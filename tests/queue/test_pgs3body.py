@@ -23,29 +23,19 @@ from mta.process.batch import BatchWorker
 from mta.queue import pgseal, pgsql
 from mta.queue.control import ControlError
 from mta.queue.pgbody import Places
-from mta.queue.pgconn import Connections, apply_queue_schema
+from mta.queue.pgconn import Connections
 from mta.queue.pgcontrol import PGQueueControl, hold_message
 from mta.queue.pgstore import PGQueueStore
 from mta.queue.s3body import ORPHAN_AGE, S3Bodies
 from mta.s3.reactor import ReactorThread
 from tests.conftest import free_port
 from tests.queue.doubles import InlinePool, ManualPool, ThreadClock, envelope
-from tests.queue.pgtesting import private_database
 from tests.storage.conftest import make_client, s3_prefix, s3_server  # noqa: F401 (fixture)
 
 MARK = b"CLEAR-TEXT-MARK-5e1d"
 MESSAGE = b"Subject: " + MARK + b"\r\nMessage-ID: <m@remote.test>\r\n\r\nbody " + MARK + b"\r\n"
 TRACE = b"Received: from secret-host.example by mx\r\n"
 OLD_KEY, NEW_KEY = bytes(range(32)), bytes(range(1, 33))
-
-
-@pytest.fixture(scope="module")
-def dsn():
-    with private_database() as dsn:
-        conns = Connections(dsn)
-        conns.run(apply_queue_schema)
-        conns.close()
-        yield dsn
 
 
 @pytest.fixture

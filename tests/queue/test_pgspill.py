@@ -22,13 +22,12 @@ from mta.headers import HeaderMatch
 from mta.process.batch import BatchWorker
 from mta.queue import pgseal
 from mta.queue.pgbody import Places
-from mta.queue.pgconn import Connections, apply_queue_schema
+from mta.queue.pgconn import Connections
 from mta.queue.pgspool import clean_spill
 from mta.queue.pgstore import PGQueueStore
 from mta.queue.s3body import S3Bodies
 from mta.s3.reactor import ReactorThread
 from tests.queue.doubles import InlinePool, ManualPool, ThreadClock, envelope
-from tests.queue.pgtesting import private_database
 from tests.storage.conftest import make_client, s3_prefix, s3_server  # noqa: F401 (fixture)
 
 MARK = b"CLEAR-IN-SPILL-7c2a"
@@ -39,15 +38,6 @@ LINE = MARK + b" " + b"y" * 60 + b"\r\n"
 BIG = HEAD + LINE * (1024 * 1024 // len(LINE))  # ~1 MB, a marker in every line
 PIECE = 16 * 1024  # what a session writes at a time
 OLD_KEY, NEW_KEY = bytes(range(32)), bytes(range(1, 33))
-
-
-@pytest.fixture(scope="module")
-def dsn():
-    with private_database() as dsn:
-        conns = Connections(dsn)
-        conns.run(apply_queue_schema)
-        conns.close()
-        yield dsn
 
 
 @pytest.fixture

@@ -17,22 +17,13 @@ from zope.interface.verify import verifyObject
 
 from mta.envelope import Address, DeliveryResult, RecipientState
 from mta.interfaces import IMessageBody, IQueueStore, ISpoolFile
-from mta.queue.pgconn import Connections, QueueUnavailable, apply_queue_schema
+from mta.queue.pgconn import Connections, QueueUnavailable
 from mta.queue.pgstore import PGQueueStore
 from mta.queue.runner import QueueRunner
 from tests.queue.doubles import InlinePool, ThreadClock, envelope
-from tests.queue.pgtesting import private_database, terminate_backends
+from tests.queue.pgtesting import terminate_backends
 
 MESSAGE = b"Subject: s\r\nMessage-ID: <m@remote.test>\r\n\r\nbody\r\n"
-
-
-@pytest.fixture(scope="module")
-def dsn():
-    with private_database() as dsn:
-        conns = Connections(dsn)
-        conns.run(apply_queue_schema)
-        conns.close()
-        yield dsn
 
 
 @pytest.fixture
