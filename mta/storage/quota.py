@@ -87,9 +87,8 @@ class QuotaStore:
         outcomes: list = [None] * len(items)
         charge: list[int] = []  # indexes of items to charge, in order
         passed: list[int] = []  # indexes handed to the inner store
-        stored = self._already_stored(items)
-        for i, item in enumerate(items):
-            if stored[i]:
+        for i, stored in enumerate(self._already_stored(items)):
+            if stored:
                 passed.append(i)
             else:
                 charge.append(i)

@@ -111,3 +111,26 @@ def test_parse_agrees_on_random_messages():
                 dkim.rfc822_parse(message)
             continue
         assert dkim.rfc822_parse(message) == expected, message
+
+
+SIGNATURE = (
+    b" v=1; a=rsa-sha256; c=relaxed/relaxed; d=sender.test;\r\n i=@sender.test; s=bench;"
+    b" h=from : to;\r\n bh=DWYGM2c6vGVW8fUuCSuAjM8mifdeeHUMDvZDfwXCxfs=;\r\n"
+    b" b=k0uBM/qaK3fOy3RL+p3LHLL4rrHv8dCCDXfnlAVJerMlBl+1PZthn6wxUtO5QEL4LDKRw\r\n"
+    b" wIzqjqOl40/8UQj6RrRvX4TCaTAZPrEh3zuJBELXX1Yc17fO3zsZMHiGzRM+/s1Q22ZTsWn==\r\n"
+)
+
+
+def test_b_tag_blanking_agrees_with_dkimpy():
+    ours, theirs = dkim.RE_BTAG, ORIGINAL["RE_BTAG"]
+    assert ours is dkimcanon.RE_BTAG and theirs is not ours
+    samples = [SIGNATURE, SIGNATURE.replace(b" b=", b" b =\r\n\t"), SIGNATURE + b"; x=y"]
+    rng = random.Random(8601)
+    alphabet = [b"b", b"=", b";", b" ", b"\t", b"\r\n", b"\n", b"\r", b"a", b"Z", b"+", b"/"]
+    alphabet += [b"9", b"h", b"b=", b"; b =", b"\x0b", b"\x0c", b"-", b"\xff"]
+    samples += [
+        b"".join(rng.choice(alphabet) for _ in range(rng.randrange(25))) for _ in range(20000)
+    ]
+    for value in samples:
+        assert ours.sub(b"\\1", value) == theirs.sub(b"\\1", value), value
+    assert ours.sub(b"\\1", SIGNATURE).endswith(b"Cxfs=;\r\n b=")
