@@ -8,7 +8,21 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
+
+
+def regroup(pieces: Iterable[bytes], size: int) -> Iterator[bytes]:
+    """`pieces` regrouped into chunks of exactly `size` bytes (the last may be
+    shorter), holding at most one chunk plus one piece: S3 parts, PostgreSQL body
+    chunks."""
+    buf = bytearray()
+    for piece in pieces:
+        buf += piece
+        while len(buf) >= size:
+            yield bytes(buf[:size])
+            del buf[:size]
+    if buf:
+        yield bytes(buf)
 
 
 def write_all(fd: int, buffers: list) -> int:

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from zope.interface import implementer
 
 from mta.crypto.stream import Sealer
-from mta.fileio import write_all
+from mta.fileio import regroup, write_all
 from mta.interfaces import IMessageBody
 from mta.observe.logging import Logger
 from mta.queue import pgseal, pgsql
@@ -29,19 +29,6 @@ from mta.queue.body import ShortMessage
 
 CHUNK = 1024 * 1024
 _log = Logger()
-
-
-def rechunk(pieces: Iterable[bytes], size: int = CHUNK) -> Iterator[bytes]:
-    """`pieces` regrouped into chunks of exactly `size` bytes (the last may be
-    shorter), holding at most one chunk plus one piece."""
-    buf = bytearray()
-    for piece in pieces:
-        buf += piece
-        while len(buf) >= size:
-            yield bytes(buf[:size])
-            del buf[:size]
-    if buf:
-        yield bytes(buf)
 
 
 def file_pieces(fd: int, length: int, size: int = CHUNK, start: int = 0) -> Iterator[bytes]:
@@ -63,7 +50,7 @@ class PGBodies:
     def save(self, conn, qid: str, pieces: Iterable[bytes]) -> str:
         """Store the body inside the caller's transaction; the body_ref."""
         with conn.cursor() as cur:
-            for seq, chunk in enumerate(rechunk(pieces)):
+            for seq, chunk in enumerate(regroup(pieces, CHUNK)):
                 cur.execute(
                     "INSERT INTO queue_bodies (entry_id, seq, data) VALUES (%s, %s, %s)",
                     (qid, seq, chunk),

@@ -14,30 +14,19 @@ from __future__ import annotations
 
 import contextlib
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 from twisted.logger import Logger
 
+from mta.fileio import regroup
 from mta.s3.client import S3Client, sha256_hex
 
-__all__ = ["PART_SIZE", "UploadWindow", "parts_of", "upload"]
+__all__ = ["PART_SIZE", "UploadWindow", "upload"]
 
 PART_SIZE = 8 * 1024 * 1024  # S3's minimum part size is 5 MiB (except the last)
 _READ_SIZE = 1024 * 1024
 
 _log = Logger()
-
-
-def parts_of(chunks: Iterable[bytes], part_size: int) -> Iterator[bytes]:
-    """`chunks` regrouped into parts of `part_size` bytes (the last one shorter)."""
-    pending = bytearray()
-    for chunk in chunks:
-        pending += chunk
-        while len(pending) >= part_size:
-            yield bytes(pending[:part_size])
-            del pending[:part_size]
-    if pending:
-        yield bytes(pending)
 
 
 class UploadWindow:
@@ -94,7 +83,7 @@ def upload(
     `S3Error` when S3 refuses or cannot be reached.  With a `window`, a body of one
     part is only started: `done` gets its outcome later (a multipart upload is
     finished here, and `done` called with None)."""
-    parts = parts_of(chunks, part_size)
+    parts = regroup(chunks, part_size)
     try:
         first = next(parts, b"")
         if size <= part_size:
