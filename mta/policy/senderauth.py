@@ -189,10 +189,11 @@ class SenderAuthCheck:
         a thread and back); else a Deferred of it, from the pool."""
         started = self.reactor.seconds()
         body = context.body
-        inline = _inline_body(body)
+        head = _head_if_inline(body)  # read once here when the checks may run here
+        inline = head is not None
         if not self.applies(context):
             if inline:
-                return self._unchecked(body.header_block(HEAD_LIMIT))
+                return self._unchecked(head)
             return self._run(body.header_block, HEAD_LIMIT).addCallback(self._unchecked)
         # DMARC needs the signatures whether or not dkim= is reported.
         wanted = self.dkim != "off" or self.dmarc != "off"
@@ -200,7 +201,7 @@ class SenderAuthCheck:
         spf_args = self._spf_args(context) if self.spf != "off" and spf_entry is None else None
         args = (body, self.dns, wanted, self.dmarc != "off", spf_args)
         if inline:
-            done, found = self.dns.run_cached(_authenticate, *args)
+            done, found = self.dns.run_cached(_authenticate, *args, head)
             if done:
                 return self._judge(context, started, spf_entry, found)
         # One hop to the pool for all of it: reading the message, the signatures, the
@@ -382,12 +383,12 @@ def _spf(dns: AuthDNS, args: tuple) -> SPFResult:
     return check_spf(dns, ip, sender, helo, receiver=receiver, querytime=querytime)
 
 
-def _authenticate(body, dns: AuthDNS, signatures: bool, dmarc_on: bool, spf_args):
+def _authenticate(body, dns: AuthDNS, signatures: bool, dmarc_on: bool, spf_args, head=None):
     """Thread: everything end of DATA needs that blocks, one after the other:
     (header section, DKIM results, ARC result, From domains, their DMARC records,
     the SPF result when `spf_args` asks for it).  The whole message is read only
-    when there is a signature or seal to check."""
-    head, message = _read_message(body, signatures)
+    when there is a signature or seal to check; `head`, when the caller read it."""
+    head, message = _read_message(body, signatures, head)
     if message is not None:
         results = dkimverify.verify_signatures(message, dns)
         arc_result = arcmod.verify_chain(message, dns)
@@ -399,31 +400,32 @@ def _authenticate(body, dns: AuthDNS, signatures: bool, dmarc_on: bool, spf_args
     return head, results, arc_result, domains, records, spf_result
 
 
-def _mentions_signatures(head: bytes) -> bool:
-    """Whether the header section may hold a DKIM-Signature or ARC-Seal: the names
-    anywhere in it (a scan in C; a mention elsewhere costs only reading the message,
-    whose verification then finds no signature, as if it had not been read)."""
+def _signatures_named(head: bytes) -> int:
+    """How often the header section names DKIM-Signature or ARC-Seal (a scan in C; a
+    mention elsewhere than a field name costs only reading the message, whose
+    verification then finds no signature, as if it had not been read)."""
     lowered = head.lower()
-    return b"dkim-signature" in lowered or b"arc-seal" in lowered
+    return lowered.count(b"dkim-signature") + lowered.count(b"arc-seal")
 
 
-def _inline_body(body) -> bool:
-    """Whether `body` may be checked on the reactor: in memory, at most INLINE_SIZE
-    bytes, at most INLINE_SIGNATURES signatures and seals (each costs a body hash:
-    a message built to cost many is checked on a thread)."""
+def _head_if_inline(body) -> bytes | None:
+    """The header section of `body` when it may be checked on the reactor (in memory,
+    at most INLINE_SIZE bytes, at most INLINE_SIGNATURES signatures and seals: each
+    costs a body hash, and a message built to cost many is checked on a thread);
+    else None."""
     if not getattr(body, "in_memory", False) or body.size > INLINE_SIZE:
-        return False
-    head = body.header_block(HEAD_LIMIT).lower()
-    signed = head.count(b"dkim-signature") + head.count(b"arc-seal")
-    return signed <= INLINE_SIGNATURES
+        return None
+    head = body.header_block(HEAD_LIMIT)
+    return head if _signatures_named(head) <= INLINE_SIGNATURES else None
 
 
-def _read_message(body, signatures: bool) -> tuple[bytes, bytes | None]:
+def _read_message(body, signatures: bool, head=None) -> tuple[bytes, bytes | None]:
     """Thread: (the header section, the whole message or None).  The DKIM and ARC
     hashes need all of it, but only when there is a signature or seal to check
     (`signatures`: they are wanted), which the header section tells."""
-    head = body.header_block(HEAD_LIMIT)
-    if not signatures or not _mentions_signatures(head):
+    if head is None:
+        head = body.header_block(HEAD_LIMIT)
+    if not signatures or not _signatures_named(head):
         return head, None
     chunks = body.chunks(262144)
     try:
