@@ -16,3 +16,10 @@ def dsn():
         conns.run(apply_queue_schema)
         conns.close()
         yield dsn
+
+
+def empty_queue(dsn: str) -> None:
+    """Remove every entry and node row: each test starts from an empty queue."""
+    conns = Connections(dsn)
+    conns.run(lambda c: c.execute("TRUNCATE queue_entries, queue_nodes CASCADE"))
+    conns.close()

@@ -14,6 +14,7 @@ from mta.queue.inspect import format_listing
 from mta.queue.pgconn import Connections
 from mta.queue.pgcontrol import PGQueueControl, hold_message
 from mta.queue.pgstore import PGQueueStore
+from tests.queue.conftest import empty_queue
 from tests.queue.doubles import InlinePool, ThreadClock, envelope
 
 MESSAGE = b"Subject: hello\r\nMessage-ID: <m@remote.test>\r\n\r\nbody\r\n"
@@ -21,9 +22,7 @@ MESSAGE = b"Subject: hello\r\nMessage-ID: <m@remote.test>\r\n\r\nbody\r\n"
 
 @pytest.fixture
 def node(dsn):
-    conns = Connections(dsn)
-    conns.run(lambda c: c.execute("TRUNCATE queue_entries, queue_nodes CASCADE"))
-    conns.close()
+    empty_queue(dsn)
     clock = ThreadClock()
     clock.advance(1_000_000)
     store = PGQueueStore(

@@ -29,6 +29,7 @@ from mta.queue.pgstore import PGQueueStore
 from mta.queue.s3body import ORPHAN_AGE, S3Bodies
 from mta.s3.reactor import ReactorThread
 from tests.conftest import free_port
+from tests.queue.conftest import empty_queue
 from tests.queue.doubles import InlinePool, ManualPool, ThreadClock, envelope
 from tests.storage.conftest import make_client, s3_prefix, s3_server  # noqa: F401 (fixture)
 
@@ -57,9 +58,7 @@ def s3(s3_server, tmp_path):  # noqa: F811
 @pytest.fixture
 def nodes(dsn, tmp_path):
     made = []
-    conns = Connections(dsn)
-    conns.run(lambda c: c.execute("TRUNCATE queue_entries, queue_nodes CASCADE"))
-    conns.close()
+    empty_queue(dsn)
 
     def make(places=None, **options):
         options.setdefault("listen", False)

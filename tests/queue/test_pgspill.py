@@ -27,6 +27,7 @@ from mta.queue.pgspool import clean_spill
 from mta.queue.pgstore import PGQueueStore
 from mta.queue.s3body import S3Bodies
 from mta.s3.reactor import ReactorThread
+from tests.queue.conftest import empty_queue
 from tests.queue.doubles import InlinePool, ManualPool, ThreadClock, envelope
 from tests.storage.conftest import make_client, s3_prefix, s3_server  # noqa: F401 (fixture)
 
@@ -49,9 +50,7 @@ def datadir(tmp_path):
 def store(dsn, datadir):
     """make(places, **options) -> a store spilling to <datadir>/queue/pg-spill."""
     made = []
-    conns = Connections(dsn)
-    conns.run(lambda c: c.execute("TRUNCATE queue_entries, queue_nodes CASCADE"))
-    conns.close()
+    empty_queue(dsn)
 
     def make(places, **options):
         options.setdefault("listen", False)
@@ -260,13 +259,18 @@ def rotate(directory, new: bytes, old: bytes) -> None:
     os.replace(tmp, os.path.join(directory, "master.key"))
 
 
-def test_a_key_rotated_while_the_message_arrives_is_followed_at_commit(store, tmp_path):
-    keys = tmp_path / "keys"
+def spilling_under_old_key(store, keys):
+    """(a store whose keyring is the file `keys`/master.key holding OLD_KEY, a spool
+    file of it)."""
     keys.mkdir()
     (keys / "master.key").write_bytes(OLD_KEY)
-    ring = FileKeyring(str(keys / "master.key"))
-    s = store(Places(None, ring))
-    f = s.open(s.new_queue_id())
+    s = store(Places(None, FileKeyring(str(keys / "master.key"))))
+    return s, s.open(s.new_queue_id())
+
+
+def test_a_key_rotated_while_the_message_arrives_is_followed_at_commit(store, tmp_path):
+    keys = tmp_path / "keys"
+    s, f = spilling_under_old_key(store, keys)
     f.write(BIG)  # spilled, sealed under the old key
     rotate(keys, NEW_KEY, OLD_KEY)
     qid = result_of(f.commit(envelope("bob@remote.test"), TRACE))
@@ -278,11 +282,7 @@ def test_a_key_rotated_while_the_message_arrives_is_followed_at_commit(store, tm
 
 def test_a_key_retired_while_the_message_arrives_refuses_it(store, tmp_path):
     keys = tmp_path / "keys"
-    keys.mkdir()
-    (keys / "master.key").write_bytes(OLD_KEY)
-    ring = FileKeyring(str(keys / "master.key"))
-    s = store(Places(None, ring))
-    f = s.open(s.new_queue_id())
+    s, f = spilling_under_old_key(store, keys)
     f.write(BIG)
     rotate(keys, NEW_KEY, OLD_KEY)
     os.unlink(keys / (key_id_of(OLD_KEY) + ".key"))  # retired: nothing can read it now

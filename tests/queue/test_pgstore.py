@@ -20,6 +20,7 @@ from mta.interfaces import IMessageBody, IQueueStore, ISpoolFile
 from mta.queue.pgconn import Connections, QueueUnavailable
 from mta.queue.pgstore import PGQueueStore
 from mta.queue.runner import QueueRunner
+from tests.queue.conftest import empty_queue
 from tests.queue.doubles import InlinePool, ThreadClock, envelope
 from tests.queue.pgtesting import terminate_backends
 
@@ -30,9 +31,7 @@ MESSAGE = b"Subject: s\r\nMessage-ID: <m@remote.test>\r\n\r\nbody\r\n"
 def nodes(dsn):
     """make(name, **options) -> a store ("node") on the shared queue, emptied first."""
     made = []
-    conns = Connections(dsn)
-    conns.run(lambda c: c.execute("TRUNCATE queue_entries, queue_nodes CASCADE"))
-    conns.close()
+    empty_queue(dsn)
 
     def make(name="a", clock=None, **options):
         clock = clock or ThreadClock()
