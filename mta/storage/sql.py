@@ -47,6 +47,7 @@ from mta.storage.sqlsearch import fts_query, search_sql, tsvector_text
 
 __all__ = ["SQLStore", "SearchHit", "fts_query"]
 
+_PREPARE_BUDGET = 16 << 20  # bytes of a batch's messages read before its transaction
 _MAX_INDEXED_TEXT = 1 << 20  # characters of body text indexed per message
 _TAG_RE = re.compile(r"<[^>]*>")  # HTML tags, dropped from indexed text
 _MESSAGE_TAG_RE = re.compile(r"[A-Za-z0-9_-]+\Z")  # as every file store accepts them
@@ -107,17 +108,35 @@ class SQLStore:
     def deliver_batch(self, items: Sequence[StoreItem]) -> list:
         """Store every item in one transaction; per item, ``sql:<id>`` (its row) or
         the exception that stopped it.  When the COMMIT fails, every item that was
-        to be stored reports that error."""
+        to be stored reports that error.
+
+        The messages are read and parsed before the transaction, up to
+        `_PREPARE_BUDGET` bytes of them (the rest inside it, one at a time): SQLite
+        has one writer, and a batch that parsed while holding it kept the other
+        delivery lane waiting through work that needs no database."""
         results: list = [None] * len(items)
+        prepared: list = [None] * len(items)
+        budget = _PREPARE_BUDGET
+        for i, item in enumerate(items):
+            if item.size > budget:
+                break
+            budget -= item.size
+            try:
+                prepared[i] = _prepare(item, self._clock())
+            except Exception as e:
+                results[i] = storage_error(e)
         try:
             db = self._conn()
             with db.transaction(exclusive=False) as conn:
                 now = db.now
                 for i, item in enumerate(items):
+                    if results[i] is not None:
+                        continue
                     try:
-                        results[i] = self._deliver_one(conn, db.dialect, item, now)
+                        results[i] = self._deliver_one(conn, db.dialect, item, prepared[i], now)
                     except Exception as e:
                         results[i] = storage_error(e)
+                    prepared[i] = None  # its bytes are in the database: let them go
         except Exception as e:  # open, BEGIN or COMMIT: nothing of the batch is stored
             e = storage_error(e)
             for i, result in enumerate(results):
@@ -125,10 +144,8 @@ class SQLStore:
                     results[i] = e
         return results
 
-    def _deliver_one(self, conn, dialect: str, item: StoreItem, now: float) -> str:
+    def _deliver_one(self, conn, dialect: str, item: StoreItem, prepared, now: float) -> str:
         user = _user(item.mailbox)
-        if not _MESSAGE_TAG_RE.match(item.message_tag):
-            raise ValueError(f"bad message tag {item.message_tag!r}")
         if item.check_existing:
             row = conn.execute(
                 'SELECT id FROM messages WHERE "user" = ? AND tag = ? LIMIT 1',
@@ -136,16 +153,7 @@ class SQLStore:
             ).fetchone()
             if row is not None:
                 return f"sql:{row[0]}"
-        chunks = item.body.chunks()
-        try:
-            data = item.prefix + b"".join(chunks)
-        finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
-        if len(data) != item.size:
-            raise OSError("message body is not as long as recorded")
-        fields = parse_message(data, now)
+        data, fields = prepared if prepared is not None else _prepare(item, now)
         row = [
             _text(fields.message_id),
             user,
@@ -330,6 +338,24 @@ def _user(mailbox) -> str:
     safe_component(mailbox.domain, "domain")
     safe_component(mailbox.local, "local part")
     return address_key(mailbox)
+
+
+def _prepare(item: StoreItem, now: float) -> tuple[bytes, MessageFields]:
+    """The whole message (the store's prefix, then the queued body) and its
+    indexed fields."""
+    _user(item.mailbox)
+    if not _MESSAGE_TAG_RE.match(item.message_tag):
+        raise ValueError(f"bad message tag {item.message_tag!r}")
+    chunks = item.body.chunks()
+    try:
+        data = item.prefix + b"".join(chunks)
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    if len(data) != item.size:
+        raise OSError("message body is not as long as recorded")
+    return data, parse_message(data, now)
 
 
 def _row_id(message_id: str) -> int:

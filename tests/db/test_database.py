@@ -78,6 +78,21 @@ def test_new_database_is_migrated_to_latest_in_wal_mode(sqlite_db, db_path):
     conn.close()
 
 
+def test_new_database_has_large_pages_and_an_old_one_keeps_its_own(sqlite_db, db_path, tmp_path):
+    conn = sqlite3.connect(db_path)
+    assert conn.execute("PRAGMA page_size").fetchone()[0] == 16384
+    conn.close()
+    old = str(tmp_path / "old.db")
+    conn = sqlite3.connect(old)
+    conn.execute("CREATE TABLE made_by_an_earlier_release (x)")
+    conn.close()
+    with Database(old):
+        pass
+    conn = sqlite3.connect(old)
+    assert conn.execute("PRAGMA page_size").fetchone()[0] == 4096
+    conn.close()
+
+
 def test_database_file_is_private(sqlite_db, db_path):
     assert stat.S_IMODE(os.stat(db_path).st_mode) == 0o600
 

@@ -172,6 +172,38 @@ def test_one_bad_item_does_not_stop_the_batch(store):
     assert store.search("broken") == []
 
 
+class WatchedBody(MemoryBody):
+    """Records whether the store's SQLite connection was inside a transaction
+    while the body was read."""
+
+    def __init__(self, data, store, seen):
+        super().__init__(data)
+        self.store, self.seen = store, seen
+
+    def chunks(self, chunk_size=262144):
+        with self.store._conn().read() as conn:
+            self.seen.append(conn.in_transaction)
+        yield from super().chunks(chunk_size)
+
+
+def test_bodies_are_read_before_the_write_transaction_within_a_budget(sqlite_store, monkeypatch):
+    """SQLite has one writer: reading and parsing under its lock kept the other
+    delivery lane waiting.  Past the byte budget, bodies are read inside it, one
+    at a time, rather than held all at once."""
+    store, seen = sqlite_store, []
+    deliver(store, BOB, message(), tag="opens-the-store")
+    data = message(body="x" * 1000)
+    batch = [StoreItem(BOB, f"t{i}", b"", WatchedBody(data, store, seen)) for i in range(4)]
+    assert all(o.startswith("sql:") for o in store.deliver_batch(batch))
+    assert seen == [False] * 4
+    seen.clear()
+    monkeypatch.setattr("mta.storage.sql._PREPARE_BUDGET", 2 * len(data) + 10)
+    batch = [StoreItem(BOB, f"u{i}", b"", WatchedBody(data, store, seen)) for i in range(4)]
+    assert all(o.startswith("sql:") for o in store.deliver_batch(batch))
+    assert seen == [False, False, True, True]
+    assert len(store.list_messages(BOB)) == 9
+
+
 def test_a_failed_commit_fails_every_item(sqlite_store, tmp_path):
     store = sqlite_store
     deliver(store, BOB, message(), tag="first")  # opens the store
