@@ -33,8 +33,6 @@ Every method blocks (called from a thread, never the reactor).
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
 import re
 import threading
 import time
@@ -85,15 +83,19 @@ def object_key(prefix: str, now: float, message_id: str | None, tag: str) -> str
     return f"{prefix}{day}/{name}.eml"
 
 
+# The first Message-ID field of a header section, with its continuation lines.
+_MESSAGE_ID_FIELD = re.compile(rb"^message-id:[ \t]*([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)", re.I | re.M)
+
+
 def _message_id(header_block: bytes) -> str | None:
-    try:
-        parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(
-            header_block
-        )
-        value = parsed.get("Message-ID")
-    except Exception:  # a malformed header: the key does without
+    """The Message-ID field's value, as the email package would give it (a scan: the
+    package's parser of the whole header section cost 46 us a message, for one
+    field whose odd characters `object_key` replaces anyway)."""
+    found = _MESSAGE_ID_FIELD.search(header_block)
+    if found is None:
         return None
-    return str(value) if value else None
+    value = found.group(1).rstrip(b"\r\n").decode("ascii", "surrogateescape")
+    return value or None
 
 
 @attrs.frozen

@@ -438,6 +438,8 @@ def _decoded(value) -> str:
     """A header value with RFC 2047 words decoded, as tolerant as can be."""
     if value is None:
         return ""
+    if type(value) is str and "=?" not in value:
+        return value.strip()  # nothing to decode: what the email package returns too
     try:
         return str(email.header.make_header(email.header.decode_header(value))).strip()
     except Exception:

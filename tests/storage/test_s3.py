@@ -59,6 +59,33 @@ def test_object_keys_are_dated_safe_and_unique():
     assert len(object_key("", now, "<" + "x" * 5000 + ">", "t")) < 200
 
 
+@pytest.mark.parametrize(
+    "header_block",
+    [
+        b"Subject: x\r\nMessage-ID: <a.b@c.d>\r\n\r\n",
+        b"message-id:<a@b>\r\nMessage-ID: <second@b>\r\n\r\n",
+        b"X-Message-ID: <not@this>\r\nSubject: none\r\n\r\n",
+        b"Message-Id: <a@b>\r\n\t<folded@c>\r\nFrom: x\r\n\r\n",
+        b"Message-ID: <caf\xc3\xa9@x>\r\n\r\n",
+        b"Message-ID:\r\n\r\n",
+        b"From: a\r\n\r\n",
+    ],
+)
+def test_the_key_takes_the_message_id_the_email_package_reads(header_block):
+    """The key's Message-ID comes from a scan of the header section, not a parse:
+    the same key as with the email package's value."""
+    import email.parser
+    import email.policy
+
+    from mta.storage.s3store import _message_id
+
+    parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(header_block)
+    expected = parsed.get("Message-ID")
+    expected = str(expected) if expected else None
+    now = 1796380800.0
+    assert object_key("", now, _message_id(header_block), "t") == object_key("", now, expected, "t")
+
+
 def test_one_object_for_every_recipient_of_a_message(s3_store_factory, tmp_path, s3_index):
     store = s3_store_factory(tmp_path, index=s3_index)
     body = MemoryBody(MESSAGE)
