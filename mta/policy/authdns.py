@@ -70,7 +70,8 @@ class AuthDNS:
         self._size = cache_size
         self._answers: dict[tuple[str, str], tuple[float, tuple]] = {}
         self._lock = threading.Lock()
-        self._local = threading.local()  # .cached_only, .missed: see run_cached
+        # .cached_only, .missed: see run_cached; .until: see fresh_until
+        self._local = threading.local()
 
     def run_cached(self, f: Callable[..., Any], *args: Any) -> tuple[bool, Any]:
         """(True, `f(*args)`) when `f` needed no DNS answer the cache does not hold;
@@ -88,11 +89,38 @@ class AuthDNS:
             return False, None
         return True, result
 
+    def now(self) -> float:
+        return self._clock()
+
+    def fresh_until(self, f: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+        """(`f(*args)`, until when every DNS answer `f` used stays valid): the time
+        the first of them expires; 0 when one of them was not kept (no records of
+        that type, no negative TTL) or `f` used none, so that its result is not
+        reused.  Calls nest inside `run_cached`."""
+        local = self._local
+        outer = getattr(local, "until", None)
+        local.until = float("inf")
+        try:
+            result = f(*args)
+            until = local.until
+        finally:
+            local.until = outer
+        if outer is not None:  # the enclosing call used these answers too
+            local.until = min(outer, until)
+        return result, (0.0 if until == float("inf") else until)
+
+    def _used(self, until: float) -> None:
+        local = self._local
+        current = getattr(local, "until", None)
+        if current is not None and until < current:
+            local.until = until
+
     def resolve(self, name: str, qtype: str, lifetime: float | None = None) -> list:
         """The answer's rdata list ([] for NXDOMAIN or no records of `qtype`)."""
         key = (name, qtype)
         hit = self._answers.get(key)
         if hit is not None and hit[0] > self._clock():
+            self._used(hit[0])
             return list(hit[1])
         if getattr(self._local, "cached_only", False):
             self._local.missed = True
@@ -103,21 +131,22 @@ class AuthDNS:
         try:
             answer = self.resolver.resolve(name, qtype, **kwargs)
         except dns.resolver.NXDOMAIN as e:
-            self._keep(key, (), _negative_ttl(e))
+            self._used(self._keep(key, (), _negative_ttl(e)))
             return []
         except (dns.resolver.NoAnswer, dns.name.NameTooLong):
+            self._used(0.0)
             return []
-        except (dns.resolver.NoNameservers, dns.exception.Timeout) as e:
-            raise DNSTemporaryError(f"{name} {qtype}: {_describe(e)}") from e
-        except dns.exception.DNSException as e:
+        except dns.exception.DNSException as e:  # timeout, SERVFAIL, refused, ...
+            self._used(0.0)
             raise DNSTemporaryError(f"{name} {qtype}: {_describe(e)}") from e
         rdata = tuple(answer) if answer.rrset is not None else ()
-        self._keep(key, rdata, answer.expiration - time.time())
+        self._used(self._keep(key, rdata, answer.expiration - time.time()))
         return list(rdata)
 
-    def _keep(self, key: tuple[str, str], rdata: tuple, ttl: float) -> None:
+    def _keep(self, key: tuple[str, str], rdata: tuple, ttl: float) -> float:
+        """Cache the answer for `ttl` seconds; until when (0: not kept)."""
         if ttl <= 0 or not self._size:
-            return
+            return 0.0
         with self._lock:
             if len(self._answers) >= self._size:
                 now = self._clock()
@@ -125,7 +154,9 @@ class AuthDNS:
                     del self._answers[old]
                 while len(self._answers) >= self._size:  # still full: the oldest go
                     del self._answers[next(iter(self._answers))]
-            self._answers[key] = (self._clock() + ttl, rdata)
+            until = self._clock() + ttl
+            self._answers[key] = (until, rdata)
+        return until
 
     def txt(self, name: str) -> list[bytes]:
         """Each TXT record of `name`, its strings joined."""

@@ -8,7 +8,10 @@ mail from outside: sessions that did not authenticate, from clients not in
   `spf = "enforce"` and DMARC off, `fail` is `550 5.7.23` right there; `temperror`
   is `451 4.7.24` with `[checks] fail = "closed"` and goes on as
   `spf=temperror` with `fail = "open"`.  The result waits for DATA in a small table
-  keyed by session and sender (evicted oldest first; recomputed if gone).
+  keyed by session and sender (evicted oldest first; recomputed if gone).  A verdict
+  is reused for the same client address, sender and HELO while every DNS answer it
+  rests on is still valid (`AuthDNS.fresh_until`; never a temperror): a regular
+  sender's MTA gets the verdict pyspf gave, without evaluating its record again.
 - DATA: the header section is read from the spool (the whole message only when
   it has a DKIM signature or an ARC seal to check), then DKIM (every signature),
   ARC and the DMARC record lookups run one after the other in one call: right here
@@ -36,7 +39,7 @@ import collections
 import random
 from collections.abc import Callable, Iterable
 
-from twisted.internet import defer, threads
+from twisted.internet import threads
 from zope.interface import implementer
 
 from mta.dns import make_dnspython_resolver
@@ -101,6 +104,7 @@ class SenderAuthCheck:
         self.phases = ((Phase.MAIL,) if spf != "off" else ()) + (Phase.DATA,)
         self._forged = (forged_results(hostname),)
         self._spf_results: collections.OrderedDict = collections.OrderedDict()
+        self._spf_verdicts: collections.OrderedDict = collections.OrderedDict()
 
     def __repr__(self) -> str:
         return f"<SenderAuthCheck spf={self.spf} dkim={self.dkim} dmarc={self.dmarc}>"
@@ -142,19 +146,34 @@ class SenderAuthCheck:
             self.querytime,
         )
 
-    def _check_spf(self, context: PolicyContext):
-        return self._run(_spf, self.dns, self._spf_args(context))
-
     def _mail(self, context: PolicyContext):
         started = self.reactor.seconds()
-        done, result = self.dns.run_cached(_spf, self.dns, self._spf_args(context))
+        args = self._spf_args(context)
+        verdict_key = args[:3]  # client address, sender, HELO
+        known = self._spf_verdicts.get(verdict_key)
+        if known is not None and known[0] > self.dns.now():
+            return self._after_spf(context, known[1], self.reactor.seconds() - started)
+        done, found = self.dns.run_cached(_spf_fresh, self.dns, args)
         if done:
+            result = self._remember(verdict_key, found)
             return self._after_spf(context, result, self.reactor.seconds() - started)
-        return defer.Deferred.fromCoroutine(self._mail_in_thread(context, started))
+        d = self._run(_spf_fresh, self.dns, args)
+        d.addCallback(lambda found: self._remember(verdict_key, found))
+        return d.addCallback(
+            lambda result: self._after_spf(context, result, self.reactor.seconds() - started)
+        )
 
-    async def _mail_in_thread(self, context: PolicyContext, started: float) -> Verdict:
-        result: SPFResult = await self._check_spf(context)
-        return self._after_spf(context, result, self.reactor.seconds() - started)
+    def _remember(self, key: tuple, found: tuple) -> SPFResult:
+        """Keep an SPF verdict while every DNS answer it rests on is valid: the same
+        client, sender and HELO get the same verdict until one of them expires
+        (never a temperror, nor one resting on an answer that was not kept)."""
+        result, until = found
+        if result.result != "temperror" and until > self.dns.now():
+            self._spf_verdicts[key] = (until, result)
+            self._spf_verdicts.move_to_end(key)
+            while len(self._spf_verdicts) > _SPF_TABLE:
+                self._spf_verdicts.popitem(last=False)
+        return result
 
     def _after_spf(self, context: PolicyContext, result: SPFResult, duration: float) -> Verdict:
         key = self._spf_key(context)
@@ -381,6 +400,11 @@ def _summary(item: dict) -> str:
 def _spf(dns: AuthDNS, args: tuple) -> SPFResult:
     ip, sender, helo, receiver, querytime = args
     return check_spf(dns, ip, sender, helo, receiver=receiver, querytime=querytime)
+
+
+def _spf_fresh(dns: AuthDNS, args: tuple) -> tuple[SPFResult, float]:
+    """The SPF result, and until when the DNS answers it rests on stay valid."""
+    return dns.fresh_until(_spf, dns, args)
 
 
 def _authenticate(body, dns: AuthDNS, signatures: bool, dmarc_on: bool, spf_args, head=None):

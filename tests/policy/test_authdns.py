@@ -132,3 +132,35 @@ def test_negative_ttl_of_a_no_such_name_with_its_soa():
     error = dns.resolver.NXDOMAIN(qnames=[qname], responses={qname: response})
     assert _negative_ttl(error) == 45
     assert _negative_ttl(dns.resolver.NXDOMAIN(qnames=[qname], responses={qname: query})) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_fresh_until_is_when_the_first_answer_used_expires(server):
+    """What a result computed from DNS answers may be reused for: until the first
+    of them expires; not at all when one was not kept, or none was used."""
+    server.zone("fresh.test", ttl=60).txt("fresh.test", "v=spf1 -all")
+    server.zone("short.test", ttl=10).txt("s.short.test", "short")
+    server.zone("nosoa.test", ttl=60)
+    clock = Clock()
+    dns = auth_dns(server, clock)
+
+    def two(first, second):
+        return dns.txt(first) + dns.txt(second)
+
+    found, until = await in_thread(dns.fresh_until, two, "fresh.test", "s.short.test")
+    assert found == [b"v=spf1 -all", b"short"] and until == pytest.approx(1010, abs=0.5)
+    clock.now += 5  # both cached now: the same bound, from the cache
+    again = await in_thread(dns.fresh_until, two, "fresh.test", "s.short.test")
+    assert again[1] == until
+    found, until = await in_thread(dns.fresh_until, dns.txt, "x.nosoa.test")
+    assert until == 0  # an answer not kept
+    assert (await in_thread(dns.fresh_until, lambda: "no DNS"))[1] == 0
+
+    def failing():
+        return dns.txt("x.servfail.test")
+
+    with pytest.raises(DNSTemporaryError):
+        await in_thread(dns.fresh_until, failing)
+    # nested inside run_cached, from the cache only
+    done, (found, until) = dns.run_cached(dns.fresh_until, dns.txt, "fresh.test")
+    assert done and found == [b"v=spf1 -all"] and until == pytest.approx(1060, abs=0.5)

@@ -95,10 +95,11 @@ async def test_a_cache_miss_goes_to_the_pool(auth_zones):  # noqa: F811
     data = auth_zones.keys["rsa"].sign(message())
     await transaction(check, "alice@example.test", data, in_memory=True, session="S1")
     check.dns._answers.clear()  # everything expired
+    check._spf_verdicts.clear()  # (as did the SPF verdict resting on those answers)
     pool.calls.clear()
     (mail, end), how = await transaction(check, "alice@example.test", data, in_memory=True)
     assert how == (False, False)
-    assert pool.calls == ["_spf", "_authenticate"]
+    assert pool.calls == ["_spf_fresh", "_authenticate"]
     assert "dkim=pass" in b"".join(end.headers).decode()
 
 
@@ -148,3 +149,42 @@ async def test_run_cached_sees_a_swallowed_miss(auth_zones):  # noqa: F811
             raising()
         finally:
             dns._local.cached_only = False
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_spf_verdict_is_reused_while_its_dns_answers_are_valid(auth_zones, monkeypatch):  # noqa: F811
+    """The same client, sender and HELO get the verdict pyspf gave, without pyspf,
+    until the first DNS answer it rested on expires; another sender or HELO is
+    evaluated; a temperror is never reused."""
+    import mta.policy.senderauth as senderauth
+
+    evaluated = []
+    real = senderauth.check_spf
+
+    def counting(dns, ip, sender, helo, **kw):
+        evaluated.append((sender, helo))
+        return real(dns, ip, sender, helo, **kw)
+
+    monkeypatch.setattr(senderauth, "check_spf", counting)
+    check, pool = make(auth_zones)
+    data = auth_zones.keys["rsa"].sign(message())
+    first, _ = await transaction(check, "alice@example.test", data, in_memory=True, session="S1")
+    assert set(evaluated) == {("alice@example.test", "client.helo.test")}  # (cold: twice)
+    evaluated.clear()
+    again, how = await transaction(check, "alice@example.test", data, in_memory=True, session="S2")
+    assert evaluated == []
+    assert how == (True, True) and same(first[0], again[0]) and same(first[1], again[1])
+    await transaction(check, "bob@example.test", data, in_memory=True, session="S3")
+    assert evaluated == [("bob@example.test", "client.helo.test")]
+    [(until, result)] = [v for k, v in check._spf_verdicts.items() if k[1] == "alice@example.test"]
+    assert result.result == "pass" and until > check.dns.now()
+    check._spf_verdicts[next(iter(check._spf_verdicts))] = (check.dns.now() - 1, result)
+    await transaction(check, "alice@example.test", data, in_memory=True, session="S4")
+    assert len(evaluated) == 2  # expired: evaluated again
+    for session in ("S5", "S6"):  # SERVFAIL under temp.test's include: 451, each time anew
+        (mail, _), _ = await transaction(
+            check, "a@temp.test", data, in_memory=True, session=session
+        )
+        assert mail.reply.code == 451
+    assert len(evaluated) >= 4  # each time anew (after a first try from the cache)
+    assert not any(key[1] == "a@temp.test" for key in check._spf_verdicts)
