@@ -10,7 +10,8 @@ which cannot match is returned as it is, without the regular expression:
 
 - compressing: no tab and no two spaces in a row;
 - trailing white space: no space or tab right before a CRLF;
-- unfolding: no line feed at all (the patterns of every dkimpy version need one).
+- unfolding: no line feed at all (the patterns of every dkimpy version need one),
+  or just the CRLF that ends a field written on one line (both versions remove it).
 
 And `dkim.rfc822_parse`, which splits the whole message into lines with a regular
 expression (to accept bare LF line ends) and joins the body's lines back: when every
@@ -52,8 +53,11 @@ def _strip_trailing(content: bytes) -> bytes:
 
 
 def _unfold(content: bytes) -> bytes:
-    if b"\n" not in content:
+    newlines = content.count(b"\n")
+    if not newlines:
         return content
+    if newlines == 1 and content.endswith(b"\r\n"):  # a field on one line
+        return content[:-2]
     return _original["unfold_header_value"](content)
 
 

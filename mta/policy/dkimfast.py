@@ -8,7 +8,8 @@ canonicalized to hash the few the signature names, and the hash fed a field at a
 time through a debugging wrapper.  That was 0.35 ms of a message's 1.5 ms of
 Python with SPF, DKIM and DMARC on.  `verify_pass` reaches the same `pass` with
 dkimpy's own pieces (its message parse, canonicalization classes, b= blanking
-pattern and public-key parse) in a third of the time, for a signature that:
+pattern and public-key parse) and nothing else (0.16 against 0.31 ms for the
+benchmark's message, 40 us of which is OpenSSL's RSA check), for a signature that:
 
 - has only the tags v a b bh c d h i s t q, with v=1, a=rsa-sha256 or ed25519-sha256,
   q=dns/txt if any: no l= (body length), x= (expiry), z= or unknown tags;
@@ -47,6 +48,7 @@ _KEY_TYPE = {b"rsa-sha256": b"rsa", b"ed25519-sha256": b"ed25519"}
 # dkimpy's validate_signature_fields patterns, compiled once.
 _BASE64_SHAPE = re.compile(rb"[\s0-9A-Za-z+/]+[\s=]*$")
 _WHITE = re.compile(rb"\s+")
+_HAS_WHITE = re.compile(rb"\s")
 _DOMAIN_SPECIALS = re.compile(rb"[\(\)<>\[\]:;@\\,]")
 _HEADER_LIST = re.compile(rb"\s*:\s*")
 _DIGITS = re.compile(rb"\d+$")
@@ -64,8 +66,8 @@ def verify_pass(headers, body: bytes, sig_header, dns, *, minkey: int = 1024):
         return None
     try:
         policy = canon.CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
-        body_hash = base64.b64decode(_WHITE.sub(b"", sig[b"bh"]), validate=True)
-        signature = base64.b64decode(_WHITE.sub(b"", sig[b"b"]), validate=True)
+        body_hash = base64.b64decode(_unspaced(sig[b"bh"]), validate=True)
+        signature = base64.b64decode(_unspaced(sig[b"b"]), validate=True)
     except (canon.InvalidCanonicalizationPolicyError, binascii.Error, ValueError):
         return None
     if hashlib.sha256(policy.canonicalize_body(body)).digest() != body_hash:
@@ -104,7 +106,7 @@ def _fields_ok(sig: dict) -> bool:
     if any(name not in sig for name in _MANDATORY) or sig[b"v"] != b"1":
         return False
     for name in (b"b", b"bh"):
-        if _BASE64_SHAPE.match(sig[name]) is None or len(_WHITE.sub(b"", sig[name])) % 4:
+        if _BASE64_SHAPE.match(sig[name]) is None or len(_unspaced(sig[name])) % 4:
             return False
     domain = sig[b"d"]
     if not domain or not domain.isascii() or _DOMAIN_SPECIALS.search(domain):
@@ -124,6 +126,11 @@ def _fields_ok(sig: dict) -> bool:
     ):
         return False
     return bool(sig[b"s"]) and bool(sig[b"h"])
+
+
+def _unspaced(value: bytes) -> bytes:
+    """`value` without white space (dkimpy's ``re.sub(rb"\\s+", b"", value)``)."""
+    return _WHITE.sub(b"", value) if _HAS_WHITE.search(value) else value
 
 
 def _key(sig: dict, dns, key_type: bytes, minkey: int):
