@@ -69,10 +69,18 @@ def escape_lines(chunks: Iterable[bytes]) -> Iterable[bytes]:
         cut = data.rfind(b"\n") + 1
         carry = data[cut:]
         if cut:
-            yield _QUOTE_RE.sub(rb">\1", data[:cut].replace(b"\r\n", b"\n"))
+            yield _quoted(data[:cut].replace(b"\r\n", b"\n"))
     if carry:
         line = carry[:-1] if carry.endswith(b"\r") else carry
-        yield _QUOTE_RE.sub(rb">\1", line) + b"\n"
+        yield _quoted(line) + b"\n"
+
+
+def _quoted(lines: bytes) -> bytes:
+    """`lines` with each ``>*From `` line start quoted once more.  The pattern
+    cannot use a literal prefix to skip ahead (``>*`` may be empty) and tried every
+    byte: 0.6 ms of GIL per 100 KB, where a search for "From " takes 0.05 ms and
+    finds none in most mail."""
+    return _QUOTE_RE.sub(rb">\1", lines) if b"From " in lines else lines
 
 
 def unescape(stored: bytes) -> bytes:
