@@ -19,7 +19,7 @@ from zope.interface import implementer
 
 from mta.interfaces import IMailStore
 from mta.storage import crypto
-from mta.storage.items import BytesBody, StoreItem
+from mta.storage.items import BytesBody, StoreItem, read_whole
 
 _log = Logger()
 
@@ -49,17 +49,7 @@ class EncryptingStore:
             _log.warn("cannot re-read the storage keys: {error}", error=str(e))
 
     def _seal(self, item: StoreItem):
-        parts = [item.prefix]
-        chunks = item.body.chunks()
-        try:
-            parts.extend(chunks)
-        finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
-        data = b"".join(parts)
-        if len(data) != item.size:
-            raise OSError(f"message {item.message_tag}: read {len(data)} of {item.size} bytes")
+        data = read_whole(item.body, item.prefix)
         blob = crypto.encrypt(self.keyring, item.mailbox, item.message_tag, data)
         return StoreItem(item.mailbox, item.message_tag, b"", SealedBody(blob), item.check_existing)
 

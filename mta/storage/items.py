@@ -26,6 +26,24 @@ class StoreItem:
         return len(self.prefix) + self.body.size
 
 
+def read_whole(body, prefix: bytes = b"") -> bytes:
+    """`prefix` and all of `body` (an `IMessageBody`) at once.  OSError when the body
+    is not as long as recorded: its queue file changed under us."""
+    chunks = body.chunks()
+    try:
+        data = prefix + b"".join(chunks)
+    finally:
+        close = getattr(chunks, "close", None)
+        if close is not None:
+            close()
+    if len(data) != len(prefix) + body.size:
+        raise OSError(
+            f"message body is not as long as recorded (read {len(data) - len(prefix)}"
+            f" of {body.size} bytes)"
+        )
+    return data
+
+
 @attrs.frozen
 class StoredMessage:
     """What `IMailStore.list_messages` says of one stored message."""

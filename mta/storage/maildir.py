@@ -163,7 +163,7 @@ class MaildirStore(OneFilePerMessage):
         return f"{self.mailbox_path(mailbox)}/{sub}/{name}"
 
     def has_delivered(self, mailbox, message_tag: str) -> bool:
-        return self._find(self.mailbox_path(mailbox), message_tag) is not None
+        return message_tag in _tags_in(self.mailbox_path(mailbox))
 
     def delivered_tags(self, mailbox) -> frozenset[str]:
         """Every message tag in `mailbox`, from one listing of ``new/`` and ``cur/``.
@@ -172,18 +172,6 @@ class MaildirStore(OneFilePerMessage):
         looked up): a retried batch asks this once per mailbox instead of once per
         message, which made draining a backlog into a large mailbox quadratic."""
         return frozenset(_tags_in(self.mailbox_path(mailbox)))
-
-    def _find(self, box: str, message_tag: str) -> str | None:
-        marker = f"Q{message_tag}."
-        for sub in ("new", "cur"):
-            try:
-                with os.scandir(os.path.join(box, sub)) as it:
-                    for e in it:
-                        if marker in e.name:
-                            return e.path
-            except FileNotFoundError:
-                continue
-        return None
 
     # -- batches --------------------------------------------------------------------
 

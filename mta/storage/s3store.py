@@ -47,7 +47,7 @@ from mta.interfaces import IMailStore
 from mta.s3.client import S3Client
 from mta.s3.upload import PART_SIZE, UploadWindow, upload
 from mta.storage import crypto
-from mta.storage.items import StoredMessage, StoreItem
+from mta.storage.items import StoredMessage, StoreItem, read_whole
 from mta.storage.names import safe_component
 from mta.storage.s3index import IndexRow, ObjectIndex
 from mta.storage.sql import SearchHit, parse_message, storage_error
@@ -219,15 +219,7 @@ class S3Store:
                 done=done,
             )
             return _Uploaded(key, first)
-        chunks = body.chunks()
-        try:
-            data = b"".join(chunks)
-        finally:
-            close = getattr(chunks, "close", None)
-            if close is not None:
-                close()
-        if len(data) != body.size:
-            raise OSError(f"message body is not as long as recorded ({len(data)} of {body.size})")
+        data = read_whole(body)
         blob = crypto.encrypt(self.keyring, _OBJECT_OWNER, key, data)
         del data
         upload(

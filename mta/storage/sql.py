@@ -41,7 +41,7 @@ from mta.db.connection import Connection
 from mta.db.database import DatabaseHandle
 from mta.db.errors import DatabaseUnavailable
 from mta.interfaces import IMailStore
-from mta.storage.items import StoredMessage, StoreItem
+from mta.storage.items import StoredMessage, StoreItem, read_whole
 from mta.storage.names import safe_component
 from mta.storage.sqlsearch import fts_query, search_sql, tsvector_text
 
@@ -115,14 +115,17 @@ class SQLStore:
         has one writer, and a batch that parsed while holding it kept the other
         delivery lane waiting through work that needs no database."""
         results: list = [None] * len(items)
+        users: list = [None] * len(items)
         prepared: list = [None] * len(items)
         budget = _PREPARE_BUDGET
         for i, item in enumerate(items):
-            if item.size > budget:
-                break
-            budget -= item.size
             try:
-                prepared[i] = _prepare(item, self._clock())
+                users[i] = _user(item.mailbox)
+                if not _MESSAGE_TAG_RE.match(item.message_tag):
+                    raise ValueError(f"bad message tag {item.message_tag!r}")
+                if item.size <= budget:
+                    budget -= item.size
+                    prepared[i] = _prepare(item, self._clock())
             except Exception as e:
                 results[i] = storage_error(e)
         try:
@@ -133,7 +136,9 @@ class SQLStore:
                     if results[i] is not None:
                         continue
                     try:
-                        results[i] = self._deliver_one(conn, db.dialect, item, prepared[i], now)
+                        results[i] = self._deliver_one(
+                            conn, db.dialect, item, users[i], prepared[i], now
+                        )
                     except Exception as e:
                         results[i] = storage_error(e)
                     prepared[i] = None  # its bytes are in the database: let them go
@@ -144,8 +149,7 @@ class SQLStore:
                     results[i] = e
         return results
 
-    def _deliver_one(self, conn, dialect: str, item: StoreItem, prepared, now: float) -> str:
-        user = _user(item.mailbox)
+    def _deliver_one(self, conn, dialect: str, item: StoreItem, user: str, prepared, now):
         if item.check_existing:
             row = conn.execute(
                 'SELECT id FROM messages WHERE "user" = ? AND tag = ? LIMIT 1',
@@ -343,18 +347,7 @@ def _user(mailbox) -> str:
 def _prepare(item: StoreItem, now: float) -> tuple[bytes, MessageFields]:
     """The whole message (the store's prefix, then the queued body) and its
     indexed fields."""
-    _user(item.mailbox)
-    if not _MESSAGE_TAG_RE.match(item.message_tag):
-        raise ValueError(f"bad message tag {item.message_tag!r}")
-    chunks = item.body.chunks()
-    try:
-        data = item.prefix + b"".join(chunks)
-    finally:
-        close = getattr(chunks, "close", None)
-        if close is not None:
-            close()
-    if len(data) != item.size:
-        raise OSError("message body is not as long as recorded")
+    data = read_whole(item.body, item.prefix)
     return data, parse_message(data, now)
 
 
