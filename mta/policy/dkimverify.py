@@ -59,10 +59,7 @@ def verify_signatures(message: bytes, dns: AuthDNS, *, minkey: int = 1024) -> tu
     for i, header in enumerate(signatures):
         passed = dkimfast.verify_pass(headers, body, header, dns, minkey=minkey)
         if passed is not None:
-            d, s, a, identity, b = passed
-            results.append(
-                DKIMResult("pass", _text(d), _text(s), _text(a), "", _text(identity), _text(b)[:8])
-            )
+            results.append(_described("pass", "", passed))
             continue
         if checker is None:
             checker = dkim.DKIM(message, logger=_quiet, minkey=minkey)
@@ -100,10 +97,16 @@ def _verify_one(checker: dkim.DKIM, idx: int, dns: AuthDNS) -> DKIMResult:
         # dkimpy gave up before fetching the key: a malformed or unusable signature
         result, reason = "permerror", "signature not usable"
     fields = getattr(checker, "signature_fields", None) or {}
+    return _described(result, reason, fields, checker.domain, checker.selector)
+
+
+def _described(result: str, reason: str, fields: dict, domain=None, selector=None):
+    """The `DKIMResult` of a signature whose tags are `fields` (d= and s= from
+    `domain` and `selector` when the tags could not be read)."""
     return DKIMResult(
         result,
-        _text(fields.get(b"d") or checker.domain),
-        _text(fields.get(b"s") or checker.selector),
+        _text(fields.get(b"d") or domain),
+        _text(fields.get(b"s") or selector),
         _text(fields.get(b"a")),
         reason,
         _text(fields.get(b"i")),

@@ -169,18 +169,12 @@ class SenderAuthCheck:
         (never a temperror, nor one resting on an answer that was not kept)."""
         result, until = found
         if result.result != "temperror" and until > self.dns.now():
-            self._spf_verdicts[key] = (until, result)
-            self._spf_verdicts.move_to_end(key)
-            while len(self._spf_verdicts) > _SPF_TABLE:
-                self._spf_verdicts.popitem(last=False)
+            _keep(self._spf_verdicts, key, (until, result))
         return result
 
     def _after_spf(self, context: PolicyContext, result: SPFResult, duration: float) -> Verdict:
         key = self._spf_key(context)
-        self._spf_results[key] = (result, duration)
-        self._spf_results.move_to_end(key)
-        while len(self._spf_results) > _SPF_TABLE:
-            self._spf_results.popitem(last=False)
+        _keep(self._spf_results, key, (result, duration))
         refusal = self._spf_refusal(result, at_mail=True)
         if refusal is not None:
             self._spf_results.pop(key, None)
@@ -395,6 +389,14 @@ def _item(check: str, result: str, detail: str, duration: float | None = None) -
 def _summary(item: dict) -> str:
     detail = item["detail"]
     return f"{item['check']}={item['result']}" + (f" ({detail})" if detail else "")
+
+
+def _keep(table: collections.OrderedDict, key, value) -> None:
+    """Put `value` in `table` as its newest entry, the oldest going past _SPF_TABLE."""
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > _SPF_TABLE:
+        table.popitem(last=False)
 
 
 def _spf(dns: AuthDNS, args: tuple) -> SPFResult:
