@@ -38,6 +38,15 @@ __all__ = ["MaildirStore", "UnsafeMailboxName"]
 
 _TAG_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
 _TAG_IN_NAME = re.compile(r"Q([A-Za-z0-9_-]+)\.")  # what _write_one puts in a name
+_ARRIVAL = re.compile(r"(\d+)\.M(\d+)")
+
+
+def _arrival(message_id: str) -> tuple:
+    """Sort key among messages with one mtime: the name's seconds and microseconds as
+    numbers (they are not zero-padded, so as text M99999 sorts after M100000)."""
+    name = message_id.partition("/")[2]
+    m = _ARRIVAL.match(name)
+    return (int(m.group(1)), int(m.group(2)), name) if m else (0, 0, name)
 
 
 def _tags_in(box: str) -> dict[str, str]:
@@ -153,7 +162,7 @@ class MaildirStore(OneFilePerMessage):
                         )
             except FileNotFoundError:
                 continue
-        out.sort(key=lambda m: (m.received, m.message_id))
+        out.sort(key=lambda m: (m.received, _arrival(m.message_id)))
         return out
 
     def _message_path(self, mailbox, message_id: str) -> str:

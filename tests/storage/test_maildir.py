@@ -205,3 +205,21 @@ def test_nfc_and_nfd_spellings_reach_one_mailbox(tmp_path, source):
     assert store.create_mailbox(nfc) == store.create_mailbox(nfd)
     deliver(store, nfd, "00aa-0", b"", source, BODY_LEN)
     assert len(store.list_messages(nfc)) == 1
+
+
+def test_messages_with_one_mtime_list_in_arrival_order(tmp_path):
+    """Two deliveries inside one clock tick share an mtime; the names' unpadded
+    microseconds then decide, as numbers (M99999 before M100000), not as text."""
+    store = MaildirStore(str(tmp_path / "mail"), "mx.example.test")
+    box = Address("bob", "example.test")
+    new = tmp_path / "mail" / "example.test" / "bob" / "new"
+    store.create_mailbox(box)
+    names = [
+        "1700000000.M99999P1Q00aa-0.mx,S=1",
+        "1700000000.M100000P1Q00ab-0.mx,S=1",
+        "1700000001.M5P1Q00ac-0.mx,S=1",
+    ]
+    for name in reversed(names):
+        (new / name).write_bytes(b"x")
+        os.utime(new / name, ns=(1_700_000_000_000_000_000,) * 2)
+    assert [m.message_id for m in store.list_messages(box)] == [f"new/{n}" for n in names]
