@@ -125,7 +125,7 @@ def cmd_mail_delete(args: argparse.Namespace) -> int:
             QuotaStore(store, lambda: db).delete_message(mailbox, args.message_id)
         except KeyError:
             raise CLIError(f"{args.email}: no message {args.message_id}") from None
-        except UnsafeMailboxName as e:
+        except (UnsafeMailboxName, OSError) as e:  # OSError: the store's, nothing deleted
             raise CLIError(f"{args.email}: {e}") from None
         except database_errors() as e:  # the message is gone; its size was not given back
             raise CLIError(

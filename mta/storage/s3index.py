@@ -10,7 +10,8 @@ Return-Path and Delivered-To, sealed when encryption is on) and the object holds
 the rest, once for every recipient.
 
 The table is wherever `mta.db` keeps its tables (`mta.db.location`): the SQLite
-file ``<datadir>/mta.db`` (FTS5 rows in ``messages_fts``), or, with ``[database]
+file ``<datadir>/mta.db`` (the row's words in ``indexed``, which the FTS5 index
+``messages_fts`` reads through its triggers), or, with ``[database]
 dsn``, PostgreSQL (the row's ``search_vector``), which every node of a cluster
 shares: any node lists, reads, searches and deletes what another delivered, and
 `find` (``has_delivered``) sees every node's rows.  The connection is the SQL
@@ -34,9 +35,10 @@ from collections.abc import Callable, Sequence
 
 import attrs
 
-from mta.db.connection import Connection
 from mta.db.database import DatabaseHandle
 from mta.storage.items import StoredMessage
+from mta.storage.messagedb import INDEX_ROW, MessageDB
+from mta.storage.sqlparse import index_words, search_fields
 from mta.storage.sqlsearch import search_sql, tsvector_text
 
 __all__ = ["IndexRow", "ObjectIndex", "StoredRow"]
@@ -71,20 +73,6 @@ class StoredRow:
     object_key: str | None  # None: a row of the SQL store (``own`` is the whole message)
 
 
-class _IndexDB(Connection):
-    """The index's connection: migrated on open (or checked, `migrate=False`);
-    SQLite: fsync on commit."""
-
-    def __init__(self, location: str, *, clock: Callable[[], float], migrate: bool = True):
-        super().__init__(location, clock=clock, migrate=migrate)
-        if self.dialect == "sqlite":
-            with self._read() as conn:
-                conn.execute("PRAGMA synchronous=FULL")
-
-    def read(self):
-        return self._read()
-
-
 def _text(value: str | None) -> str | None:
     """A header value PostgreSQL's text type takes (it refuses NUL characters)."""
     return value if value is None or "\x00" not in value else value.replace("\x00", "\ufffd")
@@ -102,7 +90,7 @@ class ObjectIndex:
         self._conn = DatabaseHandle(
             location,
             migrate=migrate,
-            opener=lambda p, migrate: _IndexDB(p, clock=clock, migrate=migrate),
+            opener=lambda p, migrate: MessageDB(p, clock=clock, migrate=migrate),
         )
 
     def close(self) -> None:
@@ -124,6 +112,9 @@ class ObjectIndex:
         if db.dialect == "postgresql":  # the search words go into the row itself
             columns += ", search_vector"
             values += ", to_tsvector('simple', ?)"
+        else:  # the words the view gives SQLite's search index (the body is in S3)
+            columns += ", indexed"
+            values += ", ?"
         insert = f"INSERT INTO messages ({columns}) VALUES ({values}) RETURNING id"
         ids = []
         with db.transaction(exclusive=False) as conn:
@@ -144,14 +135,13 @@ class ObjectIndex:
                 ]
                 if db.dialect == "postgresql":
                     params.append(tsvector_text(r.subject, r.from_addr, r.to_text, r.text))
+                else:
+                    words = index_words(r.subject, r.from_addr, r.to_text, r.text)
+                    params.append(search_fields(words))
                 row_id = conn.execute(insert, params).fetchone()[0]
-                ids.append(row_id)
                 if db.dialect == "sqlite":
-                    conn.execute(
-                        "INSERT INTO messages_fts (rowid, subject, from_addr, to_addrs, body)"
-                        " VALUES (?,?,?,?,?)",
-                        (row_id, r.subject, r.from_addr, r.to_text, r.text),
-                    )
+                    conn.execute(INDEX_ROW, (row_id, *words))
+                ids.append(row_id)
         return ids
 
     def list(self, user: str) -> list[StoredMessage]:

@@ -50,7 +50,8 @@ from mta.storage import crypto
 from mta.storage.items import StoredMessage, StoreItem, read_whole
 from mta.storage.names import safe_component
 from mta.storage.s3index import IndexRow, ObjectIndex
-from mta.storage.sql import SearchHit, parse_message, storage_error
+from mta.storage.sql import SearchHit, storage_error
+from mta.storage.sqlparse import parse_message
 
 __all__ = ["S3Store", "object_key"]
 

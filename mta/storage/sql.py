@@ -20,11 +20,6 @@ one writer anyway), PostgreSQL gives each thread its own.
 
 from __future__ import annotations
 
-import email
-import email.header
-import email.parser
-import email.policy
-import email.utils
 import errno
 import json
 import re
@@ -37,19 +32,19 @@ import attrs
 from zope.interface import implementer
 
 from mta.db.addresses import address_key, lookup_key
-from mta.db.connection import Connection
 from mta.db.database import DatabaseHandle
 from mta.db.errors import DatabaseUnavailable
 from mta.interfaces import IMailStore
 from mta.storage.items import StoredMessage, StoreItem, read_whole
+from mta.storage.messagedb import INDEX_ROW as _INDEX_ROW
+from mta.storage.messagedb import MessageDB
 from mta.storage.names import safe_component
+from mta.storage.sqlparse import MessageFields, index_words, parse_message, words_crc
 from mta.storage.sqlsearch import fts_query, search_sql, tsvector_text
 
-__all__ = ["SQLStore", "SearchHit", "fts_query"]
+__all__ = ["SQLStore", "SearchHit", "fts_query", "parse_message"]
 
 _PREPARE_BUDGET = 16 << 20  # bytes of a batch's messages read before its transaction
-_MAX_INDEXED_TEXT = 1 << 20  # characters of body text indexed per message
-_TAG_RE = re.compile(r"<[^>]*>")  # HTML tags, dropped from indexed text
 _MESSAGE_TAG_RE = re.compile(r"[A-Za-z0-9_-]+\Z")  # as every file store accepts them
 
 
@@ -63,24 +58,6 @@ class SearchHit:
     date: float  # the Date: header, seconds since the epoch
     from_addr: str
     subject: str
-
-
-class _MessageDB(Connection):
-    """The store's own connection to the database: migrated on open (or checked,
-    with `migrate=False`); SQLite: WAL, fsync on commit."""
-
-    def __init__(self, path: str, *, clock: Callable[[], float], migrate: bool = True):
-        super().__init__(path, clock=clock, migrate=migrate)
-        if self.dialect == "sqlite":
-            with self._read() as conn:
-                conn.execute("PRAGMA synchronous=FULL")
-
-    @property
-    def now(self) -> float:
-        return self._clock()
-
-    def read(self):
-        return self._read()
 
 
 @implementer(IMailStore)
@@ -97,7 +74,7 @@ class SQLStore:
         self._conn = DatabaseHandle(
             path,
             migrate=migrate,
-            opener=lambda p, migrate: _MessageDB(p, clock=clock, migrate=migrate),
+            opener=lambda p, migrate: MessageDB(p, clock=clock, migrate=migrate),
         )
 
     def close(self) -> None:
@@ -136,9 +113,7 @@ class SQLStore:
                     if results[i] is not None:
                         continue
                     try:
-                        results[i] = self._deliver_one(
-                            conn, db.dialect, item, users[i], prepared[i], now
-                        )
+                        results[i] = self._deliver_one(conn, db, item, users[i], prepared[i], now)
                     except Exception as e:
                         results[i] = storage_error(e)
                     prepared[i] = None  # its bytes are in the database: let them go
@@ -149,7 +124,7 @@ class SQLStore:
                     results[i] = e
         return results
 
-    def _deliver_one(self, conn, dialect: str, item: StoreItem, user: str, prepared, now):
+    def _deliver_one(self, conn, db, item: StoreItem, user: str, prepared, now):
         if item.check_existing:
             row = conn.execute(
                 'SELECT id FROM messages WHERE "user" = ? AND tag = ? LIMIT 1',
@@ -174,21 +149,22 @@ class SQLStore:
         columns = 'message_id, "user", tag, from_addr, to_addrs, subject, date, received, size,'
         columns += " headers, body"
         values = "?,?,?,?,?,?,?,?,?,?,?"
-        if dialect == "postgresql":  # the search words go into the row itself
+        if db.dialect == "postgresql":  # the search words go into the row itself
             columns += ", search_vector"
             values += ", to_tsvector('simple', ?)"
             row.append(tsvector_text(fields.subject, fields.from_addr, fields.to_text, fields.text))
+        else:  # SQLite: the words the view gives back, and their check value
+            words = index_words(fields.subject, fields.from_addr, fields.to_text, fields.text)
+            columns += ", words_crc"
+            values += ", ?"
+            row.append(words_crc(words))
         conn.execute("SAVEPOINT item")
         try:
             rowid = conn.execute(
                 f"INSERT INTO messages ({columns}) VALUES ({values}) RETURNING id", row
             ).fetchone()[0]
-            if dialect == "sqlite":
-                conn.execute(
-                    "INSERT INTO messages_fts (rowid, subject, from_addr, to_addrs, body)"
-                    " VALUES (?,?,?,?,?)",
-                    (rowid, fields.subject, fields.from_addr, fields.to_text, fields.text),
-                )
+            if db.dialect == "sqlite":
+                conn.execute(_INDEX_ROW, (rowid, *words))
         except BaseException:
             conn.execute("ROLLBACK TO item")
             conn.execute("RELEASE item")
@@ -211,10 +187,14 @@ class SQLStore:
 
     def remove_mailbox(self, mailbox) -> bool:
         """Delete every message of `mailbox` (and its index rows); False when it had
-        none."""
-        with self._conn().transaction(exclusive=False) as conn:
-            cursor = conn.execute('DELETE FROM messages WHERE "user" = ?', (_user(mailbox),))
-            return cursor.rowcount > 0
+        none.  A database error is an OSError (`storage_error`)."""
+        user = _user(mailbox)
+        try:
+            with self._conn().transaction(exclusive=False) as conn:
+                cursor = conn.execute('DELETE FROM messages WHERE "user" = ?', (user,))
+                return cursor.rowcount > 0
+        except Exception as e:
+            raise storage_error(e) from None
 
     def probe(self) -> str:
         """A write transaction (a row inserted, then rolled back): the file takes
@@ -256,14 +236,16 @@ class SQLStore:
 
     def delete_message(self, mailbox, message_id: str) -> None:
         """Delete one message (and its search index entry: SQLite's trigger, or the
-        row's own column)."""
-        with self._conn().transaction(exclusive=False) as conn:
-            cursor = conn.execute(
-                'DELETE FROM messages WHERE id = ? AND "user" = ?',
-                (_row_id(message_id), _user(mailbox)),
-            )
-            if cursor.rowcount == 0:
-                raise KeyError(message_id)
+        row's own column).  A database error is an OSError (`storage_error`): the
+        trigger refuses a message whose words changed (`mta.storage.messagedb`)."""
+        key = (_row_id(message_id), _user(mailbox))
+        try:
+            with self._conn().transaction(exclusive=False) as conn:
+                cursor = conn.execute('DELETE FROM messages WHERE id = ? AND "user" = ?', key)
+        except Exception as e:
+            raise storage_error(e) from None
+        if cursor.rowcount == 0:
+            raise KeyError(message_id)
 
     # -- search ---------------------------------------------------------------------
 
@@ -297,6 +279,8 @@ class SQLStore:
         ]
 
 
+_SQLITE_CORRUPT_VTAB = 267  # FTS5 given words a row was not indexed under
+
 # SQLite's primary result codes -> the errno local delivery turns into a reply.
 _ERRNO_OF = {
     3: errno.EACCES,  # SQLITE_PERM
@@ -311,16 +295,19 @@ def storage_error(error: Exception) -> Exception:
     """A database error as the OSError a mail store reports (a temporary failure:
     the message stays queued); any other exception unchanged.  PostgreSQL out of
     reach is an I/O error; its disk full (SQLSTATE 53100) is ENOSPC."""
+    text = str(error)
     if isinstance(error, sqlite3.Error):
         code = getattr(error, "sqlite_errorcode", 0) & 0xFF
         number = _ERRNO_OF.get(code, 0)
+        if getattr(error, "sqlite_errorcode", 0) == _SQLITE_CORRUPT_VTAB:
+            text, number = f"{text}: the search index (mta-admin db reindex)", errno.EIO
     elif isinstance(error, DatabaseUnavailable):
         number = errno.EIO
     elif _is_psycopg_error(error):
         number = errno.ENOSPC if getattr(error, "sqlstate", None) == "53100" else errno.EIO
     else:
         return error
-    found = OSError(number, f"mail database: {error}")
+    found = OSError(number, f"mail database: {text}")
     found.__cause__ = error
     return found
 
@@ -356,108 +343,3 @@ def _row_id(message_id: str) -> int:
     if not text.isascii() or not text.isdigit():
         raise KeyError(message_id)
     return int(text)
-
-
-# -- parsing --------------------------------------------------------------------------
-
-
-@attrs.frozen
-class MessageFields:
-    """What the index keeps of one message."""
-
-    message_id: str | None
-    from_addr: str
-    to_addrs: list
-    to_text: str
-    subject: str
-    date: float
-    headers: list
-    text: str
-
-
-_HEADERS_ONLY = email.parser.BytesHeaderParser(policy=email.policy.compat32)
-
-
-def parse_message(data: bytes, now: float) -> MessageFields:
-    """The indexed fields of `data`; never raises (a malformed part is skipped).
-
-    Only a MIME container (multipart/*, message/*) is parsed part by part: a
-    single-part message's body is its one text, decoded as a payload, and feeding
-    it line by line through the email package's parser cost more than everything
-    else of storing it (40% of the store's time for 100 KB messages)."""
-    msg = _parsed(data)
-    headers = [[name, _decoded(value)] for name, value in msg.items()]
-    date = now
-    raw_date = msg.get("Date")
-    if raw_date:
-        try:
-            parsed = email.utils.parsedate_to_datetime(str(raw_date))
-            date = parsed.timestamp()
-        except (TypeError, ValueError, IndexError, OverflowError):
-            pass
-    recipients = []
-    for name in ("To", "Cc"):
-        recipients.extend(_decoded(v) for v in msg.get_all(name, []))
-    pairs = email.utils.getaddresses(recipients)
-    to_addrs = [addr for _, addr in pairs if addr]
-    to_text = " ".join(f"{name} {addr}".strip() for name, addr in pairs)
-    message_id = msg.get("Message-ID")
-    return MessageFields(
-        message_id=_decoded(message_id).strip() if message_id else None,
-        from_addr=_decoded(msg.get("From", "")),
-        to_addrs=to_addrs,
-        to_text=to_text,
-        subject=_decoded(msg.get("Subject", "")),
-        date=date,
-        headers=headers,
-        text=_body_text(msg),
-    )
-
-
-def _parsed(data: bytes):
-    """`data` as an email.message.Message: the header section parsed and the body
-    kept whole as the payload when that is all there is to it, else (MIME parts,
-    or a header section the parser finds fault with) the full parse."""
-    end = data.find(b"\r\n\r\n")
-    if end >= 0:
-        msg = _HEADERS_ONLY.parsebytes(data[: end + 4])
-        if not msg.defects and msg.get_content_maintype() not in ("multipart", "message"):
-            msg.set_payload(data[end + 4 :].decode("ascii", "surrogateescape"))
-            return msg
-    return email.message_from_bytes(data, policy=email.policy.compat32)
-
-
-def _decoded(value) -> str:
-    """A header value with RFC 2047 words decoded, as tolerant as can be."""
-    if value is None:
-        return ""
-    if type(value) is str and "=?" not in value:
-        return value.strip()  # nothing to decode: what the email package returns too
-    try:
-        return str(email.header.make_header(email.header.decode_header(value))).strip()
-    except Exception:
-        return str(value).encode("utf-8", "surrogateescape").decode("utf-8", "replace").strip()
-
-
-def _body_text(msg) -> str:
-    parts = []
-    size = 0
-    for part in msg.walk():
-        if part.get_content_maintype() != "text" or part.get_filename():
-            continue
-        try:
-            payload = part.get_payload(decode=True) or b""
-            charset = part.get_content_charset() or "utf-8"
-            try:
-                text = payload.decode(charset, "replace")
-            except LookupError:
-                text = payload.decode("utf-8", "replace")
-        except Exception:
-            continue
-        if part.get_content_subtype() == "html":
-            text = _TAG_RE.sub(" ", text)
-        parts.append(text)
-        size += len(text)
-        if size >= _MAX_INDEXED_TEXT:
-            break
-    return "\n".join(parts)[:_MAX_INDEXED_TEXT]

@@ -6,12 +6,13 @@ from __future__ import annotations
 import email.utils
 import time
 
+import attrs
 import pytest
 
 from mta.config import load_config
 from mta.db import database_location
 from mta.envelope import Address
-from mta.storage import StoreItem
+from mta.storage import StoreItem, messagedb
 from mta.storage.sql import SQLStore
 from mta.testing import MemoryBody
 
@@ -99,3 +100,38 @@ def test_other_backends_refuse(run):
     assert (
         err == "mta-admin: search needs [storage] backend = \"sql\" (this config uses 'maildir')\n"
     )
+
+
+def test_db_reindex_checks_and_rebuilds_the_index(run, mail, config_file, monkeypatch):
+    """SQLite's index keeps words, not text (mta.storage.messagedb): `db reindex
+    --check` finds a message that parses into other words than it was indexed under
+    (here: a patched parser, as another Python might be), `mta-admin mail delete`
+    refuses it naming the command, and `db reindex` puts it right.  PostgreSQL
+    keeps the words in each row: nothing to do."""
+    location = database_location(load_config(config_file))
+    if location.startswith("postgresql"):
+        status, out, _ = run("db", "reindex")
+        assert status == 0 and out.endswith("nothing to do\n")
+        return
+    status, out, _ = run("db", "reindex", "--check")
+    assert (status, out) == (0, f"{location}: the search index matches the messages\n")
+    real = messagedb.parse_message
+
+    def changed(data, now):
+        fields = real(data, now)
+        return attrs.evolve(fields, text=fields.text + " extra") if b"no food" in data else fields
+
+    monkeypatch.setattr(messagedb, "parse_message", changed)
+    status, out, _ = run("db", "reindex", "--check")
+    assert status == 1
+    assert out == (
+        f"{location}: 1 message(s) now give other words than they were indexed under"
+        " (mta-admin db reindex puts it right)\n"
+    )
+    status, _, err = run("mail", "delete", "carol@example.test", "4")
+    assert status != 0 and "run mta-admin db reindex" in err
+    assert run("db", "reindex") == (0, f"{location}: search index rebuilt (4 messages)\n", "")
+    assert run("db", "reindex", "--check")[0] == 0
+    assert run("search", "extra")[1].split()[-2:] == ["carol@example.test", "4"]
+    assert run("mail", "delete", "carol@example.test", "4")[0] == 0
+    assert run("db", "reindex", "--check")[0] == 0

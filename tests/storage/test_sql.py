@@ -454,7 +454,7 @@ def test_indexed_fields_are_those_of_the_full_parse(data):
     import email
     import email.policy
 
-    from mta.storage.sql import _body_text, _decoded, parse_message
+    from mta.storage.sqlparse import _body_text, _decoded, parse_message
 
     fields = parse_message(data, 1.0)
     msg = email.message_from_bytes(data, policy=email.policy.compat32)
