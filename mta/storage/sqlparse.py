@@ -79,7 +79,20 @@ def _storable(text: str) -> str:
     return text
 
 
-_HEADERS_ONLY = email.parser.BytesHeaderParser(policy=email.policy.compat32)
+class _Utf8Headers(email.policy.Compat32):
+    """compat32, but a header field with 8-bit bytes is read as UTF-8 (RFC 6532:
+    what SMTPUTF8 mail carries; undecodable bytes become U+FFFD).  compat32 itself
+    turns every 8-bit byte into U+FFFD, so "Subject: café" was stored, listed and
+    searched as "caf\ufffd\ufffd"."""
+
+    def header_fetch_parse(self, name, value):
+        if not value.isascii():  # the parser kept the bytes as surrogate escapes
+            return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return super().header_fetch_parse(name, value)
+
+
+_POLICY = _Utf8Headers()
+_HEADERS_ONLY = email.parser.BytesHeaderParser(policy=_POLICY)
 
 
 def parse_message(data: bytes, now: float) -> MessageFields:
@@ -128,7 +141,7 @@ def _parsed(data: bytes):
         if not msg.defects and msg.get_content_maintype() not in ("multipart", "message"):
             msg.set_payload(data[end + 4 :].decode("ascii", "surrogateescape"))
             return msg
-    return email.message_from_bytes(data, policy=email.policy.compat32)
+    return email.message_from_bytes(data, policy=_POLICY)
 
 
 def _decoded(value) -> str:

@@ -454,10 +454,25 @@ def test_indexed_fields_are_those_of_the_full_parse(data):
     import email
     import email.policy
 
+    from mta.storage import sqlparse
     from mta.storage.sqlparse import _body_text, _decoded, parse_message
 
     fields = parse_message(data, 1.0)
-    msg = email.message_from_bytes(data, policy=email.policy.compat32)
+    msg = email.message_from_bytes(data, policy=sqlparse._POLICY)
     assert fields.text == _body_text(msg)
     assert fields.headers == [[name, _decoded(value)] for name, value in msg.items()]
     assert fields.subject == _decoded(msg.get("Subject", ""))
+
+
+def test_8bit_header_fields_are_read_as_utf8(store):
+    """RFC 6532 (SMTPUTF8) mail carries UTF-8 in its header fields, unencoded."""
+    data = (
+        "From: Jörg <jörg@bücher.example>\r\nTo: Zoë <zoe@example.test>\r\nSubject: Café crème\r\n"
+    ).encode() + b"X-Broken: \xff\xfe\r\n\r\nbonjour\r\n"
+    fields = parse_message(data, 0.0)
+    assert fields.headers[-1] == ["X-Broken", "\ufffd\ufffd"]
+    assert (fields.subject, fields.from_addr) == ("Café crème", "Jörg <jörg@bücher.example>")
+    assert fields.to_text == "Zoë zoe@example.test"
+    deliver(store, BOB, data, tag="u8")
+    [hit] = store.search("creme jorg")
+    assert (hit.subject, hit.from_addr) == ("Café crème", "Jörg <jörg@bücher.example>")
