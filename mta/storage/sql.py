@@ -6,8 +6,9 @@ schema in ``mta/schema/003_messages.sql``; or PostgreSQL with ``[database] dsn``
 (the store's prefix, then the queued body read with `IMessageBody.chunks`), with
 what the index needs parsed out of it (the stdlib ``email`` parser, tolerant:
 RFC 2047 subjects and names decoded, a malformed header never stops a delivery).
-``messages_fts`` (FTS5), or on PostgreSQL the row's ``search_vector`` (GIN), indexes
-subject, from, to and the text of the body for `SQLStore.search`, which ``mta-admin
+``messages_fts`` (FTS5, keeping words only: `mta.storage.messagedb`), or on
+PostgreSQL the row's ``search_vector`` (GIN), indexes subject, from, to and the text
+of the body (`mta.storage.sqlparse`) for `SQLStore.search`, which ``mta-admin
 search`` prints (`mta.storage.sqlsearch`).
 
 A batch is ONE transaction: its COMMIT, with ``PRAGMA synchronous=FULL`` on the
