@@ -54,18 +54,21 @@ class BodyWords:
     the last message's words are kept with its bytes, so it is parsed once."""
 
     def __init__(self) -> None:
-        self._body: bytes | None = None
-        self._words: tuple[str, ...] = ()
+        # (bytes, their words) in ONE attribute: `forget` may run in another thread
+        # (after its transaction, outside the connection's lock), and two attributes
+        # could be seen half replaced.
+        self._last: tuple[bytes | None, tuple[str, ...]] = (None, ())
 
     def _of(self, body) -> tuple[str, ...]:
         if isinstance(body, str):  # a TEXT body, written by hand: its bytes
             body = body.encode("utf-8", "surrogateescape")
         elif body is None:
             body = b""
-        if body != self._body:
+        last = self._last
+        if body != last[0]:
             f = parse_message(body, 0.0)
-            self._body, self._words = body, index_words(f.subject, f.from_addr, f.to_text, f.text)
-        return self._words
+            last = self._last = (body, index_words(f.subject, f.from_addr, f.to_text, f.text))
+        return last[1]
 
     def fields(self, body) -> str:
         return search_fields(self._of(body))
@@ -75,7 +78,7 @@ class BodyWords:
 
     def forget(self) -> None:
         """Let the last message go (it may be megabytes)."""
-        self._body, self._words = None, ()
+        self._last = (None, ())
 
 
 def install(conn: sqlite3.Connection) -> BodyWords:

@@ -243,3 +243,39 @@ def test_a_row_inserted_by_hand_is_deleted_once_indexed(path):
         conn.execute("DELETE FROM messages WHERE tag = 'hand'")
     assert check(path)
     store.close()
+
+
+def test_deliveries_and_deletes_from_two_threads_keep_the_index_in_step(path):
+    """The functions' memory is shared by every thread of the store's connection."""
+    import threading
+
+    store = SQLStore(path)
+    errors = []
+    ids = [
+        deliver(store, BOB, message(subject=f"old {n}", body=f"text {n} " * 200), f"o{n}")
+        for n in range(40)
+    ]
+
+    def delivering():
+        try:
+            for n in range(40):
+                deliver(store, CAROL, message(subject=f"new {n}", body=f"word{n} " * 300), f"n{n}")
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    def deleting():
+        try:
+            for stored in ids:
+                store.delete_message(BOB, stored)
+        except Exception as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=delivering), threading.Thread(target=deleting)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert check(path)
+    assert store.search("old") == [] and len(store.search("new", limit=100)) == 40
+    store.close()
