@@ -56,6 +56,7 @@ class SpyHasher:
 
     def __init__(self, real: argon2.PasswordHasher):
         self._real = real
+        self.gate: threading.Event | None = None  # when set: verifies wait for it
         self.verifies = 0
         self.on_reactor_thread = 0
         self.active = 0
@@ -70,6 +71,8 @@ class SpyHasher:
             if threadable.isInIOThread():
                 self.on_reactor_thread += 1
         try:
+            if self.gate is not None:
+                self.gate.wait(5)
             return self._real.verify(h, password)
         finally:
             with self._lock:
@@ -355,8 +358,9 @@ def test_lockout_survives_a_new_authenticator(db, clock):
 @pytest_twisted.ensureDeferred
 async def test_reactor_stays_responsive_while_ten_verifies_run(db):
     """Ten AUTHs at once on a 2-thread pool: verifies never run on the reactor
-    thread, never more than 2 at a time, and the reactor keeps turning meanwhile
-    (a callLater(0) chain counts its iterations)."""
+    thread, never more than 2 at a time, and the reactor keeps turning while two
+    are in progress (the verifies wait at a gate that only the reactor's tenth turn
+    with both of them in flight opens: no timing involved)."""
     from twisted.internet import reactor
 
     pool = ThreadPool(minthreads=0, maxthreads=2, name="auth-test")
@@ -366,18 +370,21 @@ async def test_reactor_stays_responsive_while_ten_verifies_run(db):
         def run(f, *args):
             return threads.deferToThreadPool(reactor, pool, f, *args)
 
-        # Costly enough that the verifies are still running while the reactor ticks.
-        checker = make_checker(db, run, time_cost=2, memory_cost=4096)
+        checker = make_checker(db, run)
         db.set_password("alice@example.test", checker.hasher.hash(PASSWORD))
         # Five wrong passwords must not lock the account midway (a success finishing
         # after the third failure would be refused, depending on thread timing).
         auth, _ = make_auth(db, reactor, checker, rules=LockoutRules(100, 60.0, 300.0))
-        ticks_while_busy = [0]
-        done = [False]
+        spy = checker.hasher
+        spy.gate = threading.Event()
+        turns_while_both_wait = [0]
 
         def tick():
-            if not done[0]:
-                ticks_while_busy[0] += 1
+            if spy.active == 2:
+                turns_while_both_wait[0] += 1
+            if turns_while_both_wait[0] >= 10:
+                spy.gate.set()
+            else:
                 reactor.callLater(0, tick)
 
         attempts = [
@@ -388,13 +395,9 @@ async def test_reactor_stays_responsive_while_ten_verifies_run(db):
         ]
         reactor.callLater(0, tick)
         outcomes = await defer.gatherResults(attempts)
-        done[0] = True
+        assert turns_while_both_wait[0] == 10  # the reactor, not the timeout, opened it
         assert [o.ok for o in outcomes] == [bool(i % 2) for i in range(10)]
-        spy = checker.hasher
         assert spy.verifies == 10 and spy.on_reactor_thread == 0
         assert spy.max_active <= 2
-        # 10 verifies on 2 threads take at least 5 verify-times; the reactor turned
-        # many times meanwhile (it would be 0-1 if a verify ran on it).
-        assert ticks_while_busy[0] >= 10
     finally:
         pool.stop()
