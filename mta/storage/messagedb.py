@@ -150,23 +150,15 @@ def check_search_index(db: MessageDB) -> str | None:
 
 def reindex(db: MessageDB) -> int:
     """Index every row again from the view (FTS5's 'rebuild') with new check values,
-    in one transaction; returns how many rows there are.  The triggers are set
-    aside meanwhile (their check would refuse the rows being put right).
-    PostgreSQL: 0, nothing to rebuild."""
+    in one transaction; returns how many rows there are.  (Setting ``words_crc``
+    fires no trigger: they watch ``body`` and ``indexed``.)  PostgreSQL: 0, nothing
+    to rebuild."""
     if db.dialect != "sqlite":
         return 0
     with db.transaction() as conn:
-        triggers = conn.execute(
-            "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND tbl_name = 'messages'"
-            " AND name LIKE 'messages_fts_%'"
-        ).fetchall()
-        for name, _ in triggers:
-            conn.execute(f'DROP TRIGGER "{name}"')
         conn.execute(
             "UPDATE messages SET words_crc = mta_words_crc(body)"
             " WHERE indexed IS NULL AND words_crc IS NOT mta_words_crc(body)"
         )
         conn.execute("INSERT INTO messages_fts (messages_fts) VALUES ('rebuild')")
-        for _, sql in triggers:
-            conn.execute(sql)
         return conn.execute("SELECT count(*) FROM messages").fetchone()[0]
