@@ -21,7 +21,7 @@ UPDATE messages SET indexed = (
 );
 
 DROP TRIGGER messages_fts_delete;
-ALTER TABLE messages_fts RENAME TO messages_fts_copy;
+DROP TABLE messages_fts;  -- its copy of the words is in `indexed` now
 
 CREATE VIEW messages_search (id, subject, from_addr, to_addrs, body) AS
 SELECT id,
@@ -35,7 +35,6 @@ CREATE VIRTUAL TABLE messages_fts USING fts5 (
     tokenize = 'unicode61 remove_diacritics 2'
 );
 
-DROP TABLE messages_fts_copy;
 INSERT INTO messages_fts (rowid, subject, from_addr, to_addrs, body)
 SELECT id, json_extract(indexed, '$[0]'), json_extract(indexed, '$[1]'),
        json_extract(indexed, '$[2]'), json_extract(indexed, '$[3]')
